@@ -1,0 +1,53 @@
+"""The command-line contract both trainers share (DESIGN.md): --config, --run-dir, --init-from, --set."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from gpt2_common.config import Config, dumps_toml, load_config
+from gpt2_common.data import find_shards
+from gpt2_common.errors import UserError
+from gpt2_common.prepare import EMBEDDED_SOURCES, ensure_embedded_prepared
+
+
+def train_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="shakespeare", help="a preset in configs/ (tiny, shakespeare, small, "
+                        "medium, large, xl) or a path to a .toml/.yaml file")
+    parser.add_argument("--run-dir", default=None, help="where config.toml, metrics.jsonl and checkpoints/ go "
+                        "(default: runs/<config name>); running again with the same run dir resumes")
+    parser.add_argument("--init-from", default=None, help="start from these weights: a JAX or PyTorch checkpoint "
+                        "or a Hugging Face GPT-2 directory")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set train.lr=3e-4 model.n_layer=6")
+    return parser
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or os.path.join("runs", config.name))
+    if args.init_from is not None and not os.path.exists(args.init_from):
+        raise UserError(f"--init-from '{args.init_from}' does not exist; give a checkpoint or Hugging Face directory")
+    return config, run_dir
+
+
+def write_run_config(config: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.toml.tmp"
+    tmp.write_text(dumps_toml(config))
+    os.replace(tmp, run_dir / "config.toml")
+
+
+def data_paths(config: Config, progress: bool = True) -> tuple[list[Path], list[Path]]:
+    """The train and validation shards a config names, preparing an embedded corpus on first use."""
+    data = config.data
+    if data.source in EMBEDDED_SOURCES:
+        ensure_embedded_prepared(data.source, data.train, progress=progress)
+    elif data.source:
+        raise UserError(
+            f"data.source '{data.source}' is not an embedded corpus ({', '.join(EMBEDDED_SOURCES)}); "
+            "for your own text, run scripts/prepare_data.py and set data.train/data.val"
+        )
+    return find_shards(data.train, "train"), find_shards(data.val, "val")

@@ -1,0 +1,292 @@
+"""One config schema for both trainers: frozen dataclasses, loaded from TOML (or YAML) presets plus `--set` overrides.
+
+Every error here is a `UserError` whose message names the key and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt2_common.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GPT2_VOCAB_SIZE = 50257
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = GPT2_VOCAB_SIZE  # the tokenizer's vocabulary; the embedding is padded beyond it
+    pad_vocab_multiple: int = 64  # 50257 -> 50304: a multiple of 64 keeps the logits matmul on fast kernels
+    dropout: float = 0.0
+    attention: str = "auto"  # auto | cudnn | xla (JAX); torch always uses SDPA, which picks flash on GPU
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.pad_vocab_multiple) * self.pad_vocab_multiple
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 512  # sequences per optimizer step, over all devices and micro-steps
+    micro_batch_size: int = 16  # sequences per forward/backward pass, over all devices
+    max_steps: int = 19073
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 715
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_interval: int = 250
+    eval_steps: int = 20
+    save_interval: int = 1000
+    keep_checkpoints: int = 3
+    log_interval: int = 10
+    sample_interval: int = 0  # 0: sample only at the end of training
+    seed: int = 1337
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+    accumulation: str = "multisteps"  # multisteps (optax.MultiSteps, one call per micro-batch) | scan (one call)
+    compile: bool = False  # torch.compile for the PyTorch trainer
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = ""  # "shakespeare": prepared from the embedded corpus on first use; "" for shards you made
+    train: str = ""  # a glob of train shards (.bin or .npy), or a directory holding them
+    val: str = ""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1 (on one axis at most) takes the devices the other axes leave
+    fsdp: int = 1  # parameters and optimizer state sharded over these devices, which also split the batch
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = False
+    tensorboard: bool = False
+    wandb_project: str = "gpt2"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "mesh": MeshConfig,
+    "logging": LoggingConfig,
+}
+CHOICES = {
+    ("model", "attention"): ("auto", "cudnn", "xla"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("train", "accumulation"): ("multisteps", "scan"),
+}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys() + list(_SECTION_CLASSES), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(all_keys())}"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    """Checks a TOML/YAML value against the field's type; ints are accepted where floats are expected."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise UserError(f"config key '{key}' must be a {expected.__name__}, got {value!r}")
+    return value
+
+
+def _field_types(cls) -> dict[str, type]:
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    return {f.name: types[f.type] for f in dataclasses.fields(cls)}
+
+
+def from_dict(raw: dict[str, Any], name: str = "custom") -> Config:
+    """Builds a validated Config from nested sections; unknown sections or keys are errors."""
+    sections = {}
+    for section, values in raw.items():
+        if section == "name":
+            name = str(values)
+            continue
+        if section not in _SECTION_CLASSES:
+            raise _unknown_key(section)
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{section}' must be a table of keys, got {values!r}")
+        cls = _SECTION_CLASSES[section]
+        types = _field_types(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in types:
+                raise _unknown_key(f"{section}.{key}")
+            kwargs[key] = _coerce(f"{section}.{key}", value, types[key])
+        sections[section] = cls(**kwargs)
+    config = Config(name=name, **sections)
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def validate(config: Config) -> None:
+    m, t = config.model, config.train
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise UserError(f"config key '{section}.{key}' is {value!r}; choose one of {', '.join(allowed)}")
+    positive = {
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+        "model.block_size": m.block_size, "model.vocab_size": m.vocab_size,
+        "model.pad_vocab_multiple": m.pad_vocab_multiple, "train.batch_size": t.batch_size,
+        "train.micro_batch_size": t.micro_batch_size, "train.max_steps": t.max_steps,
+        "train.log_interval": t.log_interval, "train.keep_checkpoints": t.keep_checkpoints,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key '{key}' must be positive, got {value}")
+    if m.n_embd % m.n_head:
+        raise UserError(
+            f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+            f"pick n_head from the divisors of n_embd (e.g. {_nearest_divisor(m.n_embd, m.n_head)})"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.batch_size % t.micro_batch_size:
+        raise UserError(
+            f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}; "
+            "set batch_size to a multiple of micro_batch_size (batch_size/micro_batch_size micro-steps make a step)"
+        )
+    if t.min_lr > t.lr:
+        raise UserError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; the schedule decays from lr to min_lr")
+    if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
+        raise UserError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.max_steps={t.max_steps}]")
+    axes = {"mesh.data": config.mesh.data, "mesh.fsdp": config.mesh.fsdp, "mesh.tensor": config.mesh.tensor}
+    if any(v < 1 and v != -1 for v in axes.values()) or list(axes.values()).count(-1) > 1:
+        raise UserError(f"mesh sizes must be positive, and one of them may be -1 (the devices left): got {axes}")
+
+
+def _nearest_divisor(n: int, near: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - near))
+
+
+def check_divides(micro_batch_size: int, batch_shards: int, what: str = "data-parallel devices") -> None:
+    """A micro-batch is split evenly over the devices (or processes) that take batch rows."""
+    if micro_batch_size % batch_shards:
+        raise UserError(
+            f"train.micro_batch_size={micro_batch_size} does not divide over {batch_shards} {what}; "
+            f"set it to a multiple of {batch_shards} (e.g. --set train.micro_batch_size="
+            f"{max(batch_shards, micro_batch_size // batch_shards * batch_shards)})"
+        )
+
+
+# --- files and overrides -------------------------------------------------------------------------------------------
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".toml", ".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"config file '{name_or_path}' does not exist")
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.toml"
+    if not preset.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+        close = difflib.get_close_matches(name_or_path, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"no config named '{name_or_path}'; {hint}presets: {', '.join(names)}, or give a .toml/.yaml path")
+    return preset
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = tomllib.loads(text)
+    except Exception as err:  # the parsers' own messages carry the line and column
+        raise UserError(f"cannot parse config '{path}': {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config '{path}' must hold tables such as [model] and [train]")
+    return raw
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 3e-4); the value is read as a TOML value, else kept as a string."""
+    if "=" not in item:
+        raise UserError(f"override '{item}' must look like section.key=value (e.g. train.lr=3e-4)")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise _unknown_key(key.strip())
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return parts, value
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = resolve_config_path(name_or_path)
+    raw = read_config_file(path)
+    name = raw.pop("name", path.stem)
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        if section not in _SECTION_CLASSES:
+            raise _unknown_key(f"{section}.{key}")
+        raw.setdefault(section, {})[key] = value
+    return from_dict(raw, name=name)
+
+
+def dumps_toml(config: Config) -> str:
+    """The resolved config as TOML, so that a run directory says exactly what ran."""
+    import tomli_w
+
+    return tomli_w.dumps({"name": config.name, **{k: v for k, v in to_dict(config).items() if k != "name"}})
+
+
+def loads_toml(text: str) -> Config:
+    raw = tomllib.loads(text)
+    return from_dict(raw, name=raw.pop("name", "custom"))

