@@ -166,8 +166,22 @@ class _ShardWriter:
             self.filled = 0
 
 
-def _encode(text: str) -> np.ndarray:
-    return np.asarray(encode_document(text), dtype=np.uint16)
+def _encode_group(texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(encode_document(text), dtype=np.uint16) for text in texts]
+
+
+def _groups(documents: Iterable[str], chars: int = 1 << 20) -> Iterator[list[str]]:
+    """Documents in groups of about a megabyte: large enough to pay for the trip to a worker, small enough to
+    keep every worker busy whether the input is a few plays or millions of web pages."""
+    group, size = [], 0
+    for text in documents:
+        group.append(text)
+        size += len(text)
+        if size >= chars:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
 def prepare(documents: Iterable[str], out_dir: str | os.PathLike, *, val_fraction: float = 0.05,
@@ -186,14 +200,16 @@ def prepare(documents: Iterable[str], out_dir: str | os.PathLike, *, val_fractio
     # One worker tokenizes in this process: a trainer that has started JAX or torch threads must not fork.
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
-        for tokens in pool.imap(_encode, documents, chunksize=16) if pool else map(_encode, documents):
-            # Deterministic split: a document goes to validation while validation is short of its share.
-            if val.total < val_fraction * (train.total + val.total):
-                val.add(tokens)
-            else:
-                train.add(tokens)
-            count += 1
-            bar.update(tokens.size)
+        groups = _groups(documents)
+        for encoded in pool.imap(_encode_group, groups) if pool else map(_encode_group, groups):
+            for tokens in encoded:
+                # Deterministic split: a document goes to validation while validation is short of its share.
+                if val.total < val_fraction * (train.total + val.total):
+                    val.add(tokens)
+                else:
+                    train.add(tokens)
+                count += 1
+                bar.update(tokens.size)
     finally:
         if pool:
             pool.terminate()
