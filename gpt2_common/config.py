@@ -71,8 +71,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = ""  # "shakespeare": prepared from the embedded corpus on first use; "" for shards you made
-    train: str = ""  # a glob of train shards (.bin or .npy), or a directory holding them
-    val: str = ""
+    train: str = ""  # a glob of train shards (.bin or .npy), or a directory holding them; alpaca: a .json/.jsonl
+    val: str = ""  # alpaca: may be empty, then the last 2% of the train records are held out
+    format: str = "tokens"  # tokens (shards from prepare_data.py) | alpaca (instruction records, loss on responses)
+    pack: bool = True  # alpaca: pack examples back to back (True) or one example a padded row (False)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ CHOICES = {
     ("model", "attention"): ("auto", "cudnn", "xla"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "accumulation"): ("multisteps", "scan"),
+    ("data", "format"): ("tokens", "alpaca"),
 }
 
 

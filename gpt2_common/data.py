@@ -106,59 +106,76 @@ def check_vocab(tokens: np.ndarray, vocab_size: int, path) -> None:
             )
 
 
-class TokenLoader:
-    """Cuts shards into [rows, seq_len] input/target batches.
+class EpochOrder:
+    """The order in which a loader visits its rows: every row once an epoch, drawn from (seed, epoch), and global
+    batch i = rows [i*B, (i+1)*B) of that order, of which process p takes its contiguous share.
 
-    The shards are split into non-overlapping windows of seq_len+1 tokens (the last token of a window is the first of
-    the next, as in nanoGPT). An epoch visits every window once, in an order drawn from (seed, epoch) when shuffle is
-    on; global batch i is windows [i*B, (i+1)*B) of that order and process p takes its contiguous share of rows.
+    Pure: the same (seed, position, process) gives the same rows in any process, before or after a restart.
     """
 
-    def __init__(self, paths, global_batch_size: int, seq_len: int, *, process_index: int = 0,
-                 process_count: int = 1, seed: int = 0, shuffle: bool = True, vocab_size: int | None = None):
+    def __init__(self, num_rows: int, global_batch_size: int, process_index: int, process_count: int,
+                 seed: int, shuffle: bool):
         if global_batch_size % process_count:
             raise UserError(
                 f"a batch of {global_batch_size} sequences does not divide over {process_count} processes; "
                 f"make train.micro_batch_size a multiple of {process_count}"
             )
+        self.num_rows = num_rows
+        self.global_batch_size = global_batch_size
+        self.rows = global_batch_size // process_count
+        self.process_index = process_index
+        self.seed, self.shuffle = seed, shuffle
+        self.batches_per_epoch = num_rows // global_batch_size
+        self._cached_epoch, self._cached_order = -1, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._cached_epoch:
+            if self.shuffle:
+                self._cached_order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            else:
+                self._cached_order = np.arange(self.num_rows)
+            self._cached_epoch = epoch
+        return self._cached_order
+
+    def row_ids(self, position: int) -> np.ndarray:
+        """The global row ids of this process's share of batch `position`."""
+        epoch, index = divmod(position, self.batches_per_epoch)
+        start = index * self.global_batch_size + self.process_index * self.rows
+        return self._order(epoch)[start:start + self.rows]
+
+    def epoch_of(self, position: int) -> int:
+        return position // self.batches_per_epoch
+
+
+class TokenLoader:
+    """Cuts shards into [rows, seq_len] input/target batches.
+
+    The shards are split into non-overlapping windows of seq_len+1 tokens (the last token of a window is the first of
+    the next, as in nanoGPT); an EpochOrder says which windows make batch `position` on this process.
+    """
+
+    def __init__(self, paths, global_batch_size: int, seq_len: int, *, process_index: int = 0,
+                 process_count: int = 1, seed: int = 0, shuffle: bool = True, vocab_size: int | None = None):
         self.paths = [Path(p) for p in paths]
         self.shards = [read_shard(p) for p in self.paths]
         if vocab_size is not None:
             for tokens, path in zip(self.shards, self.paths):
                 check_vocab(tokens, vocab_size, path)
         self.seq_len = seq_len
-        self.global_batch_size = global_batch_size
-        self.rows = global_batch_size // process_count
-        self.process_index = process_index
-        self.seed = seed
-        self.shuffle = shuffle
         windows_per_shard = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
         self._first_window = np.concatenate([[0], np.cumsum(windows_per_shard)])
         self.num_windows = int(self._first_window[-1])
-        self.batches_per_epoch = self.num_windows // global_batch_size
+        self.order = EpochOrder(self.num_windows, global_batch_size, process_index, process_count, seed, shuffle)
+        self.batches_per_epoch = self.order.batches_per_epoch
         if self.batches_per_epoch == 0:
             total = sum(len(s) for s in self.shards)
             raise UserError(
                 f"the shards {', '.join(map(str, self.paths[:3]))} hold {total} tokens, fewer than one batch of "
                 f"{global_batch_size} x {seq_len + 1}; add data or lower train.micro_batch_size or model.block_size"
             )
-        self._order_epoch = -1
-        self._order = None
-
-    def _window_order(self, epoch: int) -> np.ndarray:
-        if epoch != self._order_epoch:
-            if self.shuffle:
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            else:
-                self._order = np.arange(self.num_windows)
-            self._order_epoch = epoch
-        return self._order
 
     def window_ids(self, position: int) -> np.ndarray:
-        """The global window ids of this process's rows of batch `position`."""
-        epoch, index = divmod(position, self.batches_per_epoch)
-        start = index * self.global_batch_size + self.process_index * self.rows
-        return self._window_order(epoch)[start:start + self.rows]
+        return self.order.row_ids(position)
 
     def batch(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets), each int32 [rows, seq_len], for batch number `position` (0, 1, 2, ... forever)."""
@@ -171,4 +188,4 @@ class TokenLoader:
         return rows[:, :-1], rows[:, 1:]
 
     def epoch_of(self, position: int) -> int:
-        return position // self.batches_per_epoch
+        return self.order.epoch_of(position)

@@ -3,7 +3,7 @@ import pytest
 from gpt2_common.config import CONFIG_DIR, check_divides, dumps_toml, load_config, loads_toml
 from gpt2_common.errors import UserError
 
-PRESETS = ["tiny", "shakespeare", "small", "medium", "large", "xl"]
+PRESETS = ["tiny", "shakespeare", "small", "medium", "large", "xl", "alpaca"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
