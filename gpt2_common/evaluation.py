@@ -1,0 +1,122 @@
+"""Evaluation that is the same for both frameworks: validation loss on shards, sliding-window perplexity of a text,
+and HellaSwag accuracy. Each takes `token_nll(inputs, targets) -> nll`, the model's per-token negative
+log-likelihood ([B, T] float, 0 where the target is -1), which each framework provides from its own model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gpt2_common.errors import UserError
+from gpt2_common.tokenizer import get_tokenizer
+
+TokenNLL = Callable[[np.ndarray, np.ndarray], np.ndarray]
+IGNORE = -1
+
+
+def loader_loss(token_nll: TokenNLL, loader, steps: int) -> float:
+    """Mean loss over the loader's first `steps` batches (all of them when steps <= 0), token-weighted."""
+    steps = loader.batches_per_epoch if steps <= 0 else min(steps, loader.batches_per_epoch)
+    total, count = 0.0, 0
+    for position in range(steps):
+        inputs, targets = loader.batch(position)
+        total += float(np.sum(token_nll(inputs, targets), dtype=np.float64))
+        count += int(np.sum(targets != IGNORE))
+    return total / count
+
+
+def sliding_window_nll(tokens: np.ndarray, context: int, stride: int, token_nll: TokenNLL) -> tuple[float, int]:
+    """(total NLL, tokens scored) of a token stream, each token scored once with up to `context` tokens before it
+    (Hugging Face's perplexity recipe: windows advance by `stride`, and only the tokens new to a window count)."""
+    if not 0 < stride <= context:
+        raise UserError(f"--stride must be in [1, {context}] (the model's context), got {stride}")
+    tokens = np.asarray(tokens, dtype=np.int32)
+    total, count, scored_until = 0.0, 0, 1  # the first token has no context and is not scored
+    for begin in range(0, len(tokens) - 1, stride):
+        end = min(begin + context + 1, len(tokens))
+        window = tokens[begin:end]
+        targets = window[1:].copy()
+        new_from = max(scored_until, begin + 1) - (begin + 1)  # targets[i] is token begin+1+i
+        targets[:new_from] = IGNORE
+        nll = token_nll(window[None, :-1], targets[None, :])
+        total += float(np.sum(nll, dtype=np.float64))
+        count += int(np.sum(targets != IGNORE))
+        scored_until = end
+        if end == len(tokens):
+            break
+    return total, count
+
+
+def text_perplexity(path: str | Path, context: int, stride: int, token_nll: TokenNLL) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"text file '{path}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"'{path}' is not UTF-8 text") from None
+    tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.int32)
+    if len(tokens) < 2:
+        raise UserError(f"'{path}' holds fewer than two tokens; nothing to score")
+    total, count = sliding_window_nll(tokens, context, stride, token_nll)
+    return {"tokens": count, "nll": total / count, "perplexity": math.exp(total / count),
+            "bits_per_byte": total / math.log(2) / len(text.encode("utf-8"))}
+
+
+@dataclass
+class HellaSwagExample:
+    tokens: np.ndarray  # [4, T] context + each ending, padded with 0
+    mask: np.ndarray  # [4, T] True on the ending's tokens
+    label: int
+
+
+def read_hellaswag(path: str | Path) -> list[HellaSwagExample]:
+    """HellaSwag's released JSONL (`ctx`, `endings`, `label`), rendered as build-nanogpt does: the context's tokens,
+    then " " + ending; the ending's tokens are the ones scored."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"HellaSwag file '{path}' does not exist")
+    enc = get_tokenizer()
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ctx, endings, label = record["ctx"], record["endings"], int(record["label"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"{path}:{number}: not a HellaSwag record (needs ctx, endings, label)") from None
+        if len(endings) != 4 or not 0 <= label < 4:
+            raise UserError(f"{path}:{number}: a HellaSwag record has 4 endings and a label in 0..3")
+        ctx_tokens = enc.encode_ordinary(ctx)
+        rows = [ctx_tokens + enc.encode_ordinary(" " + ending) for ending in endings]
+        width = max(len(r) for r in rows)
+        tokens = np.zeros((4, width), dtype=np.int32)
+        mask = np.zeros((4, width), dtype=bool)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = row
+            mask[i, len(ctx_tokens):len(row)] = True
+        examples.append(HellaSwagExample(tokens, mask, label))
+    if not examples:
+        raise UserError(f"'{path}' holds no HellaSwag records")
+    return examples
+
+
+def hellaswag_accuracy(examples: list[HellaSwagExample], context: int, token_nll: TokenNLL) -> dict:
+    """acc: the ending with the lowest total loss; acc_norm: the lowest mean loss per ending token."""
+    correct = correct_norm = 0
+    for ex in examples:
+        tokens, mask = ex.tokens[:, -(context + 1):], ex.mask[:, -(context + 1):]
+        targets = np.where(mask[:, 1:], tokens[:, 1:], IGNORE)
+        nll = token_nll(tokens[:, :-1], targets).astype(np.float64)
+        total = nll.sum(axis=1)
+        correct += int(np.argmin(total) == ex.label)
+        correct_norm += int(np.argmin(total / np.maximum(mask[:, 1:].sum(axis=1), 1)) == ex.label)
+    n = len(examples)
+    return {"examples": n, "acc": correct / n, "acc_norm": correct_norm / n}
