@@ -13,6 +13,6 @@ WORKDIR /app
 COPY . /app
 RUN scripts/install.sh .venv test \
     && .venv/bin/pip install --quiet "jax[cuda12]" \
-    && .venv/bin/pip install --quiet --force-reinstall --no-deps torch --index-url https://download.pytorch.org/whl/cu128
+    && .venv/bin/pip install --quiet --force-reinstall --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
 ENV XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true
 CMD [".venv/bin/python", "scripts/train_jax.py", "--config", "small"]
