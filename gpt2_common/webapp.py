@@ -1,0 +1,177 @@
+"""A local page to try a trained model: a prompt box, the sampling controls, and the completion streamed token by
+token as server-sent events. The model comes in as `stream(prompt_tokens, options) -> iterator of token ids`, built
+once by either framework's sampler; requests are served one at a time, in turn, by one model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from gpt2_common.tokenizer import EOT_TOKEN, get_tokenizer
+
+MAX_NEW_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+
+
+Stream = Callable[[list[int], SampleOptions], Iterator[int]]
+
+
+def parse_options(query) -> SampleOptions:
+    """Reads and checks the controls; a ValueError's message is shown on the page as it is."""
+    def number(name, kind, default, low, high):
+        raw = query.get(name, "")
+        try:
+            value = kind(raw) if raw != "" else default
+        except ValueError:
+            raise ValueError(f"{name} must be a {'whole ' if kind is int else ''}number, got '{raw}'") from None
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    return SampleOptions(
+        max_new_tokens=number("max_new_tokens", int, 100, 1, MAX_NEW_TOKENS),
+        temperature=number("temperature", float, 0.8, 0.0, 5.0),
+        top_k=number("top_k", int, 0, 0, 50257),
+        top_p=number("top_p", float, 1.0, 0.01, 1.0),
+        seed=number("seed", int, 0, 0, 2**31 - 1),
+    )
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def build_app(stream: Stream, block_size: int, title: str = "GPT-2") -> Starlette:
+    tokenizer = get_tokenizer()
+    turn = asyncio.Lock()  # one generation at a time; the others wait their turn
+
+    async def page(request: Request):
+        return HTMLResponse(PAGE.replace("{{title}}", title).replace("{{block_size}}", str(block_size)))
+
+    async def generate(request: Request):
+        prompt = request.query_params.get("prompt", "")
+        try:
+            if not prompt.strip():
+                raise ValueError("the prompt is empty: type some text to continue")
+            options = parse_options(request.query_params)
+        except ValueError as err:
+            message = str(err)
+
+            async def refuse():
+                yield _event({"error": message})
+            return StreamingResponse(refuse(), media_type="text/event-stream")
+        tokens = tokenizer.encode_ordinary(prompt)
+
+        async def events():
+            if len(tokens) > block_size:
+                yield _event({"notice": f"the prompt is {len(tokens)} tokens; it is cut to the last {block_size} "
+                                        f"(the model's context)"})
+            async with turn:
+                generator = stream(tokens[-block_size:], options)
+                pending = b""  # bytes of a character split over tokens wait for the rest
+                try:
+                    while True:
+                        if await request.is_disconnected():
+                            break  # the client left: stop generating, free the model for the next request
+                        token = await asyncio.to_thread(next, generator, None)
+                        if token is None or token == EOT_TOKEN:
+                            break
+                        pending += tokenizer.decode_single_token_bytes(token)
+                        try:
+                            text, pending = pending.decode("utf-8"), b""
+                        except UnicodeDecodeError:
+                            continue
+                        yield _event({"text": text})
+                finally:
+                    if hasattr(generator, "close"):
+                        generator.close()
+            yield _event({"done": True})
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def health(request: Request):
+        return JSONResponse({"ok": True, "block_size": block_size})
+
+    return Starlette(routes=[Route("/", page), Route("/generate", generate), Route("/health", health)])
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{title}}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body { font: 15px/1.5 system-ui, sans-serif; max-width: 860px; margin: 2em auto; padding: 0 1em; color: #222; }
+ h1 { font-size: 1.3em; } textarea { width: 100%; height: 7em; font: 14px monospace; box-sizing: border-box; }
+ .controls { display: flex; flex-wrap: wrap; gap: .8em 1.2em; margin: .8em 0; align-items: end; }
+ label { display: flex; flex-direction: column; font-size: .85em; color: #555; }
+ input { width: 7em; font: inherit; } button { font: inherit; padding: .4em 1.4em; }
+ #output { white-space: pre-wrap; font: 14px monospace; background: #f6f6f3; border: 1px solid #ddd;
+           padding: 1em; min-height: 8em; } #output .prompt { color: #777; }
+ #message { min-height: 1.4em; color: #a33; } #message.notice { color: #775f00; }
+</style></head>
+<body>
+<h1>{{title}}</h1>
+<textarea id="prompt" placeholder="Type a prompt (the model's context is {{block_size}} tokens)"></textarea>
+<div class="controls">
+ <label>max new tokens <input id="max_new_tokens" type="number" value="100" min="1" max="1024"></label>
+ <label>temperature <input id="temperature" type="number" value="0.8" step="0.1" min="0" max="5"></label>
+ <label>top-k (0: off) <input id="top_k" type="number" value="0" min="0"></label>
+ <label>top-p <input id="top_p" type="number" value="1.0" step="0.05" min="0.01" max="1"></label>
+ <label>seed <input id="seed" type="number" value="0" min="0"></label>
+ <button id="generate">Generate</button> <button id="stop" disabled>Stop</button>
+</div>
+<div id="message"></div>
+<div id="output"></div>
+<script>
+const $ = (id) => document.getElementById(id);
+let controller = null;
+function show(text, kind) { $("message").textContent = text; $("message").className = kind || ""; }
+async function generate() {
+  const params = new URLSearchParams({prompt: $("prompt").value});
+  for (const name of ["max_new_tokens", "temperature", "top_k", "top_p", "seed"]) params.set(name, $(name).value);
+  show(""); $("output").innerHTML = "";
+  const prompt = document.createElement("span"); prompt.className = "prompt"; prompt.textContent = $("prompt").value;
+  const completion = document.createElement("span"); completion.id = "completion";
+  $("output").append(prompt, completion);
+  controller = new AbortController(); $("generate").disabled = true; $("stop").disabled = false;
+  try {
+    const response = await fetch("/generate?" + params, {signal: controller.signal});
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+        const event = JSON.parse(buffer.slice(6, end)); buffer = buffer.slice(end + 2);
+        if (event.text !== undefined) completion.textContent += event.text;
+        if (event.notice) show(event.notice, "notice");
+        if (event.error) { show(event.error); prompt.remove(); }
+        if (event.done) $("output").dataset.done = "true";
+      }
+    }
+  } catch (err) { if (err.name !== "AbortError") show("connection lost: " + err); }
+  $("generate").disabled = false; $("stop").disabled = true;
+}
+$("generate").addEventListener("click", generate);
+$("stop").addEventListener("click", () => controller && controller.abort());
+</script>
+</body></html>
+"""
