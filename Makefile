@@ -13,6 +13,7 @@ train: $(STAMP)  ## train the shakespeare config with the JAX trainer (CPU minut
 	$(PY) scripts/train_jax.py --config shakespeare
 
 test: $(STAMP)  ## the whole default test suite: unit tests and the JAX/PyTorch/transformers parity suite
+	scripts/install_browser.sh
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)  ## also the tests marked slow
