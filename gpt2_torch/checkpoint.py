@@ -1,0 +1,129 @@
+"""Checkpoints of the PyTorch trainer: one `.pt` file per saved step, run_dir/checkpoints/step_XXXXXXXX.pt.
+
+A checkpoint holds everything a resumed run needs to continue exactly: the model and optimizer state dicts, the
+GradScaler's state, the step, the loader position, every rank's RNG states, and the resolved config as TOML text (so
+that tools rebuild the model from the file alone). Files are written to a temporary name and renamed into place, so
+a run killed mid-save leaves the previous checkpoint intact, and they are read with weights_only=True (plain tensors
+and Python values only; no code runs when a checkpoint is loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt2_common.config import Config, loads_toml
+from gpt2_common.errors import UserError
+
+FORMAT = "gpt2_torch/1"
+_STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+def checkpoint_path(checkpoint_dir: str | os.PathLike, step: int) -> Path:
+    return Path(checkpoint_dir) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """The step_XXXXXXXX.pt files of a directory, oldest first."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: int) -> None:
+    """Writes atomically (temp file, fsync, os.replace) and then deletes all but the newest `keep` checkpoints."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **checkpoint}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    for old in list_checkpoints(path.parent)[:-keep]:
+        old.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Reads a checkpoint onto the CPU; mmap=True maps the tensors lazily instead of reading the whole file."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint '{path}' does not exist") from None
+    except Exception as err:
+        raise UserError(
+            f"cannot read checkpoint '{path}' ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "it is not a gpt2_torch checkpoint or is damaged: delete it to resume from the one before"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not a gpt2_torch checkpoint (format {FORMAT}); convert it with scripts/convert.py")
+    return checkpoint
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A .pt file as given; for a run directory or a checkpoints directory, its newest checkpoint."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UserError(f"checkpoint '{path}' does not exist; give a .pt file, a run directory or its checkpoints/")
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    newest = latest_checkpoint(directory)
+    if newest is None:
+        raise UserError(f"no step_XXXXXXXX.pt checkpoints in '{directory}'; train first or give a .pt file")
+    return newest
+
+
+def load_checkpoint_model(path: str | os.PathLike) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(config, model state_dict) from a run directory, a checkpoints directory (newest) or a .pt file.
+
+    The state dict is gpt2_torch.model.GPT's, on the CPU: padded vocabulary, nn.Linear [out, in] weights, and both
+    transformer.wte.weight and the tied lm_head.weight. Build the model with GPT(config.model).
+    """
+    file = resolve_checkpoint(path)
+    checkpoint = load_checkpoint(file, mmap=True)
+    return loads_toml(checkpoint["config"]), checkpoint["model"]
+
+
+# --- random number generators ----------------------------------------------------------------------------------------
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states, as values that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    random.setstate(state["python"])
