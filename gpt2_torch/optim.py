@@ -60,3 +60,13 @@ def clip_gradients(params, grad_clip: float) -> torch.Tensor:
     if grad_clip > 0:
         return nn.utils.clip_grad_norm_(params, grad_clip)
     return nn.utils.get_total_norm([p.grad for p in params])
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restores the per-parameter state (moments, step counts) of a checkpoint but keeps the hyperparameters and the
+    kernel choice of `optimizer`, which was built from the current config: load_state_dict alone would bring back the
+    saved weight decay, betas and fused flag, silently overriding a changed config."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, settings):
+        group.update(kept)

@@ -1,5 +1,7 @@
 """AdamW, decay groups, schedule and clipping of the PyTorch trainer, checked against lr_at and the optax chain."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,9 +9,19 @@ import torch
 from gpt2_common.config import ModelConfig, TrainConfig
 from gpt2_common.schedule import lr_at
 from gpt2_torch.model import GPT, cross_entropy
-from gpt2_torch.optim import clip_gradients, make_optimizer, param_groups, set_lr
+from gpt2_torch.optim import clip_gradients, load_optimizer_state, make_optimizer, param_groups, set_lr
 
-torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is fastest, and on a busy machine two threads wait for each other at every op
+    (a 100x slowdown seen on the 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 TINY = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)
 TRAIN = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=6, weight_decay=0.1, grad_clip=0.5)
 
@@ -73,6 +85,18 @@ def test_fused_adamw_is_used_on_cpu_and_matches_the_unfused_one():
             # of ~lr. Compare only the query and value biases.
             a, b = torch.cat([a[:64], a[128:]]), torch.cat([b[:64], b[128:]])
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_loading_optimizer_state_keeps_the_current_config():
+    model = tiny_model()
+    saved = make_optimizer(model, TRAIN)
+    run_steps(model, saved, TRAIN, 2)
+    resumed = make_optimizer(model, replace(TRAIN, weight_decay=0.0, beta2=0.9), fused=False)
+    load_optimizer_state(resumed, saved.state_dict())
+    assert resumed.param_groups[0]["weight_decay"] == 0.0 and resumed.param_groups[0]["betas"] == (0.9, 0.9)
+    assert not resumed.param_groups[0]["fused"]
+    for p in model.parameters():
+        assert all(torch.equal(resumed.state[p][k], saved.state[p][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
 def test_clipping_reports_the_norm_before_clipping():
