@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Train GPT-2 with the PyTorch reference trainer (gpt2_torch/train.py).
+
+  python scripts/train_torch.py --config shakespeare
+  torchrun --standalone --nproc_per_node=8 scripts/train_torch.py --config small
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt2_common.errors import run_cli  # noqa: E402
+from gpt2_torch.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))
