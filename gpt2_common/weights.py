@@ -10,6 +10,7 @@ writes (sharded or not, safetensors or pytorch_model.bin). Everything is checked
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -290,3 +291,61 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     except Exception as err:  # pickle and zip errors of many kinds; the message says which
         raise UserError(f"cannot read '{path}' as a PyTorch state dict: {err}") from None
     return {k: v.detach().to(torch.float32).numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+# --- any source -----------------------------------------------------------------------------------------------------
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'hf', 'torch' or 'jax': the form of a weights source, from its files alone.
+
+    A Hugging Face directory has config.json; a gpt2_torch checkpoint is a .pt file or a run/checkpoints directory
+    holding step_XXXXXXXX.pt files; a gpt2_jax checkpoint is an orbax directory (or a run/checkpoints directory
+    holding one).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"'{path}' does not exist")
+    if path.is_dir() and is_hf_dir(path):
+        return "hf"
+    if path.is_file():
+        if path.suffix == ".pt":
+            return "torch"
+        raise UserError(f"'{path}' is a file of unknown format; give a PyTorch checkpoint (.pt), a JAX (orbax) "
+                        f"checkpoint directory or a Hugging Face directory with {CONFIG_FILE}")
+    orphans = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if orphans:
+        raise UserError(f"'{path}' has {orphans[0]} but no {CONFIG_FILE}; a Hugging Face GPT-2 directory needs the "
+                        "config.json that was saved with the weights")
+    candidates = [path, path / "checkpoints"]
+    forms = set()
+    for directory in (d for d in candidates if d.is_dir()):
+        if any(p.suffix == ".pt" and p.name.startswith("step_") for p in directory.iterdir()):
+            forms.add("torch")
+        if _is_jax_checkpoint(directory):
+            forms.add("jax")
+    if len(forms) == 1:
+        return forms.pop()
+    if forms:
+        raise UserError(f"'{path}' holds both PyTorch and JAX checkpoints; give the one you mean (a step_*.pt file "
+                        "or an orbax step directory)")
+    raise UserError(f"'{path}' is not a weights source this reads: no {CONFIG_FILE} (Hugging Face), no step_*.pt "
+                    "(PyTorch) and no orbax checkpoint (JAX) in it")
+
+
+def _is_jax_checkpoint(directory: Path) -> bool:
+    """gpt2_jax's layout: a step folder holds state/ and meta/; a checkpoints folder holds numbered step folders."""
+    def is_step(d: Path) -> bool:
+        return (d / "state").is_dir() and (d / "meta").is_dir()
+
+    return is_step(directory) or any(d.name.isdigit() and is_step(d) for d in directory.iterdir())
+
+
+def read_canonical(path: str | os.PathLike) -> tuple[Config, Weights]:
+    """The config and canonical weights of any source: a Hugging Face directory is read here; a framework's
+    checkpoint by that framework's weights module, imported only then, so that this package needs neither."""
+    form = detect_format(path)
+    if form == "hf":
+        model, weights = load_hf(path)
+        return Config(name=Path(path).name, model=model), weights
+    reader = importlib.import_module(f"gpt2_{form}.weights")
+    return reader.read_checkpoint(path)

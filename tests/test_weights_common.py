@@ -212,3 +212,26 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         cw.save_hf(random_weights(MODEL), MODEL, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_detect_format(tmp_path):
+    cw.save_hf(random_weights(MODEL), MODEL, tmp_path / "hf")
+    assert cw.detect_format(tmp_path / "hf") == "hf"
+    (tmp_path / "a.pt").write_bytes(b"")
+    assert cw.detect_format(tmp_path / "a.pt") == "torch"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000010.pt").write_bytes(b"")
+    assert cw.detect_format(tmp_path / "run") == cw.detect_format(tmp_path / "run" / "checkpoints") == "torch"
+    for part in ("state", "meta"):
+        (tmp_path / "jrun" / "checkpoints" / "20" / part).mkdir(parents=True)
+    for path in ("jrun", "jrun/checkpoints", "jrun/checkpoints/20"):
+        assert cw.detect_format(tmp_path / path) == "jax", path
+    (tmp_path / "run" / "checkpoints" / "20" / "state").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "20" / "meta").mkdir()
+    with pytest.raises(UserError, match="holds both PyTorch and JAX checkpoints"):
+        cw.detect_format(tmp_path / "run")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a weights source"):
+        cw.detect_format(tmp_path / "empty")
+    with pytest.raises(UserError, match="does not exist"):
+        cw.detect_format(tmp_path / "nothing")

@@ -1,0 +1,92 @@
+"""PyTorch state dicts <-> the canonical GPT-2 layout of gpt2_common.weights.
+
+The names are the same on both sides (nanoGPT's are Hugging Face's). What differs: nn.Linear keeps its weight as
+[out, in] where GPT-2's Conv1D keeps [in, out]; the embedding is padded to padded_vocab_size here and not there; and
+the state dict lists the tied output head, lm_head.weight, which is the embedding itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt2_common import weights as canonical
+from gpt2_common.config import Config, ModelConfig, dumps_toml
+from gpt2_common.errors import UserError
+
+# torch.compile wraps the model as `_orig_mod`, DDP as `module`: a state dict saved from either carries the prefix.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def to_canonical(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) -> canonical.Weights:
+    """The canonical (float32 numpy) weights of a gpt2_torch.model.GPT state dict: Linear weights transposed back to
+    [in, out], the embedding trimmed to the tokenizer's vocabulary."""
+    weights = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name == "lm_head.weight":  # tied: the same tensor as transformer.wte.weight
+            continue
+        array = value.detach().cpu().to(torch.float32).numpy()
+        if canonical.is_linear_weight(name) and array.ndim == 2:
+            array = array.T
+        weights[name] = np.array(array, order="C")  # a copy: the model's training must not change exported weights
+    wte = weights.get("transformer.wte.weight")
+    if wte is not None and wte.shape[0] == model.padded_vocab_size:
+        weights["transformer.wte.weight"] = wte[: model.vocab_size]
+    canonical.check_weights(weights, model, "the PyTorch state dict")
+    return weights
+
+
+def from_canonical(weights: Mapping[str, np.ndarray], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """A state dict that GPT(model).load_state_dict takes (strict): Linear weights as [out, in], the embedding padded
+    with zero rows (the padded ids' logits are masked, so those rows never matter), lm_head.weight tied to it."""
+    canonical.check_weights(weights, model, "the canonical weights")
+    state = {}
+    for name in canonical.canonical_shapes(model):
+        array = weights[name]
+        if name == "transformer.wte.weight":
+            array = canonical.pad_vocab(array, model)
+        if canonical.is_linear_weight(name):
+            array = array.T
+        # A contiguous copy: torch.tensor keeps a transposed view's strides, and fused AdamW pairs a gradient with
+        # its parameter element by element in memory, so a strided tensor here would update the wrong entries.
+        state[name] = torch.tensor(np.ascontiguousarray(array), dtype=torch.float32)
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[Config, canonical.Weights]:
+    """The config and canonical weights of a gpt2_torch checkpoint (a .pt file, or a run or checkpoints directory:
+    its newest)."""
+    from gpt2_torch.checkpoint import load_checkpoint_model
+
+    config, state = load_checkpoint_model(path)
+    return config, to_canonical(state, config.model)
+
+
+def write_checkpoint(weights: canonical.Weights, config: Config, path: str | os.PathLike) -> None:
+    """A weights-only gpt2_torch checkpoint (model and config, no optimizer state): what --init-from, sampling and
+    evaluation read. Written atomically by the trainer's own save; nothing is written if the weights do not fit."""
+    from gpt2_torch.checkpoint import list_checkpoints, save_checkpoint
+
+    path = Path(path)
+    if path.suffix != ".pt":
+        raise UserError(f"a PyTorch checkpoint is a .pt file; name the destination like '{path.name}.pt'")
+    if path.exists():
+        raise UserError(f"'{path}' already exists; remove it or choose another destination")
+    state = from_canonical(weights, config.model)
+    keep_all = len(list_checkpoints(path.parent)) + 1  # save_checkpoint prunes old step files; a conversion must not
+    save_checkpoint({"model": state, "config": dumps_toml(config)}, path, keep=keep_all)
+
+
+def init_state_dict(path: str | os.PathLike, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """--init-from: the weights at `path` (a PyTorch or JAX checkpoint, or a Hugging Face directory) as a state dict
+    for GPT(model); one UserError line if they are of another shape."""
+    source, weights = canonical.read_canonical(path)
+    return from_canonical(canonical.fit_to_model(weights, source.model, model, f"--init-from '{path}'"), model)
