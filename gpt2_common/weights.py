@@ -86,7 +86,8 @@ def canonicalize(state: Mapping[str, Any], source: str) -> Weights:
 def check_weights(weights: Mapping[str, np.ndarray], model: ModelConfig, source: str) -> None:
     """One UserError line for the first thing wrong: missing tensors, extra tensors, or a shape that differs."""
     expected = canonical_shapes(model)
-    dims = f"n_layer={model.n_layer}, n_embd={model.n_embd}, block_size={model.block_size}, vocab_size={model.vocab_size}"
+    dims = (f"n_layer={model.n_layer}, n_embd={model.n_embd}, block_size={model.block_size}, "
+            f"vocab_size={model.vocab_size}")
     missing = [k for k in expected if k not in weights]
     if missing:
         raise UserError(f"{source} lacks {len(missing)} of the {len(expected)} tensors of a GPT-2 with {dims} "
@@ -114,13 +115,20 @@ def fit_to_model(weights: Weights, model: ModelConfig, target: ModelConfig, sour
     if target.block_size > model.block_size:
         fixes.append(f"model.block_size={model.block_size} (or less)")
     if fixes:
-        fit = ("its vocabulary of {} tokens does not fit model.vocab_size={} ({} embedding rows); ".format(
-            model.vocab_size, target.vocab_size, target.padded_vocab_size) if model.vocab_size != target.vocab_size else "")
-        raise UserError(f"{source} is a different GPT-2 than the config: {fit}set {' '.join(fixes)} "
-                        "(e.g. with --set) to start from it")
+        raise UserError(f"{source} is a different GPT-2 than the config: {_vocab_mismatch(model, target)}set "
+                        f"{' '.join(fixes)} (e.g. with --set) to start from it")
     fitted = dict(weights)
     fitted["transformer.wpe.weight"] = weights["transformer.wpe.weight"][: target.block_size]
     return fitted
+
+
+def _vocab_mismatch(model: ModelConfig, target: ModelConfig) -> str:
+    if model.vocab_size == target.vocab_size:
+        return ""
+    if model.vocab_size > target.padded_vocab_size:
+        return (f"its {model.vocab_size}-token vocabulary does not fit the config's embedding of "
+                f"{target.padded_vocab_size} rows (model.vocab_size={target.vocab_size}); ")
+    return f"its vocabulary has {model.vocab_size} tokens, the config's {target.vocab_size}; "
 
 
 def pad_vocab(wte: np.ndarray, model: ModelConfig) -> np.ndarray:

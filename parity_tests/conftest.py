@@ -37,7 +37,8 @@ CASES = [
     Case("1L-1H-vocab128-B1-T1", ModelConfig(n_layer=1, n_head=1, n_embd=32, block_size=16, vocab_size=128), 1, 1),
     Case("2L-4H-vocab100-B3-T7", ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=100), 3, 7),
     Case("3L-4H-vocab200-B3-Tfull", ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=32, vocab_size=200), 3, 32),
-    Case("2L-1H-vocab50257-B1-Tfull", ModelConfig(n_layer=2, n_head=1, n_embd=32, block_size=16, vocab_size=50257), 1, 16),
+    Case("2L-1H-vocab50257-B1-Tfull",
+         ModelConfig(n_layer=2, n_head=1, n_embd=32, block_size=16, vocab_size=50257), 1, 16),
 ]
 
 

@@ -23,7 +23,8 @@ def jax_logits(weights, model, tokens, dtype=jnp.float32) -> np.ndarray:
 
 def torch_logits(weights, model, tokens, autocast_dtype=None) -> np.ndarray:
     gpt = torch_model(weights, model)
-    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    autocast = torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
+    with torch.no_grad(), autocast:
         return gpt(torch.from_numpy(tokens).long()).float().numpy()
 
 

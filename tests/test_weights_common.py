@@ -116,9 +116,11 @@ def test_fit_to_model_crops_positions_and_refuses_other_shapes():
     shorter = ModelConfig(**{**MODEL.__dict__, "block_size": 8})
     fitted = cw.fit_to_model(weights, MODEL, shorter, "src")
     np.testing.assert_array_equal(fitted["transformer.wpe.weight"], weights["transformer.wpe.weight"][:8])
-    with pytest.raises(UserError, match=r"does not fit model.vocab_size=64 \(64 embedding rows\).*vocab_size=100"):
+    with pytest.raises(UserError, match=r"100-token vocabulary does not fit the config's embedding of 64 rows"):
         cw.fit_to_model(weights, MODEL, ModelConfig(**{**MODEL.__dict__, "vocab_size": 64}), "src")
-    with pytest.raises(UserError, match=r"set model.n_layer=2"):
+    with pytest.raises(UserError, match=r"vocabulary has 100 tokens, the config's 120; set model.vocab_size=100"):
+        cw.fit_to_model(weights, MODEL, ModelConfig(**{**MODEL.__dict__, "vocab_size": 120}), "src")
+    with pytest.raises(UserError, match=r"different GPT-2 than the config: set model.n_layer=2 \(e.g. with --set\)"):
         cw.fit_to_model(weights, MODEL, ModelConfig(**{**MODEL.__dict__, "n_layer": 3}), "src")
     with pytest.raises(UserError, match=r"model.block_size=16 \(or less\)"):
         cw.fit_to_model(weights, MODEL, ModelConfig(**{**MODEL.__dict__, "block_size": 32}), "src")

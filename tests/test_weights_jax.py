@@ -33,7 +33,8 @@ def test_kernels_keep_their_layout_and_vocabulary_is_trimmed(variables):
     params = jax.device_get(variables["params"])
     weights = jw.to_canonical(variables, MODEL)
     assert {k: v.shape for k, v in weights.items()} == cw.canonical_shapes(MODEL)
-    np.testing.assert_array_equal(weights["transformer.h.1.mlp.c_fc.weight"], params["h_1"]["mlp"]["c_fc"]["kernel"].value)
+    np.testing.assert_array_equal(weights["transformer.h.1.mlp.c_fc.weight"],
+                                  params["h_1"]["mlp"]["c_fc"]["kernel"].value)
     np.testing.assert_array_equal(weights["transformer.wte.weight"], params["wte"]["embedding"].value[:100])
 
 
