@@ -237,3 +237,23 @@ def test_detect_format(tmp_path):
         cw.detect_format(tmp_path / "empty")
     with pytest.raises(UserError, match="does not exist"):
         cw.detect_format(tmp_path / "nothing")
+
+
+def test_reads_sharded_pytorch_model_bin(tmp_path):
+    """transformers 4.x's sharded form: pytorch_model.bin.index.json naming the shard of every tensor."""
+    hf = hf_model()
+    state = hf.state_dict()
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    (tmp_path / "hf").mkdir()
+    for shard, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, tmp_path / "hf" / shard)
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "hf" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (tmp_path / "hf" / "config.json").write_text(hf.config.to_json_string())
+    _, weights = cw.load_hf(tmp_path / "hf")
+    same = [np.array_equal(weights[k], v.numpy()) for k, v in state.items() if k != "lm_head.weight"]
+    assert len(same) == 28 and all(same)
+    (tmp_path / "hf" / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(UserError, match="names the shard pytorch_model-00002-of-00002.bin, which is missing"):
+        cw.load_hf(tmp_path / "hf")
