@@ -1,0 +1,111 @@
+"""Checkpoints with orbax: the whole train state plus a small JSON record (resolved config text, data position).
+
+A run directory's checkpoints/ holds one folder per optimizer step, `<step>/state` (the TrainState pytree:
+step, params, opt_state, rng, loss scale) and `<step>/meta` (JSON: the config as TOML text, the loader position).
+Saves are asynchronous: training continues while the arrays are written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gpt2_common.config import Config, dumps_toml, loads_toml
+from gpt2_common.errors import UserError
+
+
+def checkpoint_manager(directory: str | Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save(manager: ocp.CheckpointManager, state: Any, config: Config, loader_position: int) -> None:
+    """Starts an async save of `state` at its step (every process calls it; orbax writes each shard once)."""
+    step = int(jax.device_get(state.step))
+    meta = {"config_toml": dumps_toml(config), "loader_position": int(loader_position), "step": step}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """(state, meta) of `step` (default: the newest), each array placed by the sharding in `abstract_state`."""
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+
+def _step_dir(path: str | Path) -> Path:
+    """A step folder from a run directory, its checkpoints/ folder, or the step folder itself (newest step)."""
+    path = Path(path)
+    if (path / "state").is_dir() and (path / "meta").is_dir():
+        return path
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted((int(p.name), p) for p in directory.glob("*") if p.name.isdigit() and (p / "state").is_dir())
+    if not steps:
+        raise UserError(f"no JAX checkpoint in '{path}'; give a run directory, its checkpoints/ folder or one "
+                        "step folder of it")
+    return steps[-1][1]
+
+
+def read_meta(path: str | Path) -> dict:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(_step_dir(path) / "meta")
+
+
+def load_checkpoint_params(path: str | Path, shardings: Any = None) -> tuple[Config, Any]:
+    """(config, params) of a checkpoint, without the optimizer state.
+
+    `path`: a run directory, its checkpoints/ folder or a step folder. The params are the plain pytree that
+    GPT.apply takes ({"params": params}), as numpy arrays, or placed by `shardings` (one sharding for all, or
+    a tree of them like the params).
+    """
+    from gpt2_jax.model import build_model  # here, so that tools reading only the config do not build a model
+
+    step_dir = _step_dir(path)
+    config = loads_toml(read_meta(step_dir)["config_toml"])
+    model = build_model(config.model, "fp32", backend="cpu")
+    dummy = np.zeros((1, config.model.block_size), np.int32)
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy))["params"])
+    if shardings is None:
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+    else:
+        if not isinstance(shardings, dict):
+            shardings = jax.tree.map(lambda _: shardings, shapes)
+        restore_args = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape,
+                                                                      dtype=s.dtype), shapes, shardings)
+    restored = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item={"params": shapes}, restore_args={"params": restore_args}, partial_restore=True))
+    return config, restored["params"]
+
+
+def same_architecture(a: Config, b: Config) -> bool:
+    """Whether two configs build parameters of the same shapes (dropout and the attention kernel may differ)."""
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")
+    return all(getattr(a.model, k) == getattr(b.model, k) for k in keys)
+
+
+def init_params_from(path: str | Path, config: Config) -> Any:
+    """Weights to start a run from (--init-from), as a params pytree of numpy arrays for GPT(config.model).
+
+    gpt2_jax.weights (the converter through the canonical layout) reads JAX and PyTorch checkpoints and Hugging
+    Face directories; without it, only a JAX checkpoint of the same model is accepted.
+    """
+    try:
+        from gpt2_jax.weights import init_params
+    except ImportError:
+        init_params = None
+    if init_params is not None:
+        return init_params(path, config.model)
+    try:
+        ckpt_config, params = load_checkpoint_params(path)
+    except UserError:
+        raise UserError(f"--init-from '{path}' is not a JAX checkpoint, and this install has no weight converter "
+                        "(gpt2_jax.weights) for PyTorch or Hugging Face weights") from None
+    if not same_architecture(ckpt_config, config):
+        raise UserError(f"--init-from '{path}' holds a different model ({ckpt_config.model}) from this config's "
+                        f"({config.model}); set the model.* keys to match")
+    return params

@@ -1,0 +1,116 @@
+"""The optax optimizer of the contract, and the fp16 loss scale.
+
+    record grad norm -> [skip if not finite (fp16)] -> clip_by_global_norm -> adamw(schedule, decay on ndim >= 2)
+
+wrapped in optax.MultiSteps for train.accumulation == "multisteps". The "scan" accumulation of gpt2_jax.train
+feeds the same inner optimizer the mean gradient itself, so the two modes take identical updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from gpt2_common.config import TrainConfig
+
+LOSS_SCALE_INIT = 2.0**16  # torch.amp.GradScaler's defaults, so that both trainers behave alike in fp16
+LOSS_SCALE_GROWTH_INTERVAL = 2000
+
+
+def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
+    """LR of update `count` (0-based) = gpt2_common.schedule.lr_at(count, train)."""
+    if train.warmup_steps >= train.max_steps:  # no decay left: warm up, then hold (optax's cosine needs steps)
+        schedule = optax.linear_schedule(0.0, train.lr, train.warmup_steps)
+        return lambda count: schedule(count + 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train.lr,
+        warmup_steps=train.warmup_steps,
+        decay_steps=train.max_steps,
+        end_value=train.min_lr,
+    )
+    # Evaluated one ahead, so that the first update already moves (optax's schedule is 0 at count 0).
+    return lambda count: schedule(count + 1)
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on embeddings and matrices only, never on biases or LayerNorm parameters."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+class GradNormState(NamedTuple):
+    grad_norm: jax.Array
+
+
+def record_grad_norm() -> optax.GradientTransformation:
+    """Keeps the global norm of the gradient it is given in its state, so that the pre-clip norm of the (mean)
+    gradient is a metric in both accumulation modes: MultiSteps never shows the step function that mean."""
+
+    def init(params):
+        del params
+        return GradNormState(grad_norm=jnp.zeros([], jnp.float32))
+
+    def update(updates, state, params=None):
+        del state, params
+        return updates, GradNormState(grad_norm=optax.global_norm(updates).astype(jnp.float32))
+
+    return optax.GradientTransformation(init, update)
+
+
+def inner_optimizer(train: TrainConfig, skip_nonfinite: bool = False) -> optax.GradientTransformation:
+    """The update that one optimizer step applies to the mean gradient of its micro-batches."""
+    update = optax.chain(
+        optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity(),
+        optax.adamw(learning_rate_schedule(train), b1=train.beta1, b2=train.beta2, eps=train.eps,
+                    weight_decay=train.weight_decay, mask=decay_mask),
+    )
+    if skip_nonfinite:
+        # fp16: a step whose gradient overflowed changes nothing (GradScaler skips optimizer.step() alike).
+        update = optax.apply_if_finite(update, max_consecutive_errors=jnp.iinfo(jnp.int32).max)
+    return optax.chain(record_grad_norm(), update)
+
+
+def build_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    """The optimizer a train state holds: the inner one, under MultiSteps when micro-batches are accumulated
+    one call at a time."""
+    inner = inner_optimizer(train, skip_nonfinite=train.precision == "fp16")
+    if train.accumulation == "multisteps":
+        return optax.MultiSteps(inner, every_k_schedule=train.grad_accum_steps).gradient_transformation()
+    return inner
+
+
+def grad_norm(opt_state: Any) -> jax.Array:
+    """The pre-clip global gradient norm of the last update applied."""
+    return optax.tree_utils.tree_get(opt_state, "grad_norm")
+
+
+def last_update_finite(opt_state: Any) -> jax.Array:
+    """Whether the last update's gradient was finite (fp16 optimizers only; True otherwise)."""
+    return optax.tree_utils.tree_get(opt_state, "last_finite", default=jnp.array(True))
+
+
+class LossScale(struct.PyTreeNode):
+    """Dynamic loss scaling for fp16, adjusted once per optimizer step as torch.amp.GradScaler does it.
+
+    (flax.training.dynamic_scale adjusts after every gradient evaluation, i.e. per micro-batch under
+    accumulation; this keeps both trainers' scales in step.)
+    """
+
+    scale: jax.Array
+    good_steps: jax.Array
+    growth_interval: int = struct.field(pytree_node=False, default=LOSS_SCALE_GROWTH_INTERVAL)
+
+    @classmethod
+    def create(cls, growth_interval: int = LOSS_SCALE_GROWTH_INTERVAL) -> "LossScale":
+        return cls(jnp.array(LOSS_SCALE_INIT, jnp.float32), jnp.array(0, jnp.int32), growth_interval)
+
+    def adjust(self, finite: jax.Array) -> "LossScale":
+        """Halve after an overflow; double after `growth_interval` finite steps in a row."""
+        grow = finite & (self.good_steps + 1 >= self.growth_interval)
+        scale = jnp.where(finite, jnp.where(grow, self.scale * 2, self.scale), self.scale / 2)
+        good_steps = jnp.where(finite & ~grow, self.good_steps + 1, 0)
+        return self.replace(scale=scale, good_steps=good_steps)
