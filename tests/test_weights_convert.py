@@ -1,0 +1,159 @@
+"""scripts/convert.py: every direction between JAX, PyTorch and Hugging Face, and bad input refused in one line with
+nothing written."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2_common import weights as cw
+from gpt2_common.config import ModelConfig
+from gpt2_common.errors import UserError
+from gpt2_jax import weights as jw
+from gpt2_jax.checkpoint import load_checkpoint_params
+from gpt2_torch import weights as tw
+from gpt2_torch.checkpoint import load_checkpoint_model
+from gpt2_torch.model import GPT as TorchGPT
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=100)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert = load_script()
+
+
+def random_weights(seed: int = 0) -> cw.Weights:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in cw.canonical_shapes(MODEL).items()}
+
+
+def assert_same(a: cw.Weights, b: cw.Weights) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_round_trip_through_every_form_is_exact(tmp_path):
+    start = random_weights()
+    cw.save_hf(start, MODEL, tmp_path / "hf")
+    convert.main([str(tmp_path / "hf"), str(tmp_path / "a.pt"), "--to", "torch"])
+    convert.main([str(tmp_path / "a.pt"), str(tmp_path / "jax"), "--to", "jax"])
+    convert.main([str(tmp_path / "jax"), str(tmp_path / "b.pt"), "--to", "torch"])
+    convert.main([str(tmp_path / "b.pt"), str(tmp_path / "jax2"), "--to", "jax"])
+    convert.main([str(tmp_path / "jax2"), str(tmp_path / "hf2"), "--to", "hf"])
+    model, end = cw.load_hf(tmp_path / "hf2")
+    assert model == ModelConfig(**{**MODEL.__dict__, "dropout": 0.0})
+    assert_same(end, start)
+
+    # what the trainers' loaders and --init-from read
+    config, state = load_checkpoint_model(tmp_path / "b.pt")
+    TorchGPT(config.model).load_state_dict(state)  # strict
+    config, params = load_checkpoint_params(tmp_path / "jax")
+    assert config.model == model and params["wte"]["embedding"].shape == (128, 32)
+    assert_same(jw.to_canonical(jw.init_params(tmp_path / "b.pt", MODEL), MODEL), start)
+    assert_same(tw.to_canonical(tw.init_state_dict(tmp_path / "jax", MODEL), MODEL), start)
+
+
+def test_a_trainer_run_directory_is_a_source(tmp_path):
+    """A run directory's checkpoints/ (newest step) is found from the run directory itself."""
+    start = random_weights()
+    cw.save_hf(start, MODEL, tmp_path / "hf")
+    convert.main([str(tmp_path / "hf"), str(tmp_path / "run" / "checkpoints" / "step_00000007.pt"), "--to", "torch"])
+    assert cw.detect_format(tmp_path / "run") == "torch"
+    convert.main([str(tmp_path / "run"), str(tmp_path / "out"), "--to", "hf"])
+    assert_same(cw.load_hf(tmp_path / "out")[1], start)
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+def refused(tmp_path, argv, match):
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=match) as err:
+        convert.main(argv)
+    assert "\n" not in str(err.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "something was written"
+
+
+def test_a_directory_with_no_config(tmp_path):
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").unlink()
+    refused(tmp_path, [str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "jax"],
+            "has model.safetensors but no config.json")
+
+
+def test_an_unknown_format(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\x00" * 16)
+    refused(tmp_path, [str(tmp_path / "weights.bin"), str(tmp_path / "out.pt"), "--to", "torch"],
+            "file of unknown format")
+    (tmp_path / "broken.pt").write_bytes(b"not a pickle")
+    refused(tmp_path, [str(tmp_path / "broken.pt"), str(tmp_path / "out"), "--to", "hf"], "cannot read checkpoint")
+
+
+def test_a_checkpoint_whose_tensors_do_not_match_its_config(tmp_path):
+    """A torch checkpoint saved with a config of another shape: caught before anything is written."""
+    from gpt2_torch.checkpoint import save_checkpoint
+    from gpt2_common.config import Config, dumps_toml
+
+    state = tw.from_canonical(random_weights(), MODEL)
+    other = Config(model=ModelConfig(**{**MODEL.__dict__, "n_embd": 64}))
+    save_checkpoint({"model": state, "config": dumps_toml(other)}, tmp_path / "x.pt", keep=1)
+    refused(tmp_path, [str(tmp_path / "x.pt"), str(tmp_path / "out"), "--to", "jax"],
+            r"wte.weight has shape \(100, 32\) but a GPT-2 with n_layer=2, n_embd=64")
+
+
+def test_a_vocabulary_that_does_not_fit(tmp_path):
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "vocab_size": 64}))
+    refused(tmp_path, [str(tmp_path / "hf"), str(tmp_path / "out.pt"), "--to", "torch"],
+            r"wte.weight has shape \(100, 32\) .* vocab_size=64 needs \(64, 32\)")
+
+
+def test_init_from_weights_of_another_shape(tmp_path):
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    bigger = ModelConfig(**{**MODEL.__dict__, "n_layer": 4})
+    with pytest.raises(UserError, match=r"--init-from .* is a different GPT-2 than the config: set model.n_layer=2"):
+        tw.init_state_dict(tmp_path / "hf", bigger)
+    smaller_vocab = ModelConfig(**{**MODEL.__dict__, "vocab_size": 50})
+    with pytest.raises(UserError, match=r"100-token vocabulary does not fit the config's embedding of 64 rows"):
+        jw.init_params(tmp_path / "hf", smaller_vocab)
+
+
+def test_an_existing_destination_is_left_alone(tmp_path):
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    (tmp_path / "out.pt").write_text("mine")
+    refused(tmp_path, [str(tmp_path / "hf"), str(tmp_path / "out.pt"), "--to", "torch"], "already exists")
+    assert (tmp_path / "out.pt").read_text() == "mine"
+
+
+def test_a_torch_destination_must_be_a_pt_file(tmp_path):
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    refused(tmp_path, [str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "torch"], r"name the destination like")
+
+
+def test_the_command_line_prints_one_error_line_and_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), str(tmp_path / "missing"),
+                             str(tmp_path / "out"), "--to", "hf"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: '{tmp_path / 'missing'}' does not exist"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_torch_state_dicts_round_trip_through_torch_save(tmp_path):
+    """The .pt written is read back with weights_only=True (no code runs at load) by the trainer's loader."""
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    convert.main([str(tmp_path / "hf"), str(tmp_path / "x.pt"), "--to", "torch"])
+    raw = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert set(raw) == {"format", "model", "config"}
