@@ -87,8 +87,13 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
         # nn.LayerNorm already starts at weight 1, bias 0
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]; given targets [B, T], their mean loss instead.
+
+        The loss is computed here rather than by the caller so that DDP and torch.compile see one graph from ids to
+        loss: compiled, the head, the mask and the cross-entropy fuse, and the fp32 logits (the largest activation
+        by far) are never written out in full.
+        """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
@@ -97,7 +102,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        return self.lm_head(x).float()  # bf16/fp16 under autocast; the softmax and the loss want fp32
+        logits = self.lm_head(x).float()  # bf16/fp16 under autocast; the softmax and the loss want fp32
+        if targets is None:
+            return logits
+        return cross_entropy(logits, targets, self.config.vocab_size)
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from gpt2_common.flops import flops_per_token, mfu, num_params, peak_flops
 from gpt2_common.metrics import MetricsWriter
 from gpt2_torch.checkpoint import (capture_rng_state, checkpoint_path, latest_checkpoint, load_checkpoint,
                                    load_checkpoint_model, resolve_checkpoint, restore_rng_state, save_checkpoint)
-from gpt2_torch.model import GPT, cross_entropy
+from gpt2_torch.model import GPT
 from gpt2_torch.optim import clip_gradients, load_optimizer_state, make_optimizer, set_lr
 from gpt2_torch.sample import sample_text
 
@@ -102,8 +102,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         last = k == len(micro_batches) - 1
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with autocast(device, train.precision):
-                logits = model(inputs)
-            loss = cross_entropy(logits, targets, config.model.vocab_size)
+                loss = model(inputs, targets)
             scaler.scale(loss / len(micro_batches)).backward()
         total_loss += loss.detach()
     scaler.unscale_(optimizer)  # clip and report the true gradients, not the fp16 loss-scaled ones
@@ -122,8 +121,7 @@ def evaluate(model: torch.nn.Module, loader: TokenLoader, config: Config, device
     for position in range(config.train.eval_steps):
         inputs, targets = to_device(loader.batch(position), device)
         with autocast(device, config.train.precision):
-            logits = model(inputs)
-        total += cross_entropy(logits, targets, config.model.vocab_size)
+            total += model(inputs, targets)
     model.train()
     return mean_over_ranks(total / config.train.eval_steps)
 

@@ -9,7 +9,17 @@ from gpt2_common.config import ModelConfig
 from gpt2_torch.model import GPT, cross_entropy, mask_padded_vocab
 from gpt2_torch.sample import filter_logits, generate
 
-torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is fastest, and on a busy machine two threads wait for each other at every op
+    (a 100x slowdown seen on the 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # vocab 100 is padded to 128: the padded ids exist in the embedding and must never take probability
 TINY = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)
 
@@ -88,6 +98,13 @@ def test_padded_vocabulary_takes_no_probability_and_no_gradient():
     loss.backward()
     assert torch.all(model.transformer.wte.weight.grad[100:] == 0)
     assert torch.any(model.transformer.wte.weight.grad[:100] != 0)
+
+
+def test_forward_with_targets_gives_the_masked_loss():
+    model = tiny_model()
+    idx, targets = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    targets[0, :3] = -1
+    torch.testing.assert_close(model(idx, targets), cross_entropy(model(idx), targets, 100))
 
 
 def test_loss_ignores_targets_of_minus_one():

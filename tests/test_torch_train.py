@@ -103,7 +103,7 @@ def test_accumulation_equals_one_step_on_the_whole_batch(tmp_path):
 
 def test_two_process_ddp_equals_one_process_on_the_whole_batch(tmp_path):
     config = write_config(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the script puts the repository on sys.path itself
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(REPO / "scripts" / "train_torch.py"), "--config", str(config), "--run-dir", str(tmp_path / "ddp")],
