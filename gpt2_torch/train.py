@@ -26,7 +26,7 @@ from gpt2_common.errors import UserError
 from gpt2_common.flops import flops_per_token, mfu, num_params, peak_flops
 from gpt2_common.metrics import MetricsWriter
 from gpt2_torch.checkpoint import (capture_rng_state, checkpoint_path, latest_checkpoint, load_checkpoint,
-                                   load_checkpoint_model, resolve_checkpoint, restore_rng_state, save_checkpoint)
+                                   restore_rng_state, save_checkpoint)
 from gpt2_torch.model import GPT
 from gpt2_torch.optim import clip_gradients, load_optimizer_state, make_optimizer, set_lr
 from gpt2_torch.sample import sample_text
@@ -134,27 +134,16 @@ def _architecture(model: ModelConfig) -> ModelConfig:
 
 
 def init_from(path: str, model_config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The weights that --init-from names, as a state dict for GPT(model_config).
-
-    A gpt2_torch checkpoint loads directly. JAX checkpoints and Hugging Face GPT-2 directories need the weight
-    conversion of gpt2_torch/weights.py (issue 6), which plugs in here.
-    """
+    """The weights that --init-from names (a PyTorch or JAX checkpoint, or a Hugging Face GPT-2 directory), as a
+    state dict for GPT(model_config). A fresh run starts from them; a run that resumes ignores them."""
     try:
-        file = resolve_checkpoint(path)
-        is_torch_checkpoint = file.suffix == ".pt"
-    except UserError:
-        is_torch_checkpoint = False
-    if not is_torch_checkpoint:
-        raise UserError(
-            f"--init-from '{path}' is not a gpt2_torch checkpoint, and converting JAX or Hugging Face weights needs "
-            "gpt2_torch/weights.py, which is not there yet; convert with scripts/convert.py --to torch first, or "
-            "start without --init-from"
-        )
-    source_config, state = load_checkpoint_model(file)
-    if _architecture(source_config.model) != _architecture(model_config):
-        raise UserError(f"--init-from '{path}' holds a model of {_architecture(source_config.model)}, but the "
-                        f"config asks for {_architecture(model_config)}; set model.* to match it")
-    return state
+        from gpt2_torch.weights import init_state_dict
+    except ModuleNotFoundError as err:
+        if err.name != "gpt2_torch.weights":
+            raise
+        raise UserError("--init-from needs the weight conversion of gpt2_torch/weights.py, which this checkout "
+                        "lacks; start without --init-from") from None
+    return init_state_dict(path, model_config)
 
 
 def _newest_checkpoint(checkpoint_dir: Path, env: Distributed) -> Path | None:

@@ -205,13 +205,13 @@ def test_a_micro_batch_that_does_not_divide_over_the_processes_is_a_user_error(t
         _train(config, tmp_path / "run", None, Distributed(0, 3, torch.device("cpu")))
 
 
-def test_resuming_with_another_model_and_init_from_json_are_user_errors(tmp_path):
+def test_resuming_another_model_or_starting_from_no_weights_are_user_errors(tmp_path):
     config = write_config(tmp_path, train={"max_steps": 2})
     main(["--config", str(config), "--run-dir", str(tmp_path / "run")])
     with pytest.raises(UserError, match="checkpoints of another model"):
         main(["--config", str(config), "--run-dir", str(tmp_path / "run"), "--set", "model.n_layer=3"])
     (tmp_path / "hf").mkdir()
-    with pytest.raises(UserError, match="not a gpt2_torch checkpoint"):
+    with pytest.raises(UserError, match="is not a weights source"):
         main(["--config", str(config), "--run-dir", str(tmp_path / "new"), "--init-from", str(tmp_path / "hf")])
     # a gpt2_torch checkpoint is a valid starting point: the new run begins at step 0 from its weights
     main(["--config", str(config), "--run-dir", str(tmp_path / "new"), "--init-from", str(tmp_path / "run"),
