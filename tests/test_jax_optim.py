@@ -1,6 +1,9 @@
 """The optax chain (schedule, decay mask), gradient accumulation (MultiSteps and scan against one big batch) and
 fp16 loss scaling (skip and halve on overflow, grow after good steps)."""
 
+import dataclasses
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from gpt2_common.config import TrainConfig, from_dict
+from gpt2_common.config import MeshConfig, TrainConfig, from_dict
 from gpt2_common.schedule import lr_at
 from gpt2_jax.optim import LossScale, build_optimizer, learning_rate_schedule
 from gpt2_jax.sharding import make_mesh
@@ -86,24 +89,44 @@ def test_loss_scale_halves_on_overflow_and_grows_after_good_steps():
     assert float(scale.scale) == 2.0**16 and int(scale.good_steps) == 0
 
 
-def run(config, tokens, steps):
-    trainer = build_trainer(config, make_mesh(config.mesh))
+LAYOUTS = {  # name: (mesh, devices)
+    "single": ({"data": 1}, 1),
+    "data8": ({"data": 8}, 8),
+    "fsdp8": ({"data": 1, "fsdp": 8}, 8),
+    "data2_fsdp2_tensor2": ({"data": 2, "fsdp": 2, "tensor": 2}, 8),
+}
+
+
+@functools.cache
+def trainer_for(layout="single", micro_batch_size=8, accumulation="multisteps"):
+    """A trainer of batch 16 at a constant lr of 1e-2 on a layout of the mesh; cached, since compiling a step
+    takes seconds on a CPU (test_jax_sharding.py and test_jax_train.py share these)."""
+    mesh, devices = LAYOUTS[layout]
+    config = tiny_config(micro_batch_size=micro_batch_size, accumulation=accumulation, lr=1e-2, min_lr=1e-2,
+                         warmup_steps=0, max_steps=100)
+    config = dataclasses.replace(config, mesh=MeshConfig(**mesh))
+    return build_trainer(config, make_mesh(config.mesh, jax.devices()[:devices]))
+
+
+@functools.cache
+def trained(layout="single", micro_batch_size=8, accumulation="multisteps", steps=3):
+    """(trainer, state, [(loss, grad norm)] of each step) after `steps` steps on one batch of 16 rows, from the
+    same initial params."""
+    trainer = trainer_for(layout, micro_batch_size, accumulation)
     initial = host_params(trainer.model)
     state = trainer.init(jax.random.PRNGKey(0), initial)
-    loader = RowLoader(tokens, config.train.micro_batch_size)
-    history = []
-    for step in range(steps):
-        state, metrics = trainer.step(state, loader, step * config.train.grad_accum_steps)
+    loader, history = RowLoader(random_tokens(16), micro_batch_size), []
+    for _ in range(steps):  # positions 0 .. 16/micro - 1 again and again: the same 16 rows every step
+        state, metrics = trainer.step(state, loader, 0)
         history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     assert not np.array_equal(jax.device_get(state.params)["wte"]["embedding"], initial["wte"]["embedding"])
-    return state, np.array(history)
+    return trainer, state, np.array(history)
 
 
 def test_accumulated_micro_batches_equal_one_big_batch():
-    tokens = random_tokens(96)
-    _, whole = run(tiny_config(batch_size=32, micro_batch_size=32), tokens, 3)
+    _, _, whole = trained(micro_batch_size=16)
     for accumulation in ("multisteps", "scan"):
-        state, accumulated = run(tiny_config(batch_size=32, micro_batch_size=8, accumulation=accumulation), tokens, 3)
+        _, state, accumulated = trained(micro_batch_size=8, accumulation=accumulation)
         # Losses after updates and the pre-clip norms of the mean gradients. (Parameters are not compared: Adam's
         # first steps move each weight by about +-lr whatever the size of its gradient, so the rounding noise of
         # near-zero gradients, e.g. of the key bias, flips their direction.)
