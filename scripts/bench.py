@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Time the training step of the JAX trainer and the PyTorch reference on the same config, in one run.
+
+A step is one optimizer update (forward, backward, optimizer, every micro-batch of it) on batches already on the
+device. The frameworks take turns: each repeat times `--steps` steps of every framework in turn, after warm-up and
+compilation, so that a machine that slows down mid-run slows them all alike. Reported: the median step time over the
+repeats, tokens/s, MFU (6N + attention FLOPs per token over the device's peak; a CPU's peak is a matmul measured
+here) and peak device memory.
+
+  python scripts/bench.py --config shakespeare --frameworks jax,torch,nanogpt --json bench.json
+  python scripts/bench.py --config small --set train.precision=bf16 --compile     # on a GPU
+
+Frameworks: `jax` (gpt2_jax's jitted step), `torch` (gpt2_torch's step: fused AdamW, torch.compile with --compile),
+`nanogpt` (the same model as nanoGPT runs it: eager, default AdamW, no compile).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from gpt2_common.config import load_config  # noqa: E402
+from gpt2_common.errors import UserError, run_cli  # noqa: E402
+from gpt2_common.flops import flops_per_token, peak_flops  # noqa: E402
+
+FRAMEWORKS = ("jax", "torch", "nanogpt")
+
+
+def random_micro_batches(config, rng):
+    """accum micro-batches of random token ids: the step's speed does not depend on which tokens they are."""
+    m, t = config.model, config.train
+    shape = (t.micro_batch_size, m.block_size)
+    return [(rng.integers(0, m.vocab_size, shape, dtype=np.int32), rng.integers(0, m.vocab_size, shape,
+                                                                               dtype=np.int32))
+            for _ in range(t.grad_accum_steps)]
+
+
+def measured_cpu_peak(seconds: float = 1.0) -> float:
+    """FLOP/s of a large fp32 matmul on this CPU (torch's BLAS), the denominator of MFU where no datasheet applies."""
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - start)
+
+
+class JaxStepper:
+    name = "jax"
+
+    def __init__(self, config, micro_batches):
+        import jax
+
+        from gpt2_jax import sharding
+        from gpt2_jax.optim import uses_multisteps
+        from gpt2_jax.train import build_trainer
+
+        self.jax = jax
+        self.trainer = build_trainer(config, sharding.make_mesh(config.mesh))
+        self.state = self.trainer.init(jax.random.PRNGKey(config.train.seed))
+        if uses_multisteps(config.train):
+            self.batches = [self.trainer.put(b) for b in micro_batches]
+        else:
+            stacked = tuple(np.stack(parts) for parts in zip(*micro_batches))
+            self.batches = [self.trainer.put(stacked, leading_dims=1)]
+        self.device = jax.devices()[0]
+        self.device_kind = self.device.device_kind
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            for batch in self.batches:
+                self.state, metrics = self.trainer.train_step(self.state, batch)
+        self.jax.block_until_ready((self.state, metrics))
+
+    def peak_bytes(self):
+        stats = self.device.memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
+
+
+class TorchStepper:
+    name = "torch"
+
+    def __init__(self, config, micro_batches, compile: bool = False, fused: bool | None = None):
+        import torch
+
+        from gpt2_torch.model import GPT
+        from gpt2_torch.optim import make_optimizer
+
+        self.torch, self.config = torch, config
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(config.train.seed)
+        self.model = GPT(config.model).to(self.device)
+        self.optimizer = make_optimizer(self.model, config.train, fused=fused)
+        self.step_model = torch.compile(self.model) if compile else self.model
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.precision == "fp16")
+        self.batches = [tuple(torch.from_numpy(a).long().to(self.device) for a in b) for b in micro_batches]
+        self.device_kind = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.update = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def run(self, steps: int) -> None:
+        from gpt2_torch.train import train_step
+
+        for _ in range(steps):
+            train_step(self.step_model, self.optimizer, self.scaler, self.batches, self.update, self.config)
+            self.update += 1
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def peak_bytes(self):
+        if self.device.type == "cuda":
+            return self.torch.cuda.max_memory_allocated(self.device)
+        return None
+
+
+def make_stepper(name, config, micro_batches, compile):
+    if name == "jax":
+        return JaxStepper(config, micro_batches)
+    if name == "torch":
+        stepper = TorchStepper(config, micro_batches, compile=compile)
+    else:  # nanogpt: eager, torch's default (foreach) AdamW
+        stepper = TorchStepper(config, micro_batches, compile=False, fused=False)
+    stepper.name = name
+    return stepper
+
+
+def benchmark(config, frameworks, steps: int, warmup: int, repeats: int, compile: bool = False):
+    """One result dict per framework: the median over `repeats` interleaved windows of `steps` steps."""
+    micro_batches = random_micro_batches(config, np.random.default_rng(0))
+    steppers = [make_stepper(name, config, micro_batches, compile) for name in frameworks]
+    for stepper in steppers:  # compilation and the first, slow steps stay out of the timings
+        stepper.run(warmup)
+    times = {s.name: [] for s in steppers}
+    for _ in range(repeats):
+        for stepper in steppers:
+            start = time.perf_counter()
+            stepper.run(steps)
+            times[stepper.name].append((time.perf_counter() - start) / steps)
+    m, t = config.model, config.train
+    tokens = t.batch_size * m.block_size
+    cpu_peak = None
+    results = []
+    for stepper in steppers:
+        median = statistics.median(times[stepper.name])
+        peak = peak_flops(stepper.device_kind, t.precision)
+        if peak is None and stepper.device_kind.lower() == "cpu":
+            cpu_peak = cpu_peak or measured_cpu_peak()
+            peak = cpu_peak
+        tokens_per_s = tokens / median
+        results.append({
+            "framework": stepper.name, "config": config.name, "precision": t.precision,
+            "device": stepper.device_kind, "tokens_per_step": tokens, "median_step_s": median,
+            "step_times_s": times[stepper.name], "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * flops_per_token(m) / peak if peak else None, "peak_flops": peak,
+            "peak_bytes": stepper.peak_bytes(), "compile": compile if stepper.name == "torch" else None,
+            "accumulation": t.accumulation if stepper.name == "jax" else None,
+            "attention": m.attention if stepper.name == "jax" else "sdpa",
+        })
+    return results
+
+
+def table(results) -> str:
+    base = results[0]["tokens_per_s"]
+    lines = [f"{'framework':<10} {'step (ms)':>10} {'tokens/s':>12} {'MFU':>7} {'peak mem':>10} {'vs first':>9}"]
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "-"
+        lines.append(f"{r['framework']:<10} {1000 * r['median_step_s']:>10.1f} {r['tokens_per_s']:>12,.0f} "
+                     f"{mfu:>7} {mem:>10} {r['tokens_per_s'] / base:>8.2f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="shakespeare", help="a preset or a config file (default: %(default)s)")
+    parser.add_argument("--frameworks", default="jax,torch", help=f"comma-separated, of {', '.join(FRAMEWORKS)} "
+                        "(default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.precision=bf16 mesh.fsdp=8 model.attention=cudnn")
+    parser.add_argument("--steps", type=int, default=5, help="steps in each timed window (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows per framework (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the PyTorch step")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as a JSON list")
+    args = parser.parse_args()
+
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    unknown = [f for f in frameworks if f not in FRAMEWORKS]
+    if unknown or not frameworks:
+        raise UserError(f"unknown framework(s) {unknown}; choose from {', '.join(FRAMEWORKS)}")
+    config = load_config(args.config, args.overrides)
+    results = benchmark(config, frameworks, args.steps, args.warmup, args.repeats, args.compile)
+    t = config.train
+    print(f"{config.name}: {t.batch_size} x {config.model.block_size} tokens a step in {t.grad_accum_steps} "
+          f"micro-batch(es), {t.precision}, on {results[0]['device']}; median of {args.repeats} x {args.steps} steps")
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_cli(main)
