@@ -1,0 +1,77 @@
+"""How many bytes each device holds for a config on a mesh, from the trainer's real shardings and no allocation.
+
+The parameter, gradient and optimizer-state shapes come from jax.eval_shape of the model and the optax chain; their
+shardings from gpt2_jax.sharding's rule table over an AbstractMesh, so any device count can be planned on a laptop.
+Activations are an estimate (the compiler decides what it keeps), stated with its formula.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, AxisType
+
+from gpt2_common.config import Config
+from gpt2_jax import sharding
+from gpt2_jax.model import build_model
+from gpt2_jax.optim import build_optimizer
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    params: int  # fp32 master weights
+    grads: int  # fp32, one gradient tree alive during the update
+    opt_state: int  # Adam moments, and MultiSteps' accumulator when it is used
+    activations: int  # estimate for one micro-batch's share on this device
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.opt_state + self.activations
+
+
+def abstract_mesh(data: int, fsdp: int, tensor: int = 1) -> AbstractMesh:
+    return AbstractMesh((data, fsdp, tensor), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _bytes(shape_dtype, named_sharding) -> int:
+    return math.prod(named_sharding.shard_shape(shape_dtype.shape)) * jnp.dtype(shape_dtype.dtype).itemsize
+
+
+def activation_bytes(config: Config, rows_per_device: int, tensor: int = 1) -> int:
+    """Korthikanti et al. (2022): 34·T·b·C bytes a layer in 16-bit with flash attention (no T² scores kept),
+    split over tensor; plus the fp32 logits and their gradient, b·T·V·4 bytes each (the largest single tensor)."""
+    m = config.model
+    T, b, C = m.block_size, rows_per_device, m.n_embd
+    half = 2 if config.train.precision in ("bf16", "fp16") else 4
+    per_layer = 34 * T * b * C * half // 2 // tensor
+    logits = 2 * b * T * m.padded_vocab_size * 4 // tensor
+    return m.n_layer * per_layer + logits
+
+
+def plan(config: Config, data: int, fsdp: int, tensor: int = 1) -> MemoryPlan:
+    """Bytes on one device when `config` trains on a data x fsdp x tensor mesh."""
+    mesh = abstract_mesh(data, fsdp, tensor)
+    model = build_model(config.model, config.train.precision, backend="cpu")
+    dummy = jnp.zeros((1, config.model.block_size), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
+    param_shardings = sharding.tree_shardings(boxed, mesh)
+    params = jax.tree.map(lambda box: box.value, boxed, is_leaf=lambda x: hasattr(x, "names"))
+    param_bytes = sum(jax.tree.leaves(jax.tree.map(_bytes, params, param_shardings)))
+
+    optimizer = build_optimizer(config.train)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    opt_shardings = sharding.opt_state_shardings(optimizer, opt_state, param_shardings, mesh)
+    opt_bytes = sum(jax.tree.leaves(jax.tree.map(_bytes, opt_state, opt_shardings)))
+
+    rows = max(1, config.train.micro_batch_size // (data * fsdp))
+    return MemoryPlan(param_bytes, param_bytes, opt_bytes, activation_bytes(config, rows, tensor))
+
+
+def unsharded_state_bytes(config: Config) -> int:
+    """Parameters + gradients + optimizer state of the whole model: what one device of pure data parallel holds."""
+    p = plan(config, 1, 1)
+    return p.params + p.grads + p.opt_state
+
