@@ -9,7 +9,7 @@ context, so the model runs unsharded anywhere.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -77,13 +77,47 @@ def _residual_std(config: ModelConfig) -> float:
     return 0.02 / math.sqrt(2 * config.n_layer)
 
 
+class KVCache(NamedTuple):
+    """The keys and values of every layer at every position of the context, each [n_layer, B, block_size, n_head,
+    head_dim], allocated once so that a decoding step has the same shapes from the first token to the last.
+
+    Explicit state: GPT.decode takes a cache and returns the next one; nothing is kept inside the module.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, dtype: Any = jnp.float32) -> KVCache:
+    shape = (config.n_layer, batch, config.block_size, config.n_head, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+    """Queries q [B, T, H, D] at absolute `positions` [B, T] over one layer's cache k, v [B, S, H, D]: each query
+    sees the keys at its own position and before, so whatever the cache holds beyond is never read.
+
+    Plain einsums in fp32 rather than jax.nn.dot_product_attention: jitted in bf16 on CPU, the latter fails for a
+    single query of a single head (shape [1, 1, 1, D]; ALG_DOT_BF16_BF16_F32 in jax 0.10.2), and with one query
+    per step a fused kernel has nothing to fuse. The cache is read in fp32 whatever its dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    visible = jnp.arange(k.shape[1])[None, None, None, :] <= positions[:, None, :, None]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", probs, v.astype(jnp.float32)).astype(q.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
     attention: str = "xla"  # resolved by attention_implementation: "xla" or "cudnn"
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True, cache: KVCache | None = None,
+                 positions: jax.Array | None = None, layer: int = 0):
+        """x [B, T, C] -> [B, T, C]; with a cache (decoding), this layer's keys and values are first written into it
+        at `positions` [B, T], and (output, cache) comes back."""
         cfg = self.config
         B, T, C = x.shape
         qkv = _dense(3 * C, ("embed", "qkv"), self.dtype, "c_attn")(x)
@@ -94,10 +128,17 @@ class CausalSelfAttention(nn.Module):
                                        ("batch", "seq", "act_heads", "head_dim"))
             for t in (q, k, v)
         )
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
+        if cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
+        else:
+            rows = jnp.arange(B)[:, None]  # each row writes at its own positions (prompts of different lengths)
+            cache = KVCache(cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
+                            cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)))
+            y = cached_attention(q, cache.k[layer], cache.v[layer], positions)
         y = y.reshape(B, T, C)
         y = _dense(C, ("heads", "embed"), self.dtype, "c_proj", std=_residual_std(cfg))(y)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        return y if cache is None else (y, cache)
 
 
 class MLP(nn.Module):
@@ -120,11 +161,17 @@ class Block(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        x = x + CausalSelfAttention(self.config, self.dtype, self.attention, name="attn")(
-            _layer_norm(self.dtype, "ln_1")(x), deterministic)
+    def __call__(self, x: jax.Array, deterministic: bool = True, cache: KVCache | None = None,
+                 positions: jax.Array | None = None, layer: int = 0):
+        attn = CausalSelfAttention(self.config, self.dtype, self.attention, name="attn")
+        if cache is None:
+            x = x + attn(_layer_norm(self.dtype, "ln_1")(x), deterministic)
+        else:
+            y, cache = attn(_layer_norm(self.dtype, "ln_1")(x), deterministic, cache, positions, layer)
+            x = x + y
         x = x + MLP(self.config, self.dtype, name="mlp")(_layer_norm(self.dtype, "ln_2")(x), deterministic)
-        return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+        x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+        return x if cache is None else (x, cache)
 
 
 class GPT(nn.Module):
@@ -133,8 +180,9 @@ class GPT(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, idx: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]."""
+    def __call__(self, idx: jax.Array, deterministic: bool = True, cache: KVCache | None = None,
+                 positions: jax.Array | None = None):
+        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]. With a cache, see `decode`."""
         cfg = self.config
         B, T = idx.shape
         if T > cfg.block_size:
@@ -144,17 +192,31 @@ class GPT(nn.Module):
                        embedding_init=nn.with_logical_partitioning(embed_init, ("vocab", "embed")), name="wte")
         wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=self.dtype, param_dtype=jnp.float32,
                        embedding_init=nn.with_logical_partitioning(embed_init, ("pos", "embed")), name="wpe")
-        x = wte(idx) + wpe(jnp.arange(T))
+        x = wte(idx) + wpe(jnp.arange(T) if cache is None else positions)
         x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         # A Python loop, not nn.scan: unrolled layers compile to faster code on GPU (jax issue 24411), and the
         # parameters keep the flat h_0, h_1, ... names that map one to one onto transformer.h.{i}.
         for i in range(cfg.n_layer):
-            x = Block(cfg, self.dtype, self.attention, name=f"h_{i}")(x, deterministic)
+            block = Block(cfg, self.dtype, self.attention, name=f"h_{i}")
+            if cache is None:
+                x = block(x, deterministic)
+            else:
+                x, cache = block(x, deterministic, cache, positions, i)
         x = _layer_norm(self.dtype, "ln_f")(x)
         logits = wte.attend(x)  # the output head is the token embedding, transposed
-        logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab"))
-        return logits.astype(jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab")).astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
+
+    def decode(self, idx: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """The cached forward for generation: tokens idx [B, T] at absolute positions [B, T] (each row its own, all
+        < block_size) -> (fp32 logits [B, T, padded_vocab_size], the cache with these tokens' keys and values).
+
+        Each token attends to the cache at its position and before, so the cache must already hold the tokens before
+        idx; T > 1 fills it a chunk at a time (the prompt), T = 1 is one decoding step.
+        Apply as model.apply({"params": params}, idx, positions, cache, method=GPT.decode).
+        """
+        return self(idx, True, cache, positions)
 
 
 def build_model(config: ModelConfig, precision: str = "fp32", backend: str | None = None) -> GPT:

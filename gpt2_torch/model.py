@@ -7,12 +7,39 @@ Parameter names are nanoGPT's, which are Hugging Face's: transformer.wte, transf
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2_common.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+    """The keys and values of every layer at every position of the context, each [n_layer, B, block_size, n_head,
+    head_dim], allocated once so that a decoding step has the same shapes from the first token to the last.
+
+    Explicit state, as on the JAX side; but where JAX returns a new cache, GPT.decode writes into this one in place
+    (the tensors are preallocated for exactly that).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def init_cache(config: ModelConfig, batch: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> KVCache:
+    shape = (config.n_layer, batch, config.block_size, config.n_head, config.head_dim)
+    return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Queries q [B, T, H, D] at absolute `positions` [B, T] over one layer's cache k, v [B, S, H, D]: each query
+    sees the keys at its own position and before, so whatever the cache holds beyond is never read."""
+    visible = torch.arange(k.size(1), device=k.device)[None, None, None, :] <= positions[:, None, :, None]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA's [B, H, T, D]
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible).transpose(1, 2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -23,13 +50,24 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; with a cache (decoding), this layer's keys and values are first written into it
+        at `positions` [B, T]."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        # [B, T, C] -> [B, n_head, T, head_dim]: the layout SDPA wants
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        if cache is None:
+            # [B, T, C] -> [B, n_head, T, head_dim]: the layout SDPA wants
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
+            y = y.transpose(1, 2)
+        else:
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+            rows = torch.arange(B, device=x.device)[:, None]  # each row writes at its own positions
+            cache.k[layer, rows, positions] = k.to(cache.k.dtype)
+            cache.v[layer, rows, positions] = v.to(cache.v.dtype)
+            y = cached_attention(q, cache.k[layer], cache.v[layer], positions)
+        y = y.contiguous().view(B, T, C)
         return self.dropout(self.c_proj(y))
 
 
@@ -53,8 +91,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, positions, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -106,6 +145,20 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return cross_entropy(logits, targets, self.config.vocab_size)
+
+    def decode(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The cached forward for generation: tokens idx [B, T] at absolute positions [B, T] (each row its own, all
+        < block_size) -> fp32 logits [B, T, padded_vocab_size], these tokens' keys and values written into `cache`.
+
+        Each token attends to the cache at its position and before, so the cache must already hold the tokens before
+        idx; T > 1 fills it a chunk at a time (the prompt), T = 1 is one decoding step. A method beside forward, not
+        arguments of it, so that forward stays the one graph that training compiles.
+        """
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, positions, layer)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x).float()
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
