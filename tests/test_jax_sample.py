@@ -1,0 +1,145 @@
+"""KV-cached generation in JAX: the cache changes nothing (also past block_size, and for prompts of different
+lengths in one batch), sampling controls, the stop token, padded ids, one compile, the stream of the web page."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from gpt2_common import weights as canonical
+from gpt2_common.config import Config, ModelConfig
+from gpt2_common.webapp import SampleOptions
+from gpt2_jax import sample
+from gpt2_jax.model import GPT, mask_padded_vocab
+from gpt2_jax.weights import from_canonical
+
+CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)  # padded to 128
+PROMPTS = [[5, 17, 3, 99, 42, 8, 1, 2, 3, 4, 5, 6, 7], [11], [60, 61, 62, 63, 64]]  # 13, 1 and 5 tokens
+NEW = 20  # every prompt runs past block_size (16), the 13-token one after 3 tokens; one length compiles once
+
+
+def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.1) -> canonical.Weights:
+    """Random canonical weights, wider than GPT-2's init so that the next token's argmax wins by a clear margin
+    (a tie decided by rounding would make two correct implementations disagree)."""
+    rng = np.random.default_rng(seed)
+    return {name: ((1.0 if len(shape) == 1 and name.endswith(".weight") else 0.0) + std * rng.standard_normal(shape))
+            .astype(np.float32) for name, shape in canonical.canonical_shapes(config).items()}
+
+
+@functools.cache
+def tiny():
+    return GPT(CFG), jax.device_put(from_canonical(random_weights(CFG), CFG))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(model, params, ids):
+    return model.apply({"params": params}, ids)
+
+
+def plain_greedy(model, params, prompt, new_tokens):
+    """nanoGPT's loop, written out: crop to block_size, run the model, take the argmax at the last position."""
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        window = tokens[-CFG.block_size:]
+        ids = np.zeros((1, CFG.block_size), np.int32)  # right-padded to one shape: causal, so the padding is unseen
+        ids[0, :len(window)] = window
+        logits = mask_padded_vocab(apply(model, params, ids)[0, len(window) - 1], CFG.vocab_size)
+        tokens.append(int(np.argmax(logits)))
+    return tokens[len(prompt):]
+
+
+def test_cached_generation_equals_uncached_and_nanogpt_loop_across_block_size():
+    model, params = tiny()
+    new = NEW
+    cached = sample.generate_batch(model, params, PROMPTS, new, temperature=0.0)
+    uncached = sample.generate_batch(model, params, PROMPTS, new, temperature=0.0, use_cache=False)
+    expected = [plain_greedy(model, params, p, new) for p in PROMPTS]
+    assert cached.tolist() == expected
+    assert uncached.tolist() == expected
+    assert len({tuple(row) for row in expected}) == 3  # the rows differ: each row decodes its own prompt
+    # a row alone gives what it gives in the batch
+    assert sample.generate(model, params, PROMPTS[2], new, temperature=0.0).tolist() == [expected[2]]
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy():
+    model, params = tiny()
+    kwargs = dict(temperature=1.0, top_k=0, top_p=1.0)
+    first = sample.generate_batch(model, params, PROMPTS, NEW, seed=1, **kwargs)
+    assert np.array_equal(first, sample.generate_batch(model, params, PROMPTS, NEW, seed=1, **kwargs))
+    assert not np.array_equal(first, sample.generate_batch(model, params, PROMPTS, NEW, seed=2, **kwargs))
+    greedy = sample.generate_batch(model, params, PROMPTS, NEW, temperature=0.0)
+    assert not np.array_equal(first, greedy)
+    top1 = sample.generate_batch(model, params, PROMPTS, NEW, temperature=1.5, top_k=1, seed=3)
+    tiny_nucleus = sample.generate_batch(model, params, PROMPTS, NEW, temperature=1.5, top_p=1e-6, seed=3)
+    assert np.array_equal(top1, greedy) and np.array_equal(tiny_nucleus, greedy)
+    # num_samples rows of one prompt draw different continuations
+    rows = sample.generate(model, params, PROMPTS[1], NEW, temperature=1.0, top_k=0, num_samples=3, seed=0)
+    assert len({tuple(r) for r in rows.tolist()}) > 1
+
+
+def test_filter_logits_keeps_the_top_k_and_the_nucleus():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    kept = lambda **kw: np.isfinite(np.asarray(sample.filter_logits(logits, **kw))).tolist()  # noqa: E731
+    base = dict(vocab_size=4, temperature=1.0, top_k=0, top_p=1.0)
+    assert kept(**{**base, "top_k": 2}) == [[True, True, False, False]]
+    assert kept(**{**base, "top_p": 0.7}) == [[True, True, False, False]]
+    assert kept(**{**base, "top_p": 0.5}) == [[True, False, False, False]]
+    assert kept(**{**base, "vocab_size": 3}) == [[True, True, True, False]]
+    assert kept(**base) == [[True, True, True, True]]
+
+
+def test_padded_ids_are_never_drawn():
+    model, params = tiny()
+    # Padded rows of the tied embedding far larger than the rest: unmasked, those ids would take nearly all the
+    # probability. No input is a padded id, so these rows only act through the output head.
+    wte = np.array(params["wte"]["embedding"])
+    wte[CFG.vocab_size:] = 50.0 * np.random.default_rng(0).standard_normal(wte[CFG.vocab_size:].shape)
+    params = {**params, "wte": {"embedding": jax.numpy.asarray(wte)}}
+    logits = apply(model, params, np.array([PROMPTS[0]], np.int32))
+    assert np.argmax(logits[0, -1]) >= CFG.vocab_size  # the test has teeth
+    for use_cache in (True, False):
+        drawn = sample.generate_batch(model, params, PROMPTS, NEW, temperature=2.0, top_k=0, use_cache=use_cache)
+        assert drawn.max() < CFG.vocab_size
+
+
+def test_stop_token_ends_a_row_and_the_stream_equals_the_loop():
+    model, params = tiny()
+    greedy = sample.generate_batch(model, params, PROMPTS, NEW, temperature=0.0)[0].tolist()
+    stop = greedy[4]
+    first = greedy.index(stop)
+    stopped = sample.generate_batch(model, params, PROMPTS, NEW, temperature=0.0, stop_token=stop)[0].tolist()
+    assert stopped == greedy[:first + 1] + [stop] * (NEW - 1 - first)  # the stop token, then padding with it
+    assert list(sample.token_stream(model, params, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == \
+        greedy[:first]  # the stream ends before the stop token
+    for kwargs in (dict(temperature=0.9, top_k=20, top_p=0.9, seed=4), dict(temperature=0.0, top_k=0)):
+        streamed = list(sample.token_stream(model, params, PROMPTS[0], NEW, stop_token=None, **kwargs))
+        assert streamed == sample.generate(model, params, PROMPTS[0], NEW, **kwargs)[0].tolist()
+
+
+def test_one_compile_for_any_prompt_and_settings():
+    model, params = tiny()
+    sample.generate_batch(model, params, [[1]], NEW, temperature=0.0)
+    list(sample.token_stream(model, params, [1], 3, temperature=0.0))
+    compiled = sample._generate._cache_size(), sample._decode_step._cache_size(), sample._prefill._cache_size()
+    sample.generate_batch(model, params, [list(range(15))], NEW, temperature=0.7, top_k=5, top_p=0.5, seed=9)
+    list(sample.token_stream(model, params, list(range(40)), 4, temperature=1.3, top_k=3, top_p=0.8, seed=1))
+    assert (sample._generate._cache_size(), sample._decode_step._cache_size(),
+            sample._prefill._cache_size()) == compiled
+
+
+def test_make_stream_serves_the_web_page():
+    config = Config(model=CFG)
+    weights = random_weights(CFG)
+    stream = sample.make_stream(config, weights)
+    model, params = tiny()
+    options = SampleOptions(max_new_tokens=NEW, temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    expected = plain_greedy(model, params, PROMPTS[2], NEW)
+    assert list(stream(PROMPTS[2], options)) == expected
+    assert sample.make_generate(config, weights)([PROMPTS[2]], NEW, temperature=0.0).tolist() == [expected]
+
+
+def test_empty_prompt_is_refused():
+    model, params = tiny()
+    with pytest.raises(ValueError, match="at least one token"):
+        sample.generate_batch(model, params, [[1], []], 4)

@@ -1,0 +1,133 @@
+"""KV-cached generation in PyTorch: the cache changes nothing (also past block_size, and for prompts of different
+lengths in one batch), sampling controls, the stop token, padded ids, the stream of the web page. The mirror of
+tests/test_jax_sample.py."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2_common import weights as canonical
+from gpt2_common.config import Config, ModelConfig
+from gpt2_common.webapp import SampleOptions
+from gpt2_torch import sample
+from gpt2_torch.model import GPT, mask_padded_vocab
+from gpt2_torch.weights import from_canonical
+
+# Tiny matrices: a team of threads costs more than it saves, and far more on cores shared with other work.
+torch.set_num_threads(1)
+
+CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)  # padded to 128
+PROMPTS = [[5, 17, 3, 99, 42, 8, 1, 2, 3, 4, 5, 6, 7], [11], [60, 61, 62, 63, 64]]  # 13, 1 and 5 tokens
+NEW = 20  # every prompt runs past block_size (16), the 13-token one after 3 tokens
+
+
+def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.1) -> canonical.Weights:
+    """Random canonical weights, wider than GPT-2's init so that the next token's argmax wins by a clear margin
+    (a tie decided by rounding would make two correct implementations disagree)."""
+    rng = np.random.default_rng(seed)
+    return {name: ((1.0 if len(shape) == 1 and name.endswith(".weight") else 0.0) + std * rng.standard_normal(shape))
+            .astype(np.float32) for name, shape in canonical.canonical_shapes(config).items()}
+
+
+@functools.cache
+def tiny() -> GPT:
+    model = GPT(CFG)
+    model.load_state_dict(from_canonical(random_weights(CFG), CFG))
+    return model.eval()
+
+
+@torch.no_grad()
+def plain_greedy(model, prompt, new_tokens):
+    """nanoGPT's loop, written out: crop to block_size, run the model, take the argmax at the last position."""
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        logits = model(torch.tensor([tokens[-CFG.block_size:]]))[0, -1]
+        tokens.append(int(mask_padded_vocab(logits, CFG.vocab_size).argmax()))
+    return tokens[len(prompt):]
+
+
+def test_cached_generation_equals_uncached_and_nanogpt_loop_across_block_size():
+    model = tiny()
+    cached = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0)
+    uncached = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0, use_cache=False)
+    expected = [plain_greedy(model, p, NEW) for p in PROMPTS]
+    assert cached.tolist() == expected
+    assert uncached.tolist() == expected
+    assert len({tuple(row) for row in expected}) == 3  # the rows differ: each row decodes its own prompt
+    assert sample.generate_batch(model, [PROMPTS[2]], NEW, temperature=0.0).tolist() == [expected[2]]
+    # nanoGPT's interface: equal-length prompts as a tensor, returned with the continuation
+    idx = torch.tensor([PROMPTS[2], PROMPTS[2]])
+    assert sample.generate(model, idx, NEW, temperature=0).tolist() == [PROMPTS[2] + expected[2]] * 2
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy():
+    model = tiny()
+    kwargs = dict(temperature=1.0, top_k=0, top_p=1.0)
+    first = sample.generate_batch(model, PROMPTS, NEW, seed=1, **kwargs)
+    assert np.array_equal(first, sample.generate_batch(model, PROMPTS, NEW, seed=1, **kwargs))
+    assert not np.array_equal(first, sample.generate_batch(model, PROMPTS, NEW, seed=2, **kwargs))
+    greedy = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0)
+    assert not np.array_equal(first, greedy)
+    top1 = sample.generate_batch(model, PROMPTS, NEW, temperature=1.5, top_k=1, seed=3)
+    tiny_nucleus = sample.generate_batch(model, PROMPTS, NEW, temperature=1.5, top_p=1e-6, seed=3)
+    assert np.array_equal(top1, greedy) and np.array_equal(tiny_nucleus, greedy)
+    rows = sample.generate_batch(model, [PROMPTS[1]] * 3, NEW, temperature=1.0, seed=0)
+    assert len({tuple(r) for r in rows.tolist()}) > 1
+
+
+def test_filter_logits_keeps_the_top_k_and_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: torch.isfinite(sample.filter_logits(logits, **kw)).tolist()  # noqa: E731
+    base = dict(vocab_size=4, temperature=1.0, top_k=0, top_p=1.0)
+    assert kept(**{**base, "top_k": 2}) == [[True, True, False, False]]
+    assert kept(**{**base, "top_p": 0.7}) == [[True, True, False, False]]
+    assert kept(**{**base, "top_p": 0.5}) == [[True, False, False, False]]
+    assert kept(**{**base, "vocab_size": 3}) == [[True, True, True, False]]
+    assert kept(**base) == [[True, True, True, True]]
+
+
+def test_padded_ids_are_never_drawn():
+    model = GPT(CFG)
+    model.load_state_dict(tiny().state_dict())
+    model.eval()
+    # Padded rows of the tied embedding far larger than the rest: unmasked, those ids would take nearly all the
+    # probability. No input is a padded id, so these rows only act through the output head.
+    with torch.no_grad():
+        model.transformer.wte.weight[CFG.vocab_size:] = 50.0 * torch.randn(CFG.padded_vocab_size - CFG.vocab_size,
+                                                                           CFG.n_embd)
+        assert model(torch.tensor([PROMPTS[0]]))[0, -1].argmax() >= CFG.vocab_size  # the test has teeth
+    for use_cache in (True, False):
+        drawn = sample.generate_batch(model, PROMPTS, NEW, temperature=2.0, top_k=0, use_cache=use_cache)
+        assert drawn.max() < CFG.vocab_size
+
+
+def test_stop_token_ends_a_row_and_the_stream_equals_the_loop():
+    model = tiny()
+    greedy = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0)[0].tolist()
+    stop = greedy[4]
+    first = greedy.index(stop)
+    stopped = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0, stop_token=stop)[0].tolist()
+    assert stopped == greedy[:first + 1] + [stop] * (NEW - 1 - first)  # the stop token, then padding with it
+    assert list(sample.token_stream(model, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == greedy[:first]
+    for kwargs in (dict(temperature=0.9, top_k=20, top_p=0.9, seed=4), dict(temperature=0.0, top_k=0)):
+        streamed = list(sample.token_stream(model, PROMPTS[0], NEW, stop_token=None, **kwargs))
+        assert streamed == sample.generate_batch(model, [PROMPTS[0]], NEW, **kwargs)[0].tolist()
+
+
+def test_make_stream_serves_the_web_page():
+    config = Config(model=CFG)
+    weights = random_weights(CFG)
+    stream = sample.make_stream(config, weights, device="cpu")
+    options = SampleOptions(max_new_tokens=NEW, temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    expected = plain_greedy(tiny(), PROMPTS[2], NEW)
+    assert list(stream(PROMPTS[2], options)) == expected
+    assert sample.make_generate(config, weights, "cpu")([PROMPTS[2]], NEW, temperature=0.0).tolist() == [expected]
+
+
+def test_sample_text_and_empty_prompt():
+    model = tiny()
+    assert isinstance(sample.sample_text(model, max_new_tokens=5), str)  # the trainers' end-of-run sample
+    with pytest.raises(ValueError, match="at least one token"):
+        sample.generate_batch(model, [[1], []], 4)
