@@ -1,0 +1,9 @@
+"""The JAX trainer: Flax GPT-2, optax, orbax, jit over a device mesh.
+
+Entry points for other code:
+    model.build_model(model_config, precision) -> GPT         logits = gpt.apply({"params": params}, ids)
+    model.cross_entropy(logits, targets, vocab_size)           the training loss (padded vocab masked, -1 ignored)
+    checkpoint.load_checkpoint_params(path) -> (config, params)  from a run dir, checkpoints/ or a step folder
+    sample.generate(gpt, params, prompt_ids, max_new_tokens, temperature=, top_k=, seed=)
+    train.main(argv) / train.train(config, run_dir)            what scripts/train_jax.py runs
+"""

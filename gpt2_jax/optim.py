@@ -74,11 +74,17 @@ def inner_optimizer(train: TrainConfig, skip_nonfinite: bool = False) -> optax.G
     return optax.chain(record_grad_norm(), update)
 
 
+def uses_multisteps(train: TrainConfig) -> bool:
+    """Whether steps accumulate one call per micro-batch under MultiSteps. Not for a single micro-batch: there
+    MultiSteps would only add a parameter-sized accumulator, and both modes are one plain update."""
+    return train.accumulation == "multisteps" and train.grad_accum_steps > 1
+
+
 def build_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     """The optimizer a train state holds: the inner one, under MultiSteps when micro-batches are accumulated
     one call at a time."""
     inner = inner_optimizer(train, skip_nonfinite=train.precision == "fp16")
-    if train.accumulation == "multisteps":
+    if uses_multisteps(train):
         return optax.MultiSteps(inner, every_k_schedule=train.grad_accum_steps).gradient_transformation()
     return inner
 

@@ -2,7 +2,7 @@
 
 One optimizer step takes train.batch_size sequences as batch_size/micro_batch_size micro-batches, either one
 jitted call per micro-batch under optax.MultiSteps ("multisteps") or one jitted call that lax.scan's over them
-("scan"). Both apply the same inner optimizer to the mean gradient. Micro-batch k of step s is loader position
+("scan", and any step of a single micro-batch). Both apply the same inner optimizer to the mean gradient. Micro-batch k of step s is loader position
 s*accum + k, and its dropout key is fold_in(rng, s*accum + k), so a resumed run replays exactly.
 """
 
@@ -34,7 +34,7 @@ from gpt2_common.schedule import lr_at  # equals the optimizer's schedule (tests
 from gpt2_common.tokenizer import decode, get_tokenizer
 from gpt2_jax import checkpoint, distributed, sharding
 from gpt2_jax.model import GPT, build_model, cross_entropy
-from gpt2_jax.optim import LossScale, build_optimizer, grad_norm, last_update_finite
+from gpt2_jax.optim import LossScale, build_optimizer, grad_norm, last_update_finite, uses_multisteps
 from gpt2_jax.sample import generate
 
 
@@ -158,7 +158,7 @@ class Trainer:
         fetch, place, call; the positions are counted on the host so as not to wait for the device)."""
         accum = self.config.train.grad_accum_steps
         micro_batches = [loader.batch(position + k) for k in range(accum)]
-        if self.config.train.accumulation == "scan":
+        if not uses_multisteps(self.config.train):
             stacked = tuple(np.stack(parts) for parts in zip(*micro_batches))
             return self.train_step(state, self.put(stacked, leading_dims=1))
         losses = []
@@ -192,8 +192,8 @@ def build_trainer(config: Config, mesh: Mesh) -> Trainer:
         loss_scale=jax.tree.map(lambda _: rep, abstract_state.loss_scale),
     )
 
-    rows = sharding.batch_sharding(mesh, leading_dims=1 if t.accumulation == "scan" else 0)
-    if t.accumulation == "scan":
+    rows = sharding.batch_sharding(mesh, leading_dims=0 if uses_multisteps(t) else 1)
+    if not uses_multisteps(t):
         step_fn = functools.partial(train_step_scan, model=model, optimizer=optimizer, mesh=mesh)
     else:
         step_fn = functools.partial(train_step_multisteps, model=model, optimizer=optimizer, mesh=mesh,
@@ -239,41 +239,44 @@ def train(config: Config, run_dir: Path, *, init_from: str | None = None, stop_a
     val_batches = [trainer.put(val_loader.batch(i)) for i in range(t.eval_steps)]
     peak = peak_flops(jax.devices()[0].device_kind, t.precision)
     peak = peak * jax.device_count() if peak else None
+    accumulation = f" ({t.accumulation})" if t.grad_accum_steps > 1 else ""
     say(f"{config.name}: {num_params(config.model) / 1e6:.1f}M parameters, {jax.device_count()} "
         f"{jax.devices()[0].device_kind} devices as {dict(mesh.shape)}, {t.precision}, "
-        f"{t.grad_accum_steps} micro-batch(es) a step ({t.accumulation}); steps {step} -> {end}")
+        f"{t.grad_accum_steps} micro-batch(es) a step{accumulation}; steps {step} -> {end}")
 
-    tick, timed_steps = time.perf_counter(), 0
-    while step < end:
-        state, metrics = trainer.step(state, train_loader, position)
-        step, position, timed_steps = step + 1, position + t.grad_accum_steps, timed_steps + 1
-        if step % t.log_interval == 0 or step == t.max_steps:
-            metrics = jax.device_get(metrics)
-            step_time = (time.perf_counter() - tick) / timed_steps
-            tokens_per_s = t.batch_size * seq_len / step_time
-            record = {"step": step, "loss": float(metrics["loss"]), "lr": lr_at(step - 1, t),
-                      "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
-                      "mfu": mfu(tokens_per_s, config.model, peak, seq_len), "step_time_s": step_time}
-            if "loss_scale" in metrics:
-                record["loss_scale"] = float(metrics["loss_scale"])
-            writer.write(record)
-            say(_log_line(record, t.max_steps))
-            tick, timed_steps = time.perf_counter(), 0
-        elif step == first_step + 1:  # that call compiled the step function: keep it out of the step times
-            jax.block_until_ready(state)
-            say(f"step {step:>6} | compiled and ran in {time.perf_counter() - tick:.1f} s")
-            tick, timed_steps = time.perf_counter(), 0
-        if val_batches and ((t.eval_interval > 0 and step % t.eval_interval == 0) or step == t.max_steps):
-            losses = [trainer.eval_step(state.params, batch) for batch in val_batches]
-            val_loss = float(np.mean(jax.device_get(losses)))
-            writer.write({"step": step, "val_loss": val_loss})
-            say(f"step {step:>6} | val loss {val_loss:.4f}")
-            tick, timed_steps = time.perf_counter(), 0  # step times leave evaluation out
-        if (t.save_interval > 0 and step % t.save_interval == 0) or step == end:
-            checkpoint.save(manager, state, config, position)
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    try:
+        tick, timed_steps = time.perf_counter(), 0
+        while step < end:
+            state, metrics = trainer.step(state, train_loader, position)
+            step, position, timed_steps = step + 1, position + t.grad_accum_steps, timed_steps + 1
+            if step % t.log_interval == 0 or step == t.max_steps:
+                metrics = jax.device_get(metrics)
+                step_time = (time.perf_counter() - tick) / timed_steps
+                tokens_per_s = t.batch_size * seq_len / step_time
+                record = {"step": step, "loss": float(metrics["loss"]), "lr": lr_at(step - 1, t),
+                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
+                          "mfu": mfu(tokens_per_s, config.model, peak, seq_len), "step_time_s": step_time}
+                if "loss_scale" in metrics:
+                    record["loss_scale"] = float(metrics["loss_scale"])
+                writer.write(record)
+                say(_log_line(record, t.max_steps))
+                tick, timed_steps = time.perf_counter(), 0
+            elif step == first_step + 1:  # that call compiled the step function: keep it out of the step times
+                jax.block_until_ready(state)
+                say(f"step {step:>6} | compiled and ran in {time.perf_counter() - tick:.1f} s")
+                tick, timed_steps = time.perf_counter(), 0
+            if val_batches and ((t.eval_interval > 0 and step % t.eval_interval == 0) or step == t.max_steps):
+                losses = [trainer.eval_step(state.params, batch) for batch in val_batches]
+                val_loss = float(np.mean(jax.device_get(losses)))
+                writer.write({"step": step, "val_loss": val_loss})
+                say(f"step {step:>6} | val loss {val_loss:.4f}")
+                tick, timed_steps = time.perf_counter(), 0  # step times leave evaluation out
+            if (t.save_interval > 0 and step % t.save_interval == 0) or step == end:
+                checkpoint.save(manager, state, config, position)
+    finally:  # an interrupted run still finishes the checkpoint it was writing, and keeps its metrics
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
     if step >= t.max_steps and sample_tokens > 0:
         say("sample:\n" + _sample_text(trainer, state.params, sample_tokens, t.seed))
     return state
@@ -314,8 +317,10 @@ def _check_resumable(saved: Config, config: Config, directory) -> None:
     differences = []
     if not checkpoint.same_architecture(saved, config):
         differences.append(f"model ({saved.model} vs now {config.model})")
-    if saved.train.accumulation != config.train.accumulation:
-        differences.append(f"train.accumulation ({saved.train.accumulation} vs now {config.train.accumulation})")
+    if uses_multisteps(saved.train) != uses_multisteps(config.train):
+        differences.append(f"train.accumulation or the number of micro-batches ({saved.train.accumulation}, "
+                           f"{saved.train.grad_accum_steps} vs now {config.train.accumulation}, "
+                           f"{config.train.grad_accum_steps})")
     if (saved.train.precision == "fp16") != (config.train.precision == "fp16"):
         differences.append(f"train.precision ({saved.train.precision} vs now {config.train.precision})")
     if differences:

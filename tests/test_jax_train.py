@@ -16,9 +16,10 @@ import pytest
 
 from gpt2_common.config import load_config
 from gpt2_common.data import TokenLoader, write_shard
-from gpt2_common.errors import run_cli
+from gpt2_common.errors import UserError, run_cli
 from gpt2_common.metrics import read_metrics
 from gpt2_common.schedule import lr_at
+from gpt2_jax import distributed
 from gpt2_jax.checkpoint import init_params_from, load_checkpoint_params
 from gpt2_jax.model import build_model, cross_entropy
 from gpt2_jax.train import main
@@ -175,6 +176,18 @@ def test_bad_layout_is_a_one_line_error(config_path, tmp_path, capsys, override,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_multi_process_launch_settings():
+    assert distributed.initialize(env={}) is False  # a plain run joins nothing
+    with pytest.raises(UserError, match="needs --num-processes, --process-id too"):
+        distributed.initialize(coordinator_address="localhost:1234", env={})
+    with pytest.raises(UserError, match="needs --process-id too"):
+        distributed.initialize(env={"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+    with pytest.raises(UserError, match=r"--process-id 2 must be in \[0, --num-processes 2\)"):
+        distributed.initialize("h:1", 2, 2, env={})
+    with pytest.raises(UserError, match="JAX_NUM_PROCESSES='two' must be an integer"):
+        distributed.initialize(env={"JAX_NUM_PROCESSES": "two"})
 
 
 def test_a_tiny_model_memorises_one_batch():
