@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Evaluate a GPT-2: validation loss on token shards, perplexity of a text file, or HellaSwag accuracy.
+
+  python scripts/evaluate.py --checkpoint runs/shakespeare --shards data/shakespeare
+  python scripts/evaluate.py --checkpoint path/to/hf-gpt2 --text wiki.test.raw --stride 512
+  python scripts/evaluate.py --checkpoint runs/small --hellaswag hellaswag_val.jsonl --json
+
+The checkpoint may be a JAX or PyTorch checkpoint (or run directory) or a Hugging Face GPT-2 directory. --shards
+reads the val_* shards of a directory from prepare_data.py (or every shard a glob names); --text scores each token
+once with up to block_size tokens of context, windows advancing by --stride; --hellaswag reads HellaSwag's JSONL
+(ctx, endings, label). Nothing is downloaded.
+"""
+
+import argparse
+import glob
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt2_common.errors import UserError, run_cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--checkpoint", required=True, help="a JAX or PyTorch checkpoint (or run directory), or a "
+                        "Hugging Face GPT-2 directory")
+    parser.add_argument("--framework", choices=("jax", "torch"), default="jax",
+                        help="which model scores (default: %(default)s)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--shards", metavar="DIR|GLOB", help="validation loss over token shards")
+    what.add_argument("--text", metavar="FILE", help="sliding-window perplexity of a UTF-8 text file")
+    what.add_argument("--hellaswag", metavar="FILE", help="HellaSwag accuracy over a JSONL file")
+    parser.add_argument("--stride", type=int, default=None, help="--text: how far each window advances "
+                        "(default: half of block_size)")
+    parser.add_argument("--batch-size", type=int, default=8, help="--shards: sequences per batch "
+                        "(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=0, help="--shards: batches to score; 0: all "
+                        "(default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return parser
+
+
+def shard_paths(pattern: str) -> list[Path]:
+    """A directory's val_* shards (all its shards if it has none), or the shards a glob names."""
+    from gpt2_common.data import find_shards
+
+    if os.path.isdir(pattern):
+        val = sorted(glob.glob(os.path.join(pattern, "val_*.bin")) + glob.glob(os.path.join(pattern, "val_*.npy")))
+        if val:
+            return [Path(p) for p in val]
+    return find_shards(pattern, "validation")
+
+
+def shards_loss(pattern: str, block_size: int, vocab_size: int, batch_size: int, steps: int, token_nll) -> dict:
+    from gpt2_common.data import TokenLoader
+    from gpt2_common.evaluation import loader_loss
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    paths = shard_paths(pattern)
+    windows = TokenLoader(paths, 1, block_size, shuffle=False, vocab_size=vocab_size).num_windows
+    loader = TokenLoader(paths, min(batch_size, windows), block_size, shuffle=False, vocab_size=vocab_size)
+    batches = loader.batches_per_epoch if steps <= 0 else min(steps, loader.batches_per_epoch)
+    loss = loader_loss(token_nll, loader, batches)
+    return {"shards": len(paths), "tokens": batches * loader.order.rows * block_size, "loss": loss,
+            "perplexity": math.exp(loss)}
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from gpt2_common import evaluation
+    from gpt2_common.weights import read_canonical
+
+    config, weights = read_canonical(args.checkpoint)
+    model = config.model
+    token_nll = importlib.import_module(f"gpt2_{args.framework}.evaluate").token_nll_fn(config, weights)
+    if args.shards:
+        result = shards_loss(args.shards, model.block_size, model.vocab_size, args.batch_size, args.steps, token_nll)
+    elif args.text:
+        stride = args.stride or max(1, model.block_size // 2)
+        result = {**evaluation.text_perplexity(args.text, model.block_size, stride, token_nll), "stride": stride}
+    else:
+        result = evaluation.hellaswag_accuracy(evaluation.read_hellaswag(args.hellaswag), model.block_size, token_nll)
+    return {"checkpoint": args.checkpoint, "framework": args.framework, **result}
+
+
+def summary(result: dict) -> str:
+    if "acc" in result:
+        return (f"HellaSwag: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} "
+                f"over {result['examples']} examples")
+    if "bits_per_byte" in result:
+        return (f"perplexity {result['perplexity']:.3f} | nll {result['nll']:.4f} | "
+                f"{result['bits_per_byte']:.4f} bits per byte over {result['tokens']:,} tokens "
+                f"(stride {result['stride']})")
+    return (f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
+            f"of {result['shards']} shard(s)")
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    result = evaluate(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{summary(result)} ({args.framework}, {time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))
