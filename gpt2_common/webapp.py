@@ -6,6 +6,7 @@ once by either framework's sampler; requests are served one at a time, in turn, 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -84,7 +85,9 @@ def build_app(stream: Stream, block_size: int, title: str = "GPT-2") -> Starlett
                                         f"(the model's context)"})
             async with turn:
                 generator = stream(tokens[-block_size:], options)
-                pending = b""  # bytes of a character split over tokens wait for the rest
+                # A character split over tokens waits for its last byte; bytes that can never be UTF-8 become
+                # U+FFFD, as tokenizer.decode does, so the page shows what sample.py prints.
+                utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 try:
                     while True:
                         if await request.is_disconnected():
@@ -92,12 +95,12 @@ def build_app(stream: Stream, block_size: int, title: str = "GPT-2") -> Starlett
                         token = await asyncio.to_thread(next, generator, None)
                         if token is None or token == EOT_TOKEN:
                             break
-                        pending += tokenizer.decode_single_token_bytes(token)
-                        try:
-                            text, pending = pending.decode("utf-8"), b""
-                        except UnicodeDecodeError:
-                            continue
-                        yield _event({"text": text})
+                        text = utf8.decode(tokenizer.decode_single_token_bytes(token))
+                        if text:
+                            yield _event({"text": text})
+                    tail = utf8.decode(b"", final=True)
+                    if tail:
+                        yield _event({"text": tail})
                 finally:
                     if hasattr(generator, "close"):
                         generator.close()
