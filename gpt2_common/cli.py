@@ -22,6 +22,9 @@ def train_parser(description: str) -> argparse.ArgumentParser:
                         "or a Hugging Face GPT-2 directory")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.lr=3e-4 model.n_layer=6")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a run directory's checkpoints even though they were trained with another "
+                        "config (keys beyond run control such as train.max_steps, train.eval_interval, logging.*)")
     return parser
 
 

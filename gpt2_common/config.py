@@ -62,6 +62,9 @@ class TrainConfig:
     precision: str = "bf16"  # fp32 | bf16 | fp16
     accumulation: str = "multisteps"  # multisteps (optax.MultiSteps, one call per micro-batch) | scan (one call)
     compile: bool = False  # torch.compile for the PyTorch trainer
+    keep_best: bool = True  # also keep the checkpoint of the lowest validation loss (checkpoints/best*)
+    save_every_epoch: bool = False  # also save a checkpoint after each full pass over the train data
+    nan_policy: str = "stop"  # a non-finite loss or gradient norm: stop (keeping the last good checkpoint) | skip
 
     @property
     def grad_accum_steps(self) -> int:
@@ -113,7 +116,16 @@ CHOICES = {
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "accumulation"): ("multisteps", "scan"),
     ("data", "format"): ("tokens", "alpaca"),
+    ("train", "nan_policy"): ("stop", "skip"),
 }
+# Keys a run may change between a checkpoint and its resumption without --allow-config-change: they steer the run
+# (how long, how often to evaluate, log or save, where to log) but not the training arithmetic of the steps done.
+RUN_CONTROL_KEYS = frozenset({
+    "name", "model.attention", "train.max_steps", "train.eval_interval", "train.eval_steps", "train.save_interval",
+    "train.keep_checkpoints", "train.log_interval", "train.sample_interval", "train.compile", "train.keep_best",
+    "train.save_every_epoch", "train.nan_policy", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.wandb",
+    "logging.tensorboard", "logging.wandb_project",
+})
 
 
 def all_keys() -> list[str]:
@@ -281,6 +293,21 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
             raise _unknown_key(f"{section}.{key}")
         raw.setdefault(section, {})[key] = value
     return from_dict(raw, name=name)
+
+
+def config_changes(saved: Config, current: Config) -> list[str]:
+    """'key: old -> new' for each key that differs between two configs, run-control keys (RUN_CONTROL_KEYS) left
+    out: the changes that would make a resumed run train differently from the one that wrote its checkpoints."""
+    def flat(config: Config) -> dict[str, Any]:
+        out = {"name": config.name}
+        for section, values in to_dict(config).items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{key}": value for key, value in values.items()})
+        return out
+
+    old, new = flat(saved), flat(current)
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new
+            if key not in RUN_CONTROL_KEYS and old.get(key) != new[key]]
 
 
 def dumps_toml(config: Config) -> str:

@@ -1,12 +1,17 @@
-"""The run directory's metrics.jsonl: one JSON object a line, flushed as written so that a killed run keeps it."""
+"""What a run records: metrics.jsonl in the run directory (one JSON object a line, flushed as written so that a
+killed run keeps it), and the same records fanned out to TensorBoard and Weights & Biases when the config's
+logging section asks for them. Both trainers write through one RunLog."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
+
+from gpt2_common.errors import UserError
 
 
 class MetricsWriter:
@@ -36,3 +41,127 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trim_metrics(run_dir: str | os.PathLike, last_step: int) -> int:
+    """Drops the lines of steps after `last_step` (and a line torn by a kill), atomically; returns how many went.
+
+    A run resumed from the checkpoint of step `last_step` replays the steps after it and writes their lines again,
+    so the lines the killed run wrote for them would otherwise appear twice."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and record.get("step", 0) <= last_step
+        except json.JSONDecodeError:
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
+# --- TensorBoard and Weights & Biases -----------------------------------------------------------------------------
+
+def _tensorboard_writer_class():
+    """tensorboardX's SummaryWriter, else torch's (which needs the tensorboard package); a UserError if neither."""
+    try:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    except ImportError:
+        pass
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard is only a front end to it)
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter
+    except ImportError:
+        raise UserError("logging.tensorboard=true needs TensorBoard: pip install tensorboard (or tensorboardX), "
+                        "or set logging.tensorboard=false") from None
+
+
+def _wandb_module():
+    try:
+        import wandb
+
+        return wandb
+    except ImportError:
+        raise UserError("logging.wandb=true needs Weights & Biases: pip install wandb, or set logging.wandb=false") \
+            from None
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A record's numbers under TensorBoard-style tags: train/loss, train/lr, ..., val/loss."""
+    prefix = "val" if "val_loss" in record else "train"
+    out = {}
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        name = "loss" if key == "val_loss" else key
+        out[f"{prefix}/{name}"] = float(value)
+    return out
+
+
+class RunLog:
+    """metrics.jsonl plus the optional sinks of config.logging, written by the main process only.
+
+    `resume_step`: the step the run starts from; lines of later steps (written before a kill) are dropped, and
+    TensorBoard purges its events of those steps, so that a resumed run's records read like an uninterrupted run's.
+    W&B runs offline unless WANDB_MODE says otherwise, and a resumed run continues the same W&B run.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, logging=None, *, enabled: bool = True, resume_step: int = 0,
+                 config_dict: dict | None = None, run_name: str = "run"):
+        run_dir = Path(run_dir)
+        # Check the optional packages on every process, so that a missing one stops all ranks alike.
+        tensorboard_class = _tensorboard_writer_class() if logging is not None and logging.tensorboard else None
+        wandb = _wandb_module() if logging is not None and logging.wandb else None
+        if enabled:
+            trim_metrics(run_dir, resume_step)
+        self.jsonl = MetricsWriter(run_dir, enabled=enabled)
+        self.tensorboard = None
+        self.wandb_run = None
+        if not enabled:
+            return
+        if tensorboard_class is not None:
+            self.tensorboard = tensorboard_class(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        if wandb is not None:
+            id_file = run_dir / "wandb_id.txt"
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:12])
+            self.wandb_run = wandb.init(project=logging.wandb_project, name=run_name, dir=str(run_dir),
+                                        id=id_file.read_text().strip(), resume="allow", config=config_dict,
+                                        mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(record)
+        if self.tensorboard is None and self.wandb_run is None:
+            return
+        step, scalars = record.get("step", 0), _scalars(record)
+        scalars = {k: v for k, v in scalars.items() if math.isfinite(v)}
+        if self.tensorboard is not None:
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb_run is not None and scalars:
+            self.wandb_run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

@@ -1,10 +1,12 @@
-"""Checkpoints of the PyTorch trainer: one `.pt` file per saved step, run_dir/checkpoints/step_XXXXXXXX.pt.
+"""Checkpoints of the PyTorch trainer: one `.pt` file per saved step, run_dir/checkpoints/step_XXXXXXXX.pt, and
+run_dir/checkpoints/best.pt (the lowest validation loss so far, with train.keep_best).
 
 A checkpoint holds everything a resumed run needs to continue exactly: the model and optimizer state dicts, the
 GradScaler's state, the step, the loader position, every rank's RNG states, and the resolved config as TOML text (so
 that tools rebuild the model from the file alone). Files are written to a temporary name and renamed into place, so
 a run killed mid-save leaves the previous checkpoint intact, and they are read with weights_only=True (plain tensors
-and Python values only; no code runs when a checkpoint is loaded).
+and Python values only; no code runs when a checkpoint is loaded). A file damaged all the same (a disk that lost
+its tail, a copy cut short) is skipped on resume for the one before it (newest_resumable).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import torch
 
 from gpt2_common.config import Config, loads_toml
 from gpt2_common.errors import UserError
+from gpt2_common.faults import warn
 
 FORMAT = "gpt2_torch/1"
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+BEST_NAME = "best.pt"
+RESUME_KEYS = ("step", "loader_position", "model", "optimizer", "scaler", "rng", "config")
 
 
 def checkpoint_path(checkpoint_dir: str | os.PathLike, step: int) -> Path:
@@ -58,8 +63,66 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: i
     except BaseException:
         os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut
     for old in list_checkpoints(path.parent)[:-keep]:
         old.unlink()
+
+
+def link_or_save(checkpoint: dict[str, Any], path: str | os.PathLike, same_as: Path | None) -> None:
+    """Writes `checkpoint` to `path` (e.g. best.pt), as a hard link to `same_as` when that file holds the same
+    state already (no second write of a large file), atomically either way."""
+    path = Path(path)
+    if same_as is not None and same_as.is_file():
+        tmp = path.with_name(f".{path.name}.link.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(same_as, tmp)
+            os.replace(tmp, path)
+            return
+        except OSError:  # a filesystem without hard links: write it
+            tmp.unlink(missing_ok=True)
+    save_checkpoint(checkpoint, path, keep=1 << 30)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_partial_saves(checkpoint_dir: str | os.PathLike) -> None:
+    """Names, then deletes, the temporary files of saves that a kill cut short (they are never read)."""
+    directory = Path(checkpoint_dir)
+    if directory.is_dir():
+        for tmp in sorted(directory.glob(".*.tmp")):
+            warn(f"skipping partial checkpoint {tmp} (its save did not finish)")
+            tmp.unlink(missing_ok=True)
+
+
+def newest_resumable(checkpoint_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """(path, checkpoint) of the newest step checkpoint that reads back whole; each damaged one after it is skipped
+    with a warning that names it. None if there are no checkpoints; a UserError if none of them reads."""
+    found = list_checkpoints(checkpoint_dir)
+    for path in reversed(found):
+        try:
+            checkpoint = load_checkpoint(path)
+            missing = [key for key in RESUME_KEYS if key not in checkpoint]
+            if missing:
+                raise UserError(f"'{path}' lacks {', '.join(missing)}")
+            return path, checkpoint
+        except UserError as err:
+            warn(f"skipping checkpoint {path}: {str(err).split('; ')[0]}; trying the one before it")
+    if found:
+        raise UserError(f"none of the {len(found)} checkpoints in '{checkpoint_dir}' reads back; move them away to "
+                        "start afresh, or give another --run-dir")
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:

@@ -9,7 +9,9 @@ Under torchrun every rank builds the same model from the same seed, reads its ow
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -20,13 +22,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2_common.cli import data_paths, resolve_run, train_parser, write_run_config
-from gpt2_common.config import Config, ModelConfig, check_divides, dumps_toml, loads_toml
-from gpt2_common.data import TokenLoader
+from gpt2_common.config import Config, ModelConfig, check_divides, dumps_toml, loads_toml, to_dict
 from gpt2_common.errors import UserError
-from gpt2_common.flops import flops_per_token, mfu, num_params, peak_flops
-from gpt2_common.metrics import MetricsWriter
-from gpt2_torch.checkpoint import (capture_rng_state, checkpoint_path, latest_checkpoint, load_checkpoint,
-                                   restore_rng_state, save_checkpoint)
+from gpt2_common.faults import (Diverged, StopSignals, check_framework, check_same_config, divergence_message,
+                                nan_injection_step)
+from gpt2_common.flops import mfu, num_params, peak_flops
+from gpt2_common.loaders import open_loaders
+from gpt2_common.metrics import RunLog
+from gpt2_common.progress import Progress, model_summary
+from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save, load_checkpoint,
+                                   newest_resumable, remove_partial_saves, restore_rng_state, save_checkpoint)
 from gpt2_torch.model import GPT
 from gpt2_torch.optim import clip_gradients, load_optimizer_state, make_optimizer, set_lr
 from gpt2_torch.sample import sample_text
@@ -88,15 +93,15 @@ def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- one optimizer step -------------------------------------------------------------------------------------------
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               micro_batches, update: int, config: Config) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer update over a list of (inputs, targets) micro-batches; returns (loss, pre-clip grad norm, lr).
+def forward_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     micro_batches, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of one optimizer step, unscaled and clipped, left in the parameters' .grad; returns (mean
+    micro-batch loss, pre-clip grad norm) as device tensors (no host sync).
 
     The loss and the gradients are the means over the micro-batches. Under DDP the gradients are all-reduced only
     on the last micro-batch (no_sync before it), which is what makes accumulation cheap across processes.
     """
     train, device = config.train, next(model.parameters()).device
-    lr = set_lr(optimizer, update, train)
     total_loss = torch.zeros((), device=device)
     for k, (inputs, targets) in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
@@ -107,14 +112,30 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         total_loss += loss.detach()
     scaler.unscale_(optimizer)  # clip and report the true gradients, not the fp16 loss-scaled ones
     grad_norm = clip_gradients(model.parameters(), train.grad_clip)
-    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients are not finite
-    scaler.update()
+    return total_loss / len(micro_batches), grad_norm
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: bool = False) -> None:
+    """The optimizer update from the gradients in .grad (skipped by the scaler when fp16 gradients are not
+    finite, and entirely when `skip`), then clears them."""
+    if not skip:
+        scaler.step(optimizer)
+    scaler.update()  # after a skip too: unscale_ recorded the overflow, so the fp16 scale halves
     optimizer.zero_grad(set_to_none=True)
-    return total_loss / len(micro_batches), grad_norm, lr
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               micro_batches, update: int, config: Config) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer update over a list of (inputs, targets) micro-batches; returns (loss, pre-clip grad norm, lr).
+    No host sync: the training loop checks for divergence itself (this is what benchmarks time)."""
+    lr = set_lr(optimizer, update, config.train)
+    loss, grad_norm = forward_backward(model, optimizer, scaler, micro_batches, config)
+    apply_update(optimizer, scaler)
+    return loss, grad_norm, lr
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: TokenLoader, config: Config, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, loader, config: Config, device: torch.device) -> float:
     """Mean loss over the fixed validation batches 0..eval_steps-1, averaged over all ranks."""
     model.eval()
     total = torch.zeros((), device=device)
@@ -146,13 +167,19 @@ def init_from(path: str, model_config: ModelConfig) -> dict[str, torch.Tensor]:
     return init_state_dict(path, model_config)
 
 
-def _newest_checkpoint(checkpoint_dir: Path, env: Distributed) -> Path | None:
-    """Rank 0 picks the checkpoint and tells the others, so that all ranks resume from the same step (the run
-    directory must be on a filesystem every node sees)."""
-    choice = [latest_checkpoint(checkpoint_dir) if env.is_main else None]
+def _resume_point(checkpoint_dir: Path, env: Distributed) -> tuple[Path | None, dict | None]:
+    """Rank 0 picks the newest checkpoint that reads back whole (skipping damaged ones) and tells the others, so
+    that all ranks resume from the same step (the run directory must be on a filesystem every node sees)."""
+    found = None
+    if env.is_main:
+        remove_partial_saves(checkpoint_dir)
+        found = newest_resumable(checkpoint_dir)
+    choice = [found[0] if found else None]
     if env.world_size > 1:
         dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+    if choice[0] is None:
+        return None, None
+    return choice[0], found[1] if env.is_main else load_checkpoint(choice[0])
 
 
 def _gather(obj) -> list:
@@ -163,133 +190,214 @@ def _gather(obj) -> list:
     return gathered
 
 
+def _poison_loss(module, inputs, output):
+    """A forward hook for the NaN test hook (GPT2_INJECT_NAN_AT_STEP): the step's loss becomes NaN."""
+    return output * float("nan")
+
+
 # --- the loop -------------------------------------------------------------------------------------------------------
 
-def train(config: Config, run_dir: str | os.PathLike, init_path: str | None = None) -> None:
+def train(config: Config, run_dir: str | os.PathLike, init_path: str | None = None, *,
+          allow_config_change: bool = False, inject_nan_at: int | None = None) -> None:
     env = setup_distributed()
     try:
-        _train(config, Path(run_dir), init_path, env)
+        with StopSignals(second_aborts=env.world_size == 1) as signals:
+            _train(config, Path(run_dir), init_path, env, allow_config_change=allow_config_change,
+                   inject_nan_at=inject_nan_at, signals=signals)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config: Config, run_dir: Path, init_path: str | None, env: Distributed) -> None:
+def _train(config: Config, run_dir: Path, init_path: str | None, env: Distributed, *,
+           allow_config_change: bool = False, inject_nan_at: int | None = None,
+           signals: StopSignals | None = None) -> None:
     m, t = config.model, config.train
     device = env.device
     say = print if env.is_main else (lambda *a, **k: None)
     check_divides(t.micro_batch_size, env.world_size, "processes (torchrun's nproc_per_node x nodes)")
     accum = t.grad_accum_steps
+    checkpoint_dir = run_dir / "checkpoints"
+    check_framework(checkpoint_dir, "torch")
 
-    if env.is_main:
+    if env.is_main and config.data.format == "tokens":
         data_paths(config)  # prepares an embedded corpus once, before the other ranks look for its shards
     if env.world_size > 1:
         dist.barrier()
-    train_paths, val_paths = data_paths(config, progress=False)
-    shard = dict(process_index=env.rank, process_count=env.world_size, vocab_size=m.vocab_size)
-    train_loader = TokenLoader(train_paths, t.micro_batch_size, m.block_size, seed=t.seed, shuffle=True, **shard)
-    val_loader = TokenLoader(val_paths, t.micro_batch_size, m.block_size, shuffle=False, **shard)
+    train_loader, val_loader = open_loaders(config, env.rank, env.world_size, progress=False)
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     raw_model = GPT(m).to(device)
     optimizer = make_optimizer(raw_model, t)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
 
-    checkpoint_dir = run_dir / "checkpoints"
     step, position = 0, 0  # optimizer updates done; the next micro-batch of the train loader
-    resume_path = _newest_checkpoint(checkpoint_dir, env)
+    skipped, best_val = 0, math.inf  # updates skipped for a non-finite loss; the lowest validation loss so far
+    last_saved: Path | None = None
+    resume_path, checkpoint = _resume_point(checkpoint_dir, env)
     if resume_path is not None:
-        checkpoint = load_checkpoint(resume_path)
         saved = loads_toml(checkpoint["config"])
         if _architecture(saved.model) != _architecture(m):
             raise UserError(f"run directory '{run_dir}' holds checkpoints of another model ({saved.model}); "
                             "give a new --run-dir or the config it was trained with")
+        check_same_config(saved, config, run_dir, allow_config_change)
         raw_model.load_state_dict(checkpoint["model"])
         load_optimizer_state(optimizer, checkpoint["optimizer"])
         if checkpoint["scaler"]:  # empty when the run was not fp16 until now
             scaler.load_state_dict(checkpoint["scaler"])
         step, position = checkpoint["step"], checkpoint["loader_position"]
+        skipped, best_val = checkpoint.get("skipped_steps", 0), checkpoint.get("best_val_loss", math.inf)
         if len(checkpoint["rng"]) == env.world_size:
             restore_rng_state(checkpoint["rng"][env.rank])
         else:  # another process count: the dropout streams cannot continue, so start new ones
             torch.manual_seed(t.seed + 1 + env.rank + 1000 * step)
-        say(f"resuming from {resume_path} at step {step}")
+        last_saved = resume_path
+        say(f"resuming from {resume_path} at step {step}" + (" (--init-from ignored)" if init_path else ""))
     else:
         if init_path is not None:
             raw_model.load_state_dict(init_from(init_path, m))
             say(f"initialised from {init_path}")
         torch.manual_seed(t.seed + 1 + env.rank)  # each rank its own dropout masks
+    del checkpoint
     if env.is_main:
         write_run_config(config, run_dir)
 
     model = torch.compile(raw_model) if t.compile else raw_model
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if env.world_size > 1 else model
-    metrics = MetricsWriter(run_dir, enabled=env.is_main)
+    log = RunLog(run_dir, config.logging, enabled=env.is_main, resume_step=step, config_dict=to_dict(config),
+                 run_name=config.name)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(device_name, t.precision)
     tokens_per_step = t.batch_size * m.block_size
+    if env.is_main and step == 0:
+        say(model_summary({name: p.numel() for name, p in raw_model.named_parameters()}))
     say(f"gpt2_torch: {num_params(m) / 1e6:.1f}M parameters | {env.world_size} x {device_name} | "
         f"{t.batch_size} x {m.block_size} tokens a step in {accum} micro-steps of {t.micro_batch_size} | "
         f"{t.precision}{' | compiled' if t.compile else ''} | run dir {run_dir}")
+    progress = Progress(t.max_steps, initial_step=step, enabled=env.is_main, stream=sys.stdout)
 
-    def save() -> None:
+    def save(best: bool = False, same_as: Path | None = None) -> Path:
+        """Every rank calls it (their RNG states are gathered); rank 0 writes step_XXXXXXXX.pt, or best.pt (as a
+        link to `same_as` when that is this step's checkpoint)."""
         rng = _gather(capture_rng_state())  # every rank's, so that each continues its own dropout stream
+        path = checkpoint_dir / BEST_NAME if best else checkpoint_path(checkpoint_dir, step)
         if env.is_main:
-            save_checkpoint({"step": step, "loader_position": position, "model": raw_model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-                             "config": dumps_toml(config)}, checkpoint_path(checkpoint_dir, step), t.keep_checkpoints)
+            state = {"step": step, "loader_position": position, "model": raw_model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                     "config": dumps_toml(config), "skipped_steps": skipped, "best_val_loss": best_val}
+            if best:
+                link_or_save(state, path, same_as)
+            else:
+                save_checkpoint(state, path, t.keep_checkpoints)
+        return path
 
     def sample() -> None:
         if env.is_main:
             with autocast(device, t.precision):
                 text = sample_text(raw_model, "\n", max_new_tokens=200, seed=t.seed)
-            say(f"--- sample at step {step} ---\n{text}\n---")
+            progress.write(f"--- sample at step {step} ---\n{text}\n---")
 
     if step >= t.max_steps:
         say(f"the run in {run_dir} has already done train.max_steps={t.max_steps} steps; raise it to train on")
+        log.close()
+        progress.close()
         sample()
         return
 
     timer, timed_steps = time.perf_counter(), 0
-    while step < t.max_steps:
-        micro_batches = [to_device(train_loader.batch(position + k), device) for k in range(accum)]
-        loss, grad_norm, lr = train_step(ddp_model, optimizer, scaler, micro_batches, step, config)
-        step, position, timed_steps = step + 1, position + accum, timed_steps + 1
-        last = step == t.max_steps
+    try:
+        while step < t.max_steps:
+            micro_batches = [to_device(train_loader.batch(position + k), device) for k in range(accum)]
+            lr = set_lr(optimizer, step, t)
+            poison = raw_model.register_forward_hook(_poison_loss) if inject_nan_at == step + 1 else None
+            loss, grad_norm = forward_backward(ddp_model, optimizer, scaler, micro_batches, config)
+            if poison is not None:
+                poison.remove()
+            # One small all-reduce and one host sync a step: the mean loss over ranks, the grad norm (the same on
+            # every rank) and whether any rank got a stop signal, so that all ranks decide alike.
+            stop_flag = float(signals is not None and signals.requested is not None)
+            probe = torch.stack([loss.float(), grad_norm.float(), torch.tensor(stop_flag, device=device)])
+            if env.world_size > 1:
+                dist.all_reduce(probe, op=dist.ReduceOp.SUM)
+                probe /= env.world_size
+            loss_value, norm_value, stop_requested = probe.tolist()
+            # fp16 gradients overflow now and then by design: the scaler skips those; only the loss says divergence
+            finite = math.isfinite(loss_value) and (t.precision == "fp16" or math.isfinite(norm_value))
+            if not finite and t.nan_policy == "stop":
+                optimizer.zero_grad(set_to_none=True)
+                raise Diverged(divergence_message(step + 1, loss_value, norm_value,
+                                                  str(last_saved) if last_saved else None))
+            apply_update(optimizer, scaler, skip=not finite)
+            step, position, timed_steps = step + 1, position + accum, timed_steps + 1
+            last = step == t.max_steps
+            if not finite:
+                skipped += 1
+                progress.write(f"step {step}: loss {loss_value}, grad norm {norm_value}: update skipped "
+                               f"(train.nan_policy=skip; {skipped} skipped so far)")
 
-        if step % t.log_interval == 0 or last:
-            loss_value = mean_over_ranks(loss)  # waits for the device, so the time below is the real one
-            step_time = (time.perf_counter() - timer) / timed_steps
-            tokens_per_s = tokens_per_step / step_time
-            utilisation = mfu(tokens_per_s, m, peak * env.world_size if peak else None)
-            metrics.write({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                           "tokens_per_s": tokens_per_s, "mfu": utilisation, "step_time_s": step_time})
-            say(f"step {step:6d}/{t.max_steps} | loss {loss_value:.4f} | lr {lr:.3e} | norm {grad_norm.item():.3f} | "
-                f"{step_time * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s"
-                + (f" | mfu {100 * utilisation:.1f}%" if utilisation is not None else ""))
-            timer, timed_steps = time.perf_counter(), 0
+            if step % t.log_interval == 0 or last:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step_time = (time.perf_counter() - timer) / timed_steps
+                tokens_per_s = tokens_per_step / step_time
+                utilisation = mfu(tokens_per_s, m, peak * env.world_size if peak else None)
+                record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                          "tokens_per_s": tokens_per_s, "mfu": utilisation, "step_time_s": step_time}
+                if t.nan_policy == "skip":
+                    record["skipped_steps"] = skipped
+                if device.type == "cuda":
+                    record["memory_gib"] = torch.cuda.memory_allocated(device) / 2**30
+                log.write(record)
+                progress.update(step, loss_value, tokens_per_s, _log_line(record, t.max_steps))
+                timer, timed_steps = time.perf_counter(), 0
 
-        paused = False  # evaluation, checkpoints and samples stay out of the step time
-        if t.eval_steps > 0 and ((t.eval_interval > 0 and step % t.eval_interval == 0) or last):
-            val_loss = evaluate(model, val_loader, config, device)
-            metrics.write({"step": step, "val_loss": val_loss})
-            say(f"step {step:6d}/{t.max_steps} | val loss {val_loss:.4f}")
-            paused = True
-        if (t.save_interval > 0 and step % t.save_interval == 0) or last:
-            save()
-            paused = True
-        if t.sample_interval > 0 and step % t.sample_interval == 0 and not last:
-            sample()
-            paused = True
-        if paused:
-            timer, timed_steps = time.perf_counter(), 0
-    metrics.close()
+            paused, saved_now, new_best = False, False, False  # evaluation, checkpoints, samples: not step time
+            if t.eval_steps > 0 and ((t.eval_interval > 0 and step % t.eval_interval == 0) or last):
+                val_loss = evaluate(model, val_loader, config, device)
+                log.write({"step": step, "val_loss": val_loss})
+                new_best = t.keep_best and val_loss < best_val
+                best_val = min(best_val, val_loss) if t.keep_best else best_val
+                progress.write(f"step {step:6d}/{t.max_steps} | val loss {val_loss:.4f}"
+                               + (" (best so far)" if new_best else ""))
+                paused = True
+            epoch_done = t.save_every_epoch and \
+                train_loader.epoch_of(position) > train_loader.epoch_of(position - accum)
+            if (t.save_interval > 0 and step % t.save_interval == 0) or last or epoch_done or stop_requested:
+                last_saved, saved_now, paused = save(), True, True
+            if new_best:
+                save(best=True, same_as=last_saved if saved_now else None)
+                paused = True
+            if stop_requested:
+                name = signals.requested if signals and signals.requested else "a stop signal"
+                progress.write(f"{name} on a rank: stopped at step {step} with checkpoint {last_saved}; run the "
+                               "same command again to resume")
+                return
+            if t.sample_interval > 0 and step % t.sample_interval == 0 and not last:
+                sample()
+                paused = True
+            if paused:
+                timer, timed_steps = time.perf_counter(), 0
+    finally:
+        log.close()
+        progress.close()
     sample()
 
 
+def _log_line(record: dict, max_steps: int) -> str:
+    utilisation = record["mfu"]
+    return (f"step {record['step']:6d}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+            f"norm {record['grad_norm']:.3f} | {record['step_time_s'] * 1000:.0f} ms | "
+            f"{record['tokens_per_s']:,.0f} tok/s"
+            + (f" | mfu {100 * utilisation:.1f}%" if utilisation is not None else "")
+            + (f" | mem {record['memory_gib']:.2f} GiB" if "memory_gib" in record else "")
+            + (f" | skipped {record['skipped_steps']}" if record.get("skipped_steps") else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = train_parser("Train GPT-2 with the PyTorch reference trainer; under torchrun for DDP.")
+    parser = train_parser("Train GPT-2 with the PyTorch reference trainer; under torchrun for DDP. SIGTERM or "
+                          "Ctrl-C stops after the current step with a checkpoint; the same command resumes.")
     args = parser.parse_args(argv)
     config, run_dir = resolve_run(args)
-    train(config, run_dir, init_path=args.init_from)
+    train(config, run_dir, init_path=args.init_from, allow_config_change=args.allow_config_change,
+          inject_nan_at=nan_injection_step())
