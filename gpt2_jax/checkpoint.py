@@ -1,8 +1,10 @@
 """Checkpoints with orbax: the whole train state plus a small JSON record (resolved config text, data position).
 
 A run directory's checkpoints/ holds one folder per optimizer step, `<step>/state` (the TrainState pytree:
-step, params, opt_state, rng, loss scale) and `<step>/meta` (JSON: the config as TOML text, the loader position).
-Saves are asynchronous: training continues while the arrays are written.
+step, params, opt_state, rng, loss scale) and `<step>/meta` (JSON: the config as TOML text, the loader position,
+skipped steps, best validation loss), and best/<step> for the lowest validation loss. Saves are asynchronous:
+training continues while the arrays are written into `<step>.orbax-checkpoint-tmp*`, renamed to `<step>` only when
+complete, so a killed save never looks like a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,15 +21,22 @@ from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
 
 
+BEST_DIR = "best"  # checkpoints/best/<step>: the lowest validation loss so far (train.keep_best)
+PARTIAL_SUFFIX = ".orbax-checkpoint-tmp"  # a step folder's name while orbax writes it; renamed when finalized
+
+
 def checkpoint_manager(directory: str | Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def save(manager: ocp.CheckpointManager, state: Any, config: Config, loader_position: int) -> None:
-    """Starts an async save of `state` at its step (every process calls it; orbax writes each shard once)."""
+def save(manager: ocp.CheckpointManager, state: Any, config: Config, loader_position: int,
+         extra: dict | None = None) -> None:
+    """Starts an async save of `state` at its step (every process calls it; orbax writes each shard once).
+    `extra`: more JSON values for the meta record (the run's skipped-step count and best validation loss)."""
     step = int(jax.device_get(state.step))
-    meta = {"config_toml": dumps_toml(config), "loader_position": int(loader_position), "step": step}
+    meta = {**(extra or {}), "config_toml": dumps_toml(config), "loader_position": int(loader_position),
+            "step": step}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 

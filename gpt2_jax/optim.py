@@ -1,6 +1,6 @@
 """The optax optimizer of the contract, and the fp16 loss scale.
 
-    record grad norm -> [skip if not finite (fp16)] -> clip_by_global_norm -> adamw(schedule, decay on ndim >= 2)
+    record grad norm -> [skip if not finite] -> clip_by_global_norm -> adamw(schedule, decay on ndim >= 2)
 
 wrapped in optax.MultiSteps for train.accumulation == "multisteps". The "scan" accumulation of gpt2_jax.train
 feeds the same inner optimizer the mean gradient itself, so the two modes take identical updates.
@@ -69,7 +69,7 @@ def inner_optimizer(train: TrainConfig, skip_nonfinite: bool = False) -> optax.G
                     weight_decay=train.weight_decay, mask=decay_mask),
     )
     if skip_nonfinite:
-        # fp16: a step whose gradient overflowed changes nothing (GradScaler skips optimizer.step() alike).
+        # A step whose gradient is not finite changes nothing (GradScaler skips optimizer.step() alike in fp16).
         update = optax.apply_if_finite(update, max_consecutive_errors=jnp.iinfo(jnp.int32).max)
     return optax.chain(record_grad_norm(), update)
 
@@ -83,7 +83,9 @@ def uses_multisteps(train: TrainConfig) -> bool:
 def build_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     """The optimizer a train state holds: the inner one, under MultiSteps when micro-batches are accumulated
     one call at a time."""
-    inner = inner_optimizer(train, skip_nonfinite=train.precision == "fp16")
+    # Every precision skips a non-finite update inside the step: an fp16 overflow, or a diverged step, which the
+    # training loop then counts (train.nan_policy=skip) or stops at (stop) with the parameters still the last good.
+    inner = inner_optimizer(train, skip_nonfinite=True)
     if uses_multisteps(train):
         return optax.MultiSteps(inner, every_k_schedule=train.grad_accum_steps).gradient_transformation()
     return inner
@@ -95,7 +97,7 @@ def grad_norm(opt_state: Any) -> jax.Array:
 
 
 def last_update_finite(opt_state: Any) -> jax.Array:
-    """Whether the last update's gradient was finite (fp16 optimizers only; True otherwise)."""
+    """Whether the last update's gradient was finite (True for an optimizer that does not check)."""
     return optax.tree_utils.tree_get(opt_state, "last_finite", default=jnp.array(True))
 
 

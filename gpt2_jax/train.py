@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,11 +28,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from gpt2_common.cli import data_paths, resolve_run, train_parser, write_run_config
-from gpt2_common.config import Config, check_divides, loads_toml
-from gpt2_common.data import TokenLoader
+from gpt2_common.config import Config, DataConfig, LoggingConfig, check_divides, loads_toml, to_dict
 from gpt2_common.errors import UserError
+from gpt2_common.faults import (Diverged, StopSignals, check_framework, check_same_config, divergence_message,
+                                nan_injection_step, warn)
 from gpt2_common.flops import mfu, num_params, peak_flops
-from gpt2_common.metrics import MetricsWriter
+from gpt2_common.loaders import open_loaders
+from gpt2_common.metrics import RunLog
+from gpt2_common.progress import Progress, model_summary
 from gpt2_common.schedule import lr_at  # equals the optimizer's schedule (tests/test_jax_optim.py checks it)
 from gpt2_common.tokenizer import decode, get_tokenizer
 from gpt2_jax import checkpoint, distributed, sharding
@@ -113,11 +119,12 @@ def train_step_multisteps(state: TrainState, batch: tuple[jax.Array, jax.Array],
         loss, grads = loss_and_grads(state, inputs, targets, state.step * accum + state.opt_state.mini_step, model)
         params, opt_state = _apply(state, grads, optimizer)
         updated = opt_state.mini_step == 0
+        # MultiSteps clears its accumulator by multiplying it by zero, which keeps a non-finite gradient's inf/NaN
+        # (an fp16 overflow, or a diverged step skipped by train.nan_policy) into every later step.
+        opt_state = opt_state._replace(acc_grads=jax.tree.map(
+            lambda a: jnp.where(updated, jnp.zeros_like(a), a), opt_state.acc_grads))
         loss_scale = state.loss_scale
         if loss_scale is not None:
-            # MultiSteps clears its accumulator by multiplying it by zero, which keeps an overflow's inf/NaN.
-            opt_state = opt_state._replace(acc_grads=jax.tree.map(
-                lambda a: jnp.where(updated, jnp.zeros_like(a), a), opt_state.acc_grads))
             adjusted = loss_scale.adjust(last_update_finite(opt_state))
             loss_scale = jax.tree.map(functools.partial(jnp.where, updated), adjusted, loss_scale)
         new_state = state.replace(step=state.step + updated.astype(jnp.int32), params=params, opt_state=opt_state,
@@ -129,6 +136,21 @@ def eval_step(params: Any, batch: tuple[jax.Array, jax.Array], *, model: GPT, me
     with sharding.activation_sharding(mesh):
         inputs, targets = batch
         return cross_entropy(model.apply({"params": params}, inputs), targets, model.config.vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NanModel:
+    """The NaN test hook's model (GPT2_INJECT_NAN_AT_STEP): the real one with NaN logits. Its step function is
+    compiled only when a run asks for it, so the normal step carries nothing of it."""
+
+    model: GPT
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def apply(self, *args, **kwargs):
+        return self.model.apply(*args, **kwargs) * jnp.nan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +167,7 @@ class Trainer:
     init: Callable  # (rng, params or None) -> TrainState, placed on the mesh
     train_step: Callable  # (state, batch) -> (state, metrics); state is donated
     eval_step: Callable  # (params, batch) -> loss
+    nan_train_step: Callable  # train_step with NaN logits, for the NaN test hook (compiled on first use)
 
     def put(self, batch: tuple[np.ndarray, np.ndarray], leading_dims: int = 0) -> tuple[jax.Array, jax.Array]:
         """This process's rows of a batch -> global arrays on the mesh."""
@@ -153,17 +176,19 @@ class Trainer:
         return tuple(sharding.put_batch(a, dest, a.shape[:leading_dims] + (rows,) + a.shape[leading_dims + 1:])
                      for a in batch)
 
-    def step(self, state: TrainState, loader: TokenLoader, position: int) -> tuple[TrainState, dict]:
+    def step(self, state: TrainState, loader, position: int, poison: bool = False) -> tuple[TrainState, dict]:
         """One optimizer step on the micro-batches at loader positions position, position+1, ... (host side:
-        fetch, place, call; the positions are counted on the host so as not to wait for the device)."""
+        fetch, place, call; the positions are counted on the host so as not to wait for the device).
+        `poison`: the NaN test hook's step, whose loss is NaN."""
         accum = self.config.train.grad_accum_steps
+        train_step = self.nan_train_step if poison else self.train_step
         micro_batches = [loader.batch(position + k) for k in range(accum)]
         if not uses_multisteps(self.config.train):
             stacked = tuple(np.stack(parts) for parts in zip(*micro_batches))
-            return self.train_step(state, self.put(stacked, leading_dims=1))
+            return train_step(state, self.put(stacked, leading_dims=1))
         losses = []
         for micro_batch in micro_batches:
-            state, metrics = self.train_step(state, self.put(micro_batch))
+            state, metrics = train_step(state, self.put(micro_batch))
             losses.append(metrics["loss"])
         return state, {**metrics, "loss": sum(losses) / accum}
 
@@ -193,13 +218,17 @@ def build_trainer(config: Config, mesh: Mesh) -> Trainer:
     )
 
     rows = sharding.batch_sharding(mesh, leading_dims=0 if uses_multisteps(t) else 1)
-    if not uses_multisteps(t):
-        step_fn = functools.partial(train_step_scan, model=model, optimizer=optimizer, mesh=mesh)
-    else:
-        step_fn = functools.partial(train_step_multisteps, model=model, optimizer=optimizer, mesh=mesh,
-                                    accum=t.grad_accum_steps)
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, (rows, rows)), out_shardings=(state_shardings, rep),
-                         donate_argnums=0)
+
+    def jit_step(step_model) -> Callable:
+        if not uses_multisteps(t):
+            step_fn = functools.partial(train_step_scan, model=step_model, optimizer=optimizer, mesh=mesh)
+        else:
+            step_fn = functools.partial(train_step_multisteps, model=step_model, optimizer=optimizer, mesh=mesh,
+                                        accum=t.grad_accum_steps)
+        return jax.jit(step_fn, in_shardings=(state_shardings, (rows, rows)), out_shardings=(state_shardings, rep),
+                       donate_argnums=0)
+
+    train_step = jit_step(model)
     micro = sharding.batch_sharding(mesh)
     eval_fn = jax.jit(functools.partial(eval_step, model=model, mesh=mesh),
                       in_shardings=(param_shardings, (micro, micro)), out_shardings=rep)
@@ -211,45 +240,121 @@ def build_trainer(config: Config, mesh: Mesh) -> Trainer:
             return init_random(rng)
         return init_given(rng, jax.device_put(params, param_shardings))
 
-    return Trainer(config, mesh, model, optimizer, abstract_state, state_shardings, micro, init, train_step, eval_fn)
+    return Trainer(config, mesh, model, optimizer, abstract_state, state_shardings, micro, init, train_step, eval_fn,
+                   nan_train_step=jit_step(_NanModel(model)))
 
 
-# Runs of one config in one process (a notebook, a sweep, a test that stops and resumes) compile their steps once.
-_cached_trainer = functools.lru_cache(maxsize=4)(build_trainer)
+_compiled_trainer = functools.lru_cache(maxsize=4)(build_trainer)
+
+
+def _cached_trainer(config: Config, mesh: Mesh) -> Trainer:
+    """Runs of one config in one process (a notebook, a sweep, a test that stops and resumes) compile their steps
+    once; so do configs that differ only in what the steps never see (data, logging, how often to log, evaluate or
+    save, the NaN policy)."""
+    t = config.train
+    key = dataclasses.replace(config, name="", data=DataConfig(), logging=LoggingConfig(), train=dataclasses.replace(
+        t, eval_interval=0, save_interval=0, keep_checkpoints=1, log_interval=1, sample_interval=0, keep_best=True,
+        save_every_epoch=False, nan_policy="stop"))
+    trainer = _compiled_trainer(key, mesh)
+    return dataclasses.replace(trainer, config=config)
 
 
 # --- the loop -------------------------------------------------------------------------------------------------------
 
 def train(config: Config, run_dir: Path, *, init_from: str | None = None, stop_at: int | None = None,
-          sample_tokens: int = 200, devices: list | None = None, log: Callable[[str], None] = print) -> TrainState:
-    """Trains `config` in `run_dir` to train.max_steps (or `stop_at`), resuming from its newest checkpoint."""
+          sample_tokens: int = 200, devices: list | None = None, log: Callable[[str], None] = print,
+          allow_config_change: bool = False, inject_nan_at: int | None = None) -> TrainState:
+    """Trains `config` in `run_dir` to train.max_steps (or `stop_at`), resuming from its newest checkpoint that
+    reads back. SIGTERM/SIGINT stop it after the current step with a checkpoint (in a multi-process job, at the next
+    log step, where the processes agree on it). `inject_nan_at`: the NaN test hook, a step whose loss is NaN."""
+    with StopSignals(second_aborts=jax.process_count() == 1) as signals:
+        return _train(config, Path(run_dir), init_from=init_from, stop_at=stop_at, sample_tokens=sample_tokens,
+                      devices=devices, log=log, allow_config_change=allow_config_change,
+                      inject_nan_at=inject_nan_at, signals=signals)
+
+
+def _train(config: Config, run_dir: Path, *, init_from, stop_at, sample_tokens, devices, log, allow_config_change,
+           inject_nan_at, signals: StopSignals) -> TrainState:
     t, seq_len = config.train, config.model.block_size
     main_process = jax.process_index() == 0
+    multi_process = jax.process_count() > 1
     say = log if main_process else (lambda _: None)
+    checkpoint_dir = run_dir / "checkpoints"
+    check_framework(checkpoint_dir, "jax")
     mesh = sharding.make_mesh(config.mesh, devices)
     trainer = _cached_trainer(config, mesh)
     train_loader, val_loader = _loaders(config, trainer)
+    _drop_partial_saves(checkpoint_dir, main_process)
+    manager = checkpoint.checkpoint_manager(checkpoint_dir, t.keep_checkpoints)
+    best_manager = None  # checkpoints/best: the lowest validation loss so far, made on first use
+    try:
+        state, position, meta = _restore_or_init(trainer, manager, init_from, say, run_dir, allow_config_change)
+    except BaseException:
+        manager.close()
+        raise
     if main_process:
-        write_run_config(config, run_dir)
-    manager = checkpoint.checkpoint_manager(Path(run_dir) / "checkpoints", t.keep_checkpoints)
-    state, position = _restore_or_init(trainer, manager, init_from, say)
+        write_run_config(config, run_dir)  # only now: a refused resume leaves the run's config.toml as it was
     step = first_step = int(jax.device_get(state.step))
+    skipped, best_val = int(meta.get("skipped_steps", 0)), meta.get("best_val_loss")
+    best_val = math.inf if best_val is None else float(best_val)
+    last_saved = f"{checkpoint_dir / str(step)}" if step else None
     end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
-    writer = MetricsWriter(run_dir, enabled=main_process)
+    writer = RunLog(run_dir, config.logging, enabled=main_process, resume_step=step, config_dict=to_dict(config),
+                    run_name=config.name)
     val_batches = [trainer.put(val_loader.batch(i)) for i in range(t.eval_steps)]
     peak = peak_flops(jax.devices()[0].device_kind, t.precision)
     peak = peak * jax.device_count() if peak else None
+    fp16 = t.precision == "fp16"
+    if step == 0:
+        say(model_summary(_param_counts(trainer.abstract_state.params)))
     accumulation = f" ({t.accumulation})" if t.grad_accum_steps > 1 else ""
     say(f"{config.name}: {num_params(config.model) / 1e6:.1f}M parameters, {jax.device_count()} "
         f"{jax.devices()[0].device_kind} devices as {dict(mesh.shape)}, {t.precision}, "
         f"{t.grad_accum_steps} micro-batch(es) a step{accumulation}; steps {step} -> {end}")
+    # A bar on a terminal; plain lines through `log` otherwise (a caller's own `log` gets them all).
+    progress = Progress(t.max_steps, initial_step=step, enabled=main_process and log is print, stream=sys.stdout)
+    show = progress.write if progress.enabled else say
 
+    def save(target, state) -> None:
+        checkpoint.save(target, state, config, position, {"skipped_steps": skipped, "best_val_loss":
+                                                          None if math.isinf(best_val) else best_val})
+
+    def check(pending) -> None:
+        """The divergence check of a step, made one step late so that the host never stalls the device."""
+        nonlocal skipped
+        pending_step, metrics = pending
+        loss, norm = (float(v) for v in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+        # fp16 gradients overflow now and then by design (the loss scale handles it); only the loss says divergence
+        if math.isfinite(loss) and (fp16 or math.isfinite(norm)):
+            return
+        if t.nan_policy == "stop":  # the step skipped its update in the graph: the state holds no NaN
+            raise Diverged(divergence_message(pending_step, loss, norm, last_saved))
+        skipped += 1
+        show(f"step {pending_step}: loss {loss}, grad norm {norm}: update skipped (train.nan_policy=skip; "
+             f"{skipped} skipped so far)")
+
+    stopped_by = None
     try:
-        tick, timed_steps = time.perf_counter(), 0
+        tick, timed_steps, pending = time.perf_counter(), 0, None
         while step < end:
-            state, metrics = trainer.step(state, train_loader, position)
+            state, metrics = trainer.step(state, train_loader, position, poison=inject_nan_at == step + 1)
             step, position, timed_steps = step + 1, position + t.grad_accum_steps, timed_steps + 1
-            if step % t.log_interval == 0 or step == t.max_steps:
+            if pending is not None:
+                check(pending)
+            pending = (step, metrics)
+            log_now = step % t.log_interval == 0 or step == t.max_steps
+            eval_now = bool(val_batches) and ((t.eval_interval > 0 and step % t.eval_interval == 0)
+                                              or step == t.max_steps)
+            stop_now = signals.requested is not None
+            if multi_process:  # the processes agree at log steps only, where they wait for the device anyway
+                stop_now = log_now and bool(multihost_utils.process_allgather(np.int32(stop_now)).max())
+            epoch_done = t.save_every_epoch and \
+                train_loader.epoch_of(position) > train_loader.epoch_of(position - t.grad_accum_steps)
+            save_now = (t.save_interval > 0 and step % t.save_interval == 0) or step == end or epoch_done or stop_now
+            if log_now or eval_now or save_now:
+                check(pending)  # nothing is logged, evaluated or saved before its step is known to be finite
+                pending = None
+            if log_now:
                 metrics = jax.device_get(metrics)
                 step_time = (time.perf_counter() - tick) / timed_steps
                 tokens_per_s = t.batch_size * seq_len / step_time
@@ -258,58 +363,124 @@ def train(config: Config, run_dir: Path, *, init_from: str | None = None, stop_a
                           "mfu": mfu(tokens_per_s, config.model, peak, seq_len), "step_time_s": step_time}
                 if "loss_scale" in metrics:
                     record["loss_scale"] = float(metrics["loss_scale"])
+                if t.nan_policy == "skip":
+                    record["skipped_steps"] = skipped
+                memory = _memory_in_use()
+                if memory is not None:
+                    record["memory_gib"] = memory / 2**30
                 writer.write(record)
-                say(_log_line(record, t.max_steps))
+                line = _log_line(record, t.max_steps)
+                progress.update(step, record["loss"], tokens_per_s, line) if progress.enabled else say(line)
                 tick, timed_steps = time.perf_counter(), 0
             elif step == first_step + 1:  # that call compiled the step function: keep it out of the step times
                 jax.block_until_ready(state)
-                say(f"step {step:>6} | compiled and ran in {time.perf_counter() - tick:.1f} s")
+                show(f"step {step:>6} | compiled and ran in {time.perf_counter() - tick:.1f} s")
                 tick, timed_steps = time.perf_counter(), 0
-            if val_batches and ((t.eval_interval > 0 and step % t.eval_interval == 0) or step == t.max_steps):
+            new_best = False
+            if eval_now:
                 losses = [trainer.eval_step(state.params, batch) for batch in val_batches]
                 val_loss = float(np.mean(jax.device_get(losses)))
                 writer.write({"step": step, "val_loss": val_loss})
-                say(f"step {step:>6} | val loss {val_loss:.4f}")
+                new_best = t.keep_best and val_loss < best_val
+                best_val = min(best_val, val_loss) if t.keep_best else best_val
+                show(f"step {step:>6} | val loss {val_loss:.4f}" + (" (best so far)" if new_best else ""))
                 tick, timed_steps = time.perf_counter(), 0  # step times leave evaluation out
-            if (t.save_interval > 0 and step % t.save_interval == 0) or step == end:
-                checkpoint.save(manager, state, config, position)
+            if save_now:
+                save(manager, state)
+                last_saved = str(checkpoint_dir / str(step))
+            if new_best:
+                if best_manager is None:
+                    best_manager = checkpoint.checkpoint_manager(checkpoint_dir / checkpoint.BEST_DIR, 1)
+                save(best_manager, state)
+            if stop_now:
+                stopped_by = signals.requested or "a stop signal on another process"
+                break
+        if pending is not None:
+            check(pending)
     finally:  # an interrupted run still finishes the checkpoint it was writing, and keeps its metrics
-        manager.wait_until_finished()
-        manager.close()
+        for m in (manager, best_manager):
+            if m is not None:
+                m.wait_until_finished()
+                m.close()
         writer.close()
+        progress.close()
+    if stopped_by is not None:
+        say(f"{stopped_by}: stopped at step {step} with checkpoint {last_saved}; run the same command again to "
+            "resume")
+        return state
     if step >= t.max_steps and sample_tokens > 0:
         say("sample:\n" + _sample_text(trainer, state.params, sample_tokens, t.seed))
     return state
 
 
-def _loaders(config: Config, trainer: Trainer) -> tuple[TokenLoader, TokenLoader]:
+def _param_counts(params: Any) -> dict[str, int]:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): int(np.prod(leaf.shape)) for path, leaf in leaves}
+
+
+def _memory_in_use() -> int | None:
+    """Bytes in use on this process's first device, where the device reports it (GPUs and TPUs; not the CPU)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # some backends raise rather than return None
+        return None
+    return stats.get("bytes_in_use") if stats else None
+
+
+def _drop_partial_saves(checkpoint_dir: Path, main_process: bool) -> None:
+    """Names, then deletes, the temporary folders of saves that a kill cut short (orbax never reads them)."""
+    pattern = f"*{checkpoint.PARTIAL_SUFFIX}*"
+    for partial in sorted([*checkpoint_dir.glob(pattern), *(checkpoint_dir / checkpoint.BEST_DIR).glob(pattern)]):
+        if main_process and partial.is_dir():
+            warn(f"skipping partial checkpoint {partial} (its save did not finish)")
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _loaders(config: Config, trainer: Trainer):
     """Train and validation loaders for this process's rows of every micro-batch."""
-    t = config.train
-    if jax.process_count() > 1:  # one process prepares an embedded corpus; the others wait, then read it
-        if jax.process_index() == 0:
+    if config.data.format == "tokens" and jax.process_count() > 1:
+        if jax.process_index() == 0:  # one process prepares an embedded corpus; the others wait, then read it
             data_paths(config)
         multihost_utils.sync_global_devices("gpt2_jax: data prepared")
-    train_paths, val_paths = data_paths(config, progress=jax.process_index() == 0)
+    t = config.train
     index, count = sharding.process_rows(trainer.micro_batch_sharding, (t.micro_batch_size, config.model.block_size))
-    common = dict(process_index=index, process_count=count, seed=t.seed, vocab_size=config.model.vocab_size)
-    return (TokenLoader(train_paths, t.micro_batch_size, config.model.block_size, shuffle=True, **common),
-            TokenLoader(val_paths, t.micro_batch_size, config.model.block_size, shuffle=False, **common))
+    return open_loaders(config, index, count, progress=jax.process_index() == 0)
 
 
-def _restore_or_init(trainer: Trainer, manager, init_from: str | None, say) -> tuple[TrainState, int]:
-    """(state, loader position): the newest checkpoint's if there is one, else a new state (from --init-from's
-    weights when given)."""
+def _restore_or_init(trainer: Trainer, manager, init_from: str | None, say, run_dir: Path,
+                     allow_config_change: bool) -> tuple[TrainState, int, dict]:
+    """(state, loader position, meta): the newest checkpoint that reads back (each damaged one after it is skipped
+    with a warning), else a new state (from --init-from's weights when given)."""
     config = trainer.config
-    if manager.latest_step() is None:
+    steps = sorted(manager.all_steps())
+    if not steps:
         params = checkpoint.init_params_from(init_from, config) if init_from else None
-        return trainer.init(jax.random.PRNGKey(config.train.seed), params), 0
-    saved = loads_toml(checkpoint.read_meta(manager.directory)["config_toml"])
-    _check_resumable(saved, config, manager.directory)
+        return trainer.init(jax.random.PRNGKey(config.train.seed), params), 0, {}
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             trainer.abstract_state, trainer.state_shardings)
-    state, meta = checkpoint.restore(manager, abstract)
-    say(f"resumed from step {meta['step']} in {manager.directory}" + (" (--init-from ignored)" if init_from else ""))
-    return state, int(meta["loader_position"])
+    for step in reversed(steps):
+        step_dir = Path(manager.directory) / str(step)
+        try:
+            saved = loads_toml(checkpoint.read_meta(step_dir)["config_toml"])
+        except Exception as err:
+            warn(f"skipping checkpoint {step_dir}: its meta does not read ({_first_line(err)}); trying the one before")
+            continue
+        _check_resumable(saved, config, manager.directory)
+        check_same_config(saved, config, run_dir, allow_config_change)
+        try:
+            state, meta = checkpoint.restore(manager, abstract, step)
+        except Exception as err:
+            warn(f"skipping checkpoint {step_dir}: it does not restore ({_first_line(err)}); trying the one before")
+            continue
+        say(f"resumed from step {meta['step']} in {manager.directory}" + (" (--init-from ignored)" if init_from else ""))
+        return state, int(meta["loader_position"]), meta
+    raise UserError(f"none of the {len(steps)} checkpoints in '{manager.directory}' restores; move them away to "
+                    "start afresh, or give another --run-dir")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def _check_resumable(saved: Config, config: Config, directory) -> None:
@@ -336,6 +507,10 @@ def _log_line(record: dict, max_steps: int) -> str:
         line += f" | mfu {record['mfu']:.1%}"
     if "loss_scale" in record:
         line += f" | loss scale {record['loss_scale']:g}"
+    if "memory_gib" in record:
+        line += f" | mem {record['memory_gib']:.2f} GiB"
+    if record.get("skipped_steps"):
+        line += f" | skipped {record['skipped_steps']}"
     return line
 
 
@@ -363,4 +538,5 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     config, run_dir = resolve_run(args)
-    train(config, run_dir, init_from=args.init_from, stop_at=args.stop_at, sample_tokens=args.sample_tokens)
+    train(config, run_dir, init_from=args.init_from, stop_at=args.stop_at, sample_tokens=args.sample_tokens,
+          allow_config_change=args.allow_config_change, inject_nan_at=nan_injection_step())
