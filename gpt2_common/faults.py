@@ -99,6 +99,18 @@ def check_framework(checkpoint_dir: str | os.PathLike, framework: str) -> None:
                         f"weights with --init-from {directory.parent}")
 
 
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")
+
+
+def check_same_model(saved: Config, config: Config, run_dir) -> None:
+    """Checkpoints restore only into a model of the same shapes, whatever --allow-config-change says."""
+    changes = [f"model.{key}: {getattr(saved.model, key)} -> {getattr(config.model, key)}" for key in SHAPE_KEYS
+               if getattr(saved.model, key) != getattr(config.model, key)]
+    if changes:
+        raise UserError(f"run directory '{run_dir}' holds checkpoints of another model ({'; '.join(changes)}); "
+                        "give another --run-dir, or the config they were trained with")
+
+
 def check_same_config(saved: Config, config: Config, run_dir, allow_change: bool) -> None:
     """Refuses to resume checkpoints of another config (beyond run-control keys) unless told to."""
     changes = config_changes(saved, config)

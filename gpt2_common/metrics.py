@@ -102,6 +102,15 @@ def _wandb_module():
             from None
 
 
+def check_logging_packages(logging) -> None:
+    """Fails at once (a UserError naming the pip install) when config.logging asks for a package that is missing,
+    so that a run does not compile or load anything first."""
+    if logging.tensorboard:
+        _tensorboard_writer_class()
+    if logging.wandb:
+        _wandb_module()
+
+
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
     """A record's numbers under TensorBoard-style tags: train/loss, train/lr, ..., val/loss."""
     prefix = "val" if "val_loss" in record else "train"

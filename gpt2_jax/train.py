@@ -30,11 +30,11 @@ from jax.sharding import Mesh, NamedSharding
 from gpt2_common.cli import data_paths, resolve_run, train_parser, write_run_config
 from gpt2_common.config import Config, DataConfig, LoggingConfig, check_divides, loads_toml, to_dict
 from gpt2_common.errors import UserError
-from gpt2_common.faults import (Diverged, StopSignals, check_framework, check_same_config, divergence_message,
-                                nan_injection_step, warn)
+from gpt2_common.faults import (Diverged, StopSignals, check_framework, check_same_config, check_same_model,
+                                divergence_message, nan_injection_step, warn)
 from gpt2_common.flops import mfu, num_params, peak_flops
 from gpt2_common.loaders import open_loaders
-from gpt2_common.metrics import RunLog
+from gpt2_common.metrics import RunLog, check_logging_packages
 from gpt2_common.progress import Progress, model_summary
 from gpt2_common.schedule import lr_at  # equals the optimizer's schedule (tests/test_jax_optim.py checks it)
 from gpt2_common.tokenizer import decode, get_tokenizer
@@ -281,6 +281,7 @@ def _train(config: Config, run_dir: Path, *, init_from, stop_at, sample_tokens, 
     say = log if main_process else (lambda _: None)
     checkpoint_dir = run_dir / "checkpoints"
     check_framework(checkpoint_dir, "jax")
+    check_logging_packages(config.logging)
     mesh = sharding.make_mesh(config.mesh, devices)
     trainer = _cached_trainer(config, mesh)
     train_loader, val_loader = _loaders(config, trainer)
@@ -465,6 +466,7 @@ def _restore_or_init(trainer: Trainer, manager, init_from: str | None, say, run_
         except Exception as err:
             warn(f"skipping checkpoint {step_dir}: its meta does not read ({_first_line(err)}); trying the one before")
             continue
+        check_same_model(saved, config, run_dir)
         _check_resumable(saved, config, manager.directory)
         check_same_config(saved, config, run_dir, allow_config_change)
         try:

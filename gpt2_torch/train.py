@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,11 +24,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt2_common.cli import data_paths, resolve_run, train_parser, write_run_config
 from gpt2_common.config import Config, ModelConfig, check_divides, dumps_toml, loads_toml, to_dict
 from gpt2_common.errors import UserError
-from gpt2_common.faults import (Diverged, StopSignals, check_framework, check_same_config, divergence_message,
-                                nan_injection_step)
+from gpt2_common.faults import (Diverged, StopSignals, check_framework, check_same_config, check_same_model,
+                                divergence_message, nan_injection_step)
 from gpt2_common.flops import mfu, num_params, peak_flops
 from gpt2_common.loaders import open_loaders
-from gpt2_common.metrics import RunLog
+from gpt2_common.metrics import RunLog, check_logging_packages
 from gpt2_common.progress import Progress, model_summary
 from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save, load_checkpoint,
                                    newest_resumable, remove_partial_saves, restore_rng_state, save_checkpoint)
@@ -149,11 +149,6 @@ def evaluate(model: torch.nn.Module, loader, config: Config, device: torch.devic
 
 # --- starting points ------------------------------------------------------------------------------------------------
 
-def _architecture(model: ModelConfig) -> ModelConfig:
-    """The fields that decide the parameters' shapes (dropout and the attention kernel do not)."""
-    return replace(model, dropout=0.0, attention="auto")
-
-
 def init_from(path: str, model_config: ModelConfig) -> dict[str, torch.Tensor]:
     """The weights that --init-from names (a PyTorch or JAX checkpoint, or a Hugging Face GPT-2 directory), as a
     state dict for GPT(model_config). A fresh run starts from them; a run that resumes ignores them."""
@@ -219,6 +214,7 @@ def _train(config: Config, run_dir: Path, init_path: str | None, env: Distribute
     accum = t.grad_accum_steps
     checkpoint_dir = run_dir / "checkpoints"
     check_framework(checkpoint_dir, "torch")
+    check_logging_packages(config.logging)
 
     if env.is_main and config.data.format == "tokens":
         data_paths(config)  # prepares an embedded corpus once, before the other ranks look for its shards
@@ -237,9 +233,7 @@ def _train(config: Config, run_dir: Path, init_path: str | None, env: Distribute
     resume_path, checkpoint = _resume_point(checkpoint_dir, env)
     if resume_path is not None:
         saved = loads_toml(checkpoint["config"])
-        if _architecture(saved.model) != _architecture(m):
-            raise UserError(f"run directory '{run_dir}' holds checkpoints of another model ({saved.model}); "
-                            "give a new --run-dir or the config it was trained with")
+        check_same_model(saved, config, run_dir)
         check_same_config(saved, config, run_dir, allow_config_change)
         raw_model.load_state_dict(checkpoint["model"])
         load_optimizer_state(optimizer, checkpoint["optimizer"])

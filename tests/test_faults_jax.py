@@ -108,6 +108,10 @@ def steps_saved(run_dir: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("jax_faults")
+    # The processes after this one load its compiled steps from a persistent cache: seconds instead of ~10 s each
+    # on a busy two-core machine. The kill test compares them with this one bit for bit.
+    ENV.update(JAX_COMPILATION_CACHE_DIR=str(root / "compiled"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     config = write_config(root)
     finish(config, root / "reference")
     return config, records(root / "reference")
