@@ -6,6 +6,7 @@ from __future__ import annotations
 from gpt2_common.cli import data_paths
 from gpt2_common.config import Config
 from gpt2_common.data import TokenLoader
+from gpt2_common.errors import UserError
 from gpt2_common.instruct import InstructLoader, read_records
 
 VAL_HOLDOUT = 0.02  # alpaca without a validation file: this share of the records (at least one) is held out
@@ -23,8 +24,15 @@ def open_loaders(config: Config, process_index: int = 0, process_count: int = 1,
             held_out = max(1, int(len(records) * VAL_HOLDOUT))
             records, val_records = records[:-held_out], records[-held_out:]
         pack = config.data.pack
-        return (InstructLoader(records, micro, seq_len, pack=pack, seed=seed, shuffle=True, **where),
-                InstructLoader(val_records, micro, seq_len, pack=pack, seed=seed, shuffle=False, **where))
+        train = InstructLoader(records, micro, seq_len, pack=pack, seed=seed, shuffle=True, **where)
+        try:
+            val = InstructLoader(val_records, micro, seq_len, pack=pack, seed=seed, shuffle=False, **where)
+        except UserError as err:
+            where_from = f"'{config.data.val}'" if config.data.val else \
+                f"the last {len(val_records)} records held out of data.train (2%)"
+            raise UserError(f"validation data from {where_from}: {err}; set data.val to a file with more "
+                            "records") from None
+        return train, val
     train_paths, val_paths = data_paths(config, progress=progress)
     vocab = config.model.vocab_size
     return (TokenLoader(train_paths, micro, seq_len, seed=seed, shuffle=True, vocab_size=vocab, **where),

@@ -78,3 +78,12 @@ def test_loader_from_config_holds_out_validation(tmp_path):
     x, y = val.batch(0)
     assert x.shape == y.shape == (4, 64)
     np.testing.assert_array_equal(val.batch(0)[1], y)  # validation batches are fixed
+
+
+def test_too_few_held_out_records_say_it_is_the_validation_split(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in RECORDS * 10))
+    config = load_config("tiny", [f'data.train="{path}"', 'data.val=""', 'data.format="alpaca"', "data.pack=false",
+                                  "train.micro_batch_size=4", "train.batch_size=8"])
+    with pytest.raises(UserError, match="validation data from the last 1 records held out of data.train"):
+        open_loaders(config)
