@@ -3,7 +3,6 @@ end-of-training sample, one-line errors; and a tiny model memorising one batch."
 
 import contextlib
 import io
-import json
 import os
 import socket
 import subprocess
@@ -197,13 +196,11 @@ def test_a_tiny_model_memorises_one_batch():
 
 @pytest.mark.slow
 def test_gpt2_small_builds_compiles_and_steps(config_path, tmp_path):
-    """The 124M preset on this CPU: one step of a shortened context (the full 1024 is minutes on two cores)."""
+    """The 124M preset on this CPU: one step of a shortened context (the full 1024 takes minutes on two cores)."""
     data = config_path.parent / "data"
-    stdout = run_main("--config", "small", "--run-dir", tmp_path, "--sample-tokens", 0, "--set",
-                      "train.max_steps=1", "train.batch_size=8", "train.micro_batch_size=8", "model.block_size=64",
-                      "train.precision=fp32", "train.eval_steps=1", f"data.train={data}/train_*.bin",
-                      f"data.val={data}/val_*.bin")
-    assert "124.4M parameters" in stdout or "M parameters" in stdout
+    run_main("--config", "small", "--run-dir", tmp_path, "--sample-tokens", 0, "--set", "train.max_steps=1",
+             "train.warmup_steps=0", "train.batch_size=8", "train.micro_batch_size=8", "model.block_size=64",
+             "train.precision=fp32", "train.eval_steps=1", f"data.train={data}/train_*.bin",
+             f"data.val={data}/val_*.bin")
     [line] = train_lines(read_metrics(tmp_path))
-    assert 10.0 < line["loss"] < 11.5  # ~ln(50257) at GPT-2's init
-    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+    assert line["step"] == 1 and 10.0 < line["loss"] < 11.5  # ~ln(50257) at GPT-2's init
