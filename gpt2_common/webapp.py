@@ -164,7 +164,10 @@ async function generate() {
       let end;
       while ((end = buffer.indexOf("\\n\\n")) >= 0) {
         const event = JSON.parse(buffer.slice(6, end)); buffer = buffer.slice(end + 2);
-        if (event.text !== undefined) completion.textContent += event.text;
+        if (event.text !== undefined) {
+          completion.textContent += event.text;
+          $("output").dataset.events = Number($("output").dataset.events || 0) + 1;  // pieces shown, for tests
+        }
         if (event.notice) show(event.notice, "notice");
         if (event.error) { show(event.error); prompt.remove(); }
         if (event.done) $("output").dataset.done = "true";
