@@ -32,12 +32,7 @@ SLOW_SAVES = ("import os, runpy, sys, time; real = os.fsync; "
               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1: the same kernels, bit for bit
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def write_config(root: Path, **train) -> Path:

@@ -11,14 +11,7 @@ from gpt2_torch.sample import filter_logits, generate
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and on a busy machine two threads wait for each other at every op
-    (a 100x slowdown seen on the 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # vocab 100 is padded to 128: the padded ids exist in the embedding and must never take probability
 TINY = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)

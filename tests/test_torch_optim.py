@@ -13,14 +13,7 @@ from gpt2_torch.optim import clip_gradients, load_optimizer_state, make_optimize
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and on a busy machine two threads wait for each other at every op
-    (a 100x slowdown seen on the 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 TINY = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)
 TRAIN = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=6, weight_decay=0.1, grad_clip=0.5)

@@ -24,14 +24,7 @@ from gpt2_torch.train import Distributed, _train, main, to_device, train_step
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and on a busy machine two threads wait for each other at every op
-    (a 100x slowdown seen on the 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 C = 64  # n_embd of the test model
