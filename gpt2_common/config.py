@@ -29,6 +29,9 @@ class ModelConfig:
     pad_vocab_multiple: int = 64  # 50257 -> 50304: a multiple of 64 keeps the logits matmul on fast kernels
     dropout: float = 0.0
     attention: str = "auto"  # auto | cudnn | xla (JAX); torch always uses SDPA, which picks flash on GPU
+    # The loss goes through the output head this many sequence positions at a time, so the [B, T, V] logits are
+    # never materialised (JAX: gpt2_jax/loss.py); 0 computes the whole logits, then the loss.
+    loss_chunk_size: int = 32
 
     @property
     def padded_vocab_size(self) -> int:
@@ -121,7 +124,7 @@ CHOICES = {
 # Keys a run may change between a checkpoint and its resumption without --allow-config-change: they steer the run
 # (how long, how often to evaluate, log or save, where to log) but not the training arithmetic of the steps done.
 RUN_CONTROL_KEYS = frozenset({
-    "name", "model.attention", "train.max_steps", "train.eval_interval", "train.eval_steps", "train.save_interval",
+    "name", "model.attention", "model.loss_chunk_size", "train.max_steps", "train.eval_interval", "train.eval_steps", "train.save_interval",
     "train.keep_checkpoints", "train.log_interval", "train.sample_interval", "train.compile", "train.keep_best",
     "train.save_every_epoch", "train.nan_policy", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.wandb",
     "logging.tensorboard", "logging.wandb_project",
@@ -205,6 +208,8 @@ def validate(config: Config) -> None:
             f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
             f"pick n_head from the divisors of n_embd (e.g. {_nearest_divisor(m.n_embd, m.n_head)})"
         )
+    if m.loss_chunk_size < 0:
+        raise UserError(f"model.loss_chunk_size must be 0 (whole logits) or a positive chunk, got {m.loss_chunk_size}")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if t.batch_size % t.micro_batch_size:

@@ -2,7 +2,8 @@
 
 The parameter, gradient and optimizer-state shapes come from jax.eval_shape of the model and the optax chain; their
 shardings from gpt2_jax.sharding's rule table over an AbstractMesh, so any device count can be planned on a laptop.
-Activations are an estimate (the compiler decides what it keeps), stated with its formula.
+Activations are an estimate (the compiler decides what it keeps), stated with its formula; `compiled_step_bytes`
+asks the compiler instead, for the devices at hand.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from jax.sharding import AbstractMesh, AxisType
 from gpt2_common.config import Config
 from gpt2_jax import sharding
 from gpt2_jax.model import build_model
-from gpt2_jax.optim import build_optimizer
+from gpt2_jax.optim import build_optimizer, uses_multisteps
+from gpt2_jax.train import build_trainer
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,18 @@ def _bytes(shape_dtype, named_sharding) -> int:
 
 def activation_bytes(config: Config, rows_per_device: int, tensor: int = 1) -> int:
     """Korthikanti et al. (2022): 34·T·b·C bytes a layer in 16-bit with flash attention (no T² scores kept),
-    split over tensor; plus the fp32 logits and their gradient, b·T·V·4 bytes each (the largest single tensor)."""
+    split over tensor; plus the head's logits and their gradient in fp32, b·t·V·4 bytes each, where t is
+    model.loss_chunk_size (gpt2_jax/loss.py: the fused loss also keeps an fp32 gradient of the hidden states and of
+    the embedding) or the whole sequence T when the loss is not chunked."""
     m = config.model
-    T, b, C = m.block_size, rows_per_device, m.n_embd
+    T, b, C, V = m.block_size, rows_per_device, m.n_embd, m.padded_vocab_size
     half = 2 if config.train.precision in ("bf16", "fp16") else 4
     per_layer = 34 * T * b * C * half // 2 // tensor
-    logits = 2 * b * T * m.padded_vocab_size * 4 // tensor
-    return m.n_layer * per_layer + logits
+    if m.loss_chunk_size:
+        head = (2 * b * min(m.loss_chunk_size, T) * V * 4 + V * C * 4) // tensor + b * T * C * 4
+    else:
+        head = 2 * b * T * V * 4 // tensor
+    return m.n_layer * per_layer + head
 
 
 def plan(config: Config, data: int, fsdp: int, tensor: int = 1) -> MemoryPlan:
@@ -75,3 +82,30 @@ def unsharded_state_bytes(config: Config) -> int:
     p = plan(config, 1, 1)
     return p.params + p.grads + p.opt_state
 
+
+
+@dataclass(frozen=True)
+class CompiledStepBytes:
+    """XLA's own accounting of one device's buffers in the compiled train_step (jax's memory_analysis)."""
+
+    arguments: int  # the state and the batch
+    outputs: int  # the new state (donated: it reuses the arguments' buffers) and the metrics
+    temp: int  # everything else the step allocates: activations, gradients, the optimizer's temporaries
+
+
+def compiled_step_bytes(config: Config, mesh: jax.sharding.Mesh) -> CompiledStepBytes:
+    """Compiles (does not run) the trainer's step for `config` on `mesh` and reads the compiler's buffer sizes.
+
+    This is the compiler's word for the backend it compiles for: on a CPU, attention is XLA's and keeps the T x T
+    scores that cuDNN's flash attention on a GPU does not, so a CPU's figure overstates a GPU's.
+    """
+    trainer = build_trainer(config, mesh)
+    t, T = config.train, config.model.block_size
+    if uses_multisteps(t):
+        shape, batch_sharding = (t.micro_batch_size, T), trainer.micro_batch_sharding
+    else:
+        shape, batch_sharding = (t.grad_accum_steps, t.micro_batch_size, T), sharding.batch_sharding(mesh, 1)
+    batch = (jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),) * 2
+    analysis = trainer.train_step.lower(trainer.abstract_state, batch).compile().memory_analysis()
+    return CompiledStepBytes(analysis.argument_size_in_bytes, analysis.output_size_in_bytes,
+                             analysis.temp_size_in_bytes)

@@ -18,6 +18,7 @@ import optax
 
 from gpt2_common.config import ModelConfig
 from gpt2_common.errors import UserError
+from gpt2_jax.loss import fused_cross_entropy
 
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
@@ -181,8 +182,12 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, idx: jax.Array, deterministic: bool = True, cache: KVCache | None = None,
-                 positions: jax.Array | None = None):
-        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]. With a cache, see `decode`."""
+                 positions: jax.Array | None = None, targets: jax.Array | None = None):
+        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]; given targets [B, T], their mean loss instead.
+
+        The loss is computed here, through the head in chunks of model.loss_chunk_size positions (gpt2_jax/loss.py),
+        so that the full fp32 logits, the largest activation by far, never exist. With a cache, see `decode`.
+        """
         cfg = self.config
         B, T = idx.shape
         if T > cfg.block_size:
@@ -204,8 +209,12 @@ class GPT(nn.Module):
             else:
                 x, cache = block(x, deterministic, cache, positions, i)
         x = _layer_norm(self.dtype, "ln_f")(x)
+        if targets is not None and cfg.loss_chunk_size:
+            return fused_cross_entropy(x, wte.embedding, targets, cfg.vocab_size, cfg.loss_chunk_size, self.dtype)
         logits = wte.attend(x)  # the output head is the token embedding, transposed
         logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab")).astype(jnp.float32)
+        if targets is not None:
+            return cross_entropy(logits, targets, cfg.vocab_size)
         return logits if cache is None else (logits, cache)
 
     def decode(self, idx: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

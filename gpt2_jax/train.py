@@ -39,7 +39,7 @@ from gpt2_common.progress import Progress, model_summary
 from gpt2_common.schedule import lr_at  # equals the optimizer's schedule (tests/test_jax_optim.py checks it)
 from gpt2_common.tokenizer import decode, get_tokenizer
 from gpt2_jax import checkpoint, distributed, sharding
-from gpt2_jax.model import GPT, build_model, cross_entropy
+from gpt2_jax.model import GPT, build_model
 from gpt2_jax.optim import LossScale, build_optimizer, grad_norm, last_update_finite, uses_multisteps
 from gpt2_jax.sample import generate
 
@@ -68,9 +68,8 @@ def loss_and_grads(state: TrainState, inputs: jax.Array, targets: jax.Array, pos
     scale = state.loss_scale.scale if state.loss_scale is not None else None
 
     def loss_fn(params):
-        logits = model.apply({"params": params}, inputs, deterministic=model.config.dropout == 0,
-                             rngs={"dropout": jax.random.fold_in(state.rng, position)})
-        loss = cross_entropy(logits, targets, model.config.vocab_size)
+        loss = model.apply({"params": params}, inputs, targets=targets, deterministic=model.config.dropout == 0,
+                           rngs={"dropout": jax.random.fold_in(state.rng, position)})
         return (loss * scale if scale is not None else loss), loss
 
     (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -135,12 +134,12 @@ def train_step_multisteps(state: TrainState, batch: tuple[jax.Array, jax.Array],
 def eval_step(params: Any, batch: tuple[jax.Array, jax.Array], *, model: GPT, mesh: Mesh) -> jax.Array:
     with sharding.activation_sharding(mesh):
         inputs, targets = batch
-        return cross_entropy(model.apply({"params": params}, inputs), targets, model.config.vocab_size)
+        return model.apply({"params": params}, inputs, targets=targets)
 
 
 @dataclasses.dataclass(frozen=True)
 class _NanModel:
-    """The NaN test hook's model (GPT2_INJECT_NAN_AT_STEP): the real one with NaN logits. Its step function is
+    """The NaN test hook's model (GPT2_INJECT_NAN_AT_STEP): the real one with a NaN loss. Its step function is
     compiled only when a run asks for it, so the normal step carries nothing of it."""
 
     model: GPT

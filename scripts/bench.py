@@ -11,7 +11,10 @@ here) and peak device memory.
   python scripts/bench.py --config small --set train.precision=bf16 --compile     # on a GPU
 
 Frameworks: `jax` (gpt2_jax's jitted step), `torch` (gpt2_torch's step: fused AdamW, torch.compile with --compile),
-`nanogpt` (the same model as nanoGPT runs it: eager, default AdamW, no compile).
+`nanogpt` (the same model as nanoGPT runs it: eager, default AdamW, no compile). A framework may carry config
+overrides of its own after colons, to time variants side by side in one run:
+
+  python scripts/bench.py --config shakespeare --frameworks jax,jax:model.loss_chunk_size=0,torch
 """
 
 import argparse
@@ -135,48 +138,64 @@ def make_stepper(name, config, micro_batches, compile):
     return stepper
 
 
-def benchmark(config, frameworks, steps: int, warmup: int, repeats: int, compile: bool = False):
-    """One result dict per framework: the median over `repeats` interleaved windows of `steps` steps."""
-    micro_batches = random_micro_batches(config, np.random.default_rng(0))
-    steppers = [make_stepper(name, config, micro_batches, compile) for name in frameworks]
+def parse_framework(spec: str) -> tuple[str, list[str]]:
+    """"jax:model.loss_chunk_size=0" -> ("jax", ["model.loss_chunk_size=0"])."""
+    name, *overrides = spec.split(":")
+    if name not in FRAMEWORKS:
+        raise UserError(f"unknown framework '{name}' in --frameworks; choose from {', '.join(FRAMEWORKS)}")
+    return name, overrides
+
+
+def benchmark(configs, frameworks, steps: int, warmup: int, repeats: int, compile: bool = False):
+    """One result dict per framework spec: the median over `repeats` interleaved windows of `steps` steps.
+    configs[i] is the config of frameworks[i] (a spec "name:key=value:..." with its own overrides)."""
+    micro_batches = random_micro_batches(configs[0], np.random.default_rng(0))
+    steppers = []
+    for spec, config in zip(frameworks, configs):
+        stepper = make_stepper(parse_framework(spec)[0], config, micro_batches, compile)
+        stepper.spec, stepper.config = spec, config
+        steppers.append(stepper)
     for stepper in steppers:  # compilation and the first, slow steps stay out of the timings
         stepper.run(warmup)
-    times = {s.name: [] for s in steppers}
+    times = {s.spec: [] for s in steppers}
     for _ in range(repeats):
         for stepper in steppers:
             start = time.perf_counter()
             stepper.run(steps)
-            times[stepper.name].append((time.perf_counter() - start) / steps)
-    m, t = config.model, config.train
-    tokens = t.batch_size * m.block_size
+            times[stepper.spec].append((time.perf_counter() - start) / steps)
     cpu_peak = None
     results = []
     for stepper in steppers:
-        median = statistics.median(times[stepper.name])
+        m, t = stepper.config.model, stepper.config.train
+        tokens = t.batch_size * m.block_size
+        median = statistics.median(times[stepper.spec])
         peak = peak_flops(stepper.device_kind, t.precision)
         if peak is None and stepper.device_kind.lower() == "cpu":
             cpu_peak = cpu_peak or measured_cpu_peak()
             peak = cpu_peak
         tokens_per_s = tokens / median
         results.append({
-            "framework": stepper.name, "config": config.name, "precision": t.precision,
-            "device": stepper.device_kind, "tokens_per_step": tokens, "median_step_s": median,
-            "step_times_s": times[stepper.name], "tokens_per_s": tokens_per_s,
+            "framework": stepper.name, "variant": parse_framework(stepper.spec)[1], "config": stepper.config.name,
+            "precision": t.precision, "device": stepper.device_kind, "tokens_per_step": tokens,
+            "median_step_s": median, "step_times_s": times[stepper.spec], "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * flops_per_token(m) / peak if peak else None, "peak_flops": peak,
             "peak_bytes": stepper.peak_bytes(), "compile": compile if stepper.name == "torch" else None,
             "accumulation": t.accumulation if stepper.name == "jax" else None,
             "attention": m.attention if stepper.name == "jax" else "sdpa",
+            "loss_chunk_size": m.loss_chunk_size if stepper.name == "jax" else None,
         })
     return results
 
 
 def table(results) -> str:
     base = results[0]["tokens_per_s"]
-    lines = [f"{'framework':<10} {'step (ms)':>10} {'tokens/s':>12} {'MFU':>7} {'peak mem':>10} {'vs first':>9}"]
-    for r in results:
+    labels = [":".join([r["framework"], *r["variant"]]) for r in results]
+    width = max(10, *map(len, labels))
+    lines = [f"{'framework':<{width}} {'step (ms)':>10} {'tokens/s':>12} {'MFU':>7} {'peak mem':>10} {'vs first':>9}"]
+    for label, r in zip(labels, results):
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "-"
-        lines.append(f"{r['framework']:<10} {1000 * r['median_step_s']:>10.1f} {r['tokens_per_s']:>12,.0f} "
+        lines.append(f"{label:<{width}} {1000 * r['median_step_s']:>10.1f} {r['tokens_per_s']:>12,.0f} "
                      f"{mfu:>7} {mem:>10} {r['tokens_per_s'] / base:>8.2f}x")
     return "\n".join(lines)
 
@@ -184,8 +203,8 @@ def table(results) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="shakespeare", help="a preset or a config file (default: %(default)s)")
-    parser.add_argument("--frameworks", default="jax,torch", help=f"comma-separated, of {', '.join(FRAMEWORKS)} "
-                        "(default: %(default)s)")
+    parser.add_argument("--frameworks", default="jax,torch", help=f"comma-separated, of {', '.join(FRAMEWORKS)}, "
+                        "each optionally with :KEY=VALUE overrides of its own (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. train.precision=bf16 mesh.fsdp=8 model.attention=cudnn")
     parser.add_argument("--steps", type=int, default=5, help="steps in each timed window (default: %(default)s)")
@@ -196,11 +215,15 @@ def main() -> None:
     args = parser.parse_args()
 
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    unknown = [f for f in frameworks if f not in FRAMEWORKS]
-    if unknown or not frameworks:
-        raise UserError(f"unknown framework(s) {unknown}; choose from {', '.join(FRAMEWORKS)}")
-    config = load_config(args.config, args.overrides)
-    results = benchmark(config, frameworks, args.steps, args.warmup, args.repeats, args.compile)
+    if not frameworks:
+        raise UserError(f"--frameworks is empty; choose from {', '.join(FRAMEWORKS)}")
+    configs = [load_config(args.config, args.overrides + parse_framework(f)[1]) for f in frameworks]
+    shapes = {(c.train.batch_size, c.train.micro_batch_size, c.model.block_size, c.model.vocab_size) for c in configs}
+    if len(shapes) > 1:
+        raise UserError("framework variants must keep the batch and model shapes (they time the same batches); "
+                        "override train.batch_size, micro_batch_size, model.block_size or vocab_size with --set")
+    results = benchmark(configs, frameworks, args.steps, args.warmup, args.repeats, args.compile)
+    config = configs[0]
     t = config.train
     print(f"{config.name}: {t.batch_size} x {config.model.block_size} tokens a step in {t.grad_accum_steps} "
           f"micro-batch(es), {t.precision}, on {results[0]['device']}; median of {args.repeats} x {args.steps} steps")

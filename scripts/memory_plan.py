@@ -4,6 +4,11 @@ data parallel and FSDP, from the JAX trainer's real shardings (jax.eval_shape ov
 allocated, so a laptop can plan a 64-GPU job). Prints a Markdown table.
 
   python scripts/memory_plan.py --configs small medium large xl --devices 8 64 --rows-per-device 8
+
+With --compiled it asks the compiler instead: it compiles (does not run) the real train_step of each config on the
+devices here and prints XLA's buffer sizes for one device; --set changes the configs as in training:
+
+  python scripts/memory_plan.py --compiled --configs small --set train.batch_size=16 model.loss_chunk_size=0
 """
 
 import argparse
@@ -28,7 +33,13 @@ def main() -> None:
     parser.add_argument("--rows-per-device", type=int, default=8, help="sequences of block_size per device in a "
                         "micro-batch (default: %(default)s)")
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one device (default: %(default)s)")
+    parser.add_argument("--compiled", action="store_true", help="compile each config's train_step on the devices "
+                        "here and print the compiler's buffer sizes")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides for --compiled, e.g. train.micro_batch_size=8 model.loss_chunk_size=0")
     args = parser.parse_args()
+    if args.compiled:
+        return print_compiled(args.configs, args.overrides)
 
     from gpt2_jax.memory import plan
 
@@ -45,6 +56,22 @@ def main() -> None:
             label = f"{layout} x{n}" if layout == "FSDP" else f"data parallel (any count)"
             print(f"| {name} | {num_params(config.model) / 1e6:.0f}M | {label} | {gib(p.params)} | {gib(p.grads)} | "
                   f"{gib(p.opt_state)} | {gib(p.activations)} | {gib(p.total)} | {fits} |")
+
+
+def print_compiled(names: list[str], overrides: list[str]) -> None:
+    import jax
+
+    from gpt2_jax import sharding
+    from gpt2_jax.memory import compiled_step_bytes
+
+    print(f"Compiled for {jax.device_count()} {jax.devices()[0].device_kind} device(s); bytes on one device, GiB")
+    print("| config | micro-batch | loss_chunk_size | state + batch | temporaries | total |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        config = load_config(name, overrides)
+        b = compiled_step_bytes(config, sharding.make_mesh(config.mesh))
+        print(f"| {name} | {config.train.micro_batch_size} x {config.model.block_size} | "
+              f"{config.model.loss_chunk_size} | {gib(b.arguments)} | {gib(b.temp)} | {gib(b.arguments + b.temp)} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""The output head and the cross-entropy fused: the mean loss of GPT-2's last hidden states without [B, T, V] logits.
+
+The head's fp32 logits are by far the largest activation of a step (a 16 x 1024 micro-batch of `small` over the
+50304-wide vocabulary is 3.3 GB), and the plain loss keeps them, their bf16 twin and their gradient alive at once.
+Here the sequence goes through the head `chunk_size` positions at a time (every row of the batch in each chunk, so
+each device keeps its own rows): the forward pass computes a chunk's loss and, when a gradient is wanted, that chunk's
+gradient with respect to the hidden states and the head weights in the same pass (softmax minus one-hot, then two
+matmuls), so that only one chunk's logits ever exist and the backward pass is a scaling. The FLOPs are those of the
+plain head and loss: nothing is recomputed. model.cross_entropy over model.__call__'s logits is the same loss,
+computed the plain way (tests/test_jax_loss.py holds the two together).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def fused_cross_entropy(x: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_size: int, chunk_size: int,
+                        dtype: Any) -> jax.Array:
+    """Mean fp32 cross-entropy of targets [B, T] (-1: ignored) under logits x @ embedding.T, computed chunk by chunk.
+
+    x: the final hidden states [B, T, C] in the compute dtype; embedding: the fp32 token embedding [V_padded, C],
+    cast to dtype for the matmuls as the plain head casts it; ids >= vocab_size (the padding) never take probability.
+    """
+    # The custom VJP hands back a cotangent in x's dtype: make that the compute dtype it was written for.
+    return _fused(x.astype(dtype), embedding, targets, vocab_size, chunk_size, dtype)
+
+
+def _chunked(x: jax.Array, targets: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """[B, T, C], [B, T] -> [n, B, chunk, C], [n, B, chunk]: the sequence cut into n chunks (padding ignored)."""
+    B, T, C = x.shape
+    chunk_size = min(chunk_size, T)
+    n = -(-T // chunk_size)
+    pad = n * chunk_size - T
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=-1)
+    return (x.reshape(B, n, chunk_size, C).swapaxes(0, 1), targets.reshape(B, n, chunk_size).swapaxes(0, 1))
+
+
+def _chunk_logits(x: jax.Array, w: jax.Array, vocab_size: int) -> jax.Array:
+    """One chunk through the head: fp32 logits [B, chunk, V] with the padded ids at -inf, as the plain head gives."""
+    logits = nn.with_logical_constraint(jnp.dot(x, w.T), ("batch", "seq", "act_vocab")).astype(jnp.float32)
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+
+
+def _chunk_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed NLL of the valid positions, logsumexp [B, chunk], valid mask [B, chunk])."""
+    valid = targets != -1
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, lse - target_logit, 0.0)), lse, valid
+
+
+def _loss(x, embedding, targets, vocab_size, chunk_size, dtype):
+    w = embedding.astype(dtype)
+    xs, ts = _chunked(x, targets, chunk_size)
+
+    def add_chunk(total, chunk):
+        x_c, t_c = chunk
+        nll, _, _ = _chunk_nll(_chunk_logits(x_c, w, vocab_size), t_c)
+        return total + nll, None
+
+    total, _ = jax.lax.scan(add_chunk, jnp.zeros([], jnp.float32), (xs, ts))
+    return total / jnp.maximum(jnp.sum(targets != -1), 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(x, embedding, targets, vocab_size, chunk_size, dtype):
+    return _loss(x, embedding, targets, vocab_size, chunk_size, dtype)
+
+
+def _fused_forward(x, embedding, targets, vocab_size, chunk_size, dtype):
+    """The loss, and its gradients with respect to x and the embedding, computed in one pass over the chunks.
+
+    d loss / d logits = (softmax - one_hot(target)) / count on the valid positions. It is cast to the compute dtype
+    before its matmuls as autodiff would cast it, but unscaled by 1/count (in [-1, 1]: no fp16 underflow); the
+    matmuls accumulate in fp32 and the 1/count is applied there. The embedding's gradient sums over every chunk in
+    fp32, where the plain path's single matmul would round its bf16 product once.
+    """
+    B, T, C = x.shape
+    w = embedding.astype(dtype)
+    count = jnp.maximum(jnp.sum(targets != -1), 1).astype(jnp.float32)
+    xs, ts = _chunked(x, targets, chunk_size)
+
+    def add_chunk(carry, chunk):
+        total, dw = carry
+        x_c, t_c = chunk
+        logits = _chunk_logits(x_c, w, vocab_size)
+        nll, lse, valid = _chunk_nll(logits, t_c)
+        one_hot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)  # all zero at t = -1
+        dlogits = jnp.where(valid[..., None], jnp.exp(logits - lse[..., None]) - one_hot, 0.0).astype(dtype)
+        dx_c = jnp.dot(dlogits, w, preferred_element_type=jnp.float32)
+        rows = dlogits.shape[0] * dlogits.shape[1]
+        dw = dw + jnp.dot(dlogits.reshape(rows, -1).T, x_c.reshape(rows, -1), preferred_element_type=jnp.float32)
+        return (total + nll, dw), dx_c
+
+    (total, dw), dxs = jax.lax.scan(add_chunk, (jnp.zeros([], jnp.float32), jnp.zeros(w.shape, jnp.float32)),
+                                    (xs, ts))
+    dx = dxs.swapaxes(0, 1).reshape(B, -1, C)[:, :T]
+    return total / count, (dx / count, dw / count)
+
+
+def _fused_backward(vocab_size, chunk_size, dtype, residuals, g):
+    dx, dw = residuals
+    return (g * dx).astype(dtype), g * dw, None
+
+
+_fused.defvjp(_fused_forward, _fused_backward)

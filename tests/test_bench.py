@@ -1,0 +1,50 @@
+"""scripts/bench.py and scripts/memory_plan.py --compiled, run as a user runs them, on the tiny config."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1"}  # one CPU device, one thread
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+
+
+def test_bench_times_framework_variants_side_by_side_and_writes_the_json(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run("bench.py", "--config", "tiny", "--frameworks", "jax,jax:model.loss_chunk_size=0,torch",
+               "--steps", "1", "--warmup", "1", "--repeats", "2", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert [(r["framework"], r["variant"]) for r in results] == [
+        ("jax", []), ("jax", ["model.loss_chunk_size=0"]), ("torch", [])]
+    assert [r["loss_chunk_size"] for r in results] == [32, 0, None]
+    for r in results:
+        assert r["config"] == "tiny" and r["precision"] == "fp32" and len(r["step_times_s"]) == 2
+        assert r["median_step_s"] > 0 and r["tokens_per_s"] == r["tokens_per_step"] / r["median_step_s"]
+        assert 0 < r["mfu"] < 1 and "peak_bytes" in r
+    assert "jax:model.loss_chunk_size=0" in done.stdout
+
+
+def test_bench_refuses_unknown_frameworks_and_variants_of_another_shape():
+    unknown = run("bench.py", "--config", "tiny", "--frameworks", "jax,tensorflow")
+    assert unknown.returncode == 2 and "unknown framework 'tensorflow'" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    reshaped = run("bench.py", "--config", "tiny", "--frameworks", "jax,jax:train.micro_batch_size=4")
+    assert reshaped.returncode == 2 and "must keep the batch and model shapes" in reshaped.stderr
+
+
+def test_memory_plan_compiled_prints_the_compilers_sizes():
+    done = run("memory_plan.py", "--compiled", "--configs", "tiny", "--set", "model.loss_chunk_size=0")
+    assert done.returncode == 0, done.stderr
+    row = [line for line in done.stdout.splitlines() if line.startswith("| tiny")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1:3] == ["8 x 64", "0"]
+    state, temp, total = map(float, cells[3:])
+    assert state > 0.04 and temp > 0.2 and abs(total - state - temp) < 0.011  # GiB; tiny's logits are ~0.1 each

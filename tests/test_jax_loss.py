@@ -1,0 +1,84 @@
+"""The fused head and loss (gpt2_jax/loss.py) against the plain one: the same loss and the same gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax.loss import fused_cross_entropy
+from gpt2_jax.model import cross_entropy
+
+VOCAB, PADDED, B, T, C = 100, 128, 3, 12, 16
+
+
+def batch(seed: int = 0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(B, T, C)), dtype)
+    embedding = jnp.asarray(rng.normal(size=(PADDED, C)) * 0.5, jnp.float32)
+    embedding = embedding.at[VOCAB:].set(3.0)  # padding rows that would take much probability if not masked
+    targets = rng.integers(0, VOCAB, (B, T)).astype(np.int32)
+    targets[0, :5] = -1  # ignored positions
+    targets[2, -1] = -1
+    return x, embedding, jnp.asarray(targets)
+
+
+def plain_loss(x, embedding, targets, dtype=jnp.float32):
+    """What GPT.__call__ computes with loss_chunk_size=0: the whole logits, then model.cross_entropy."""
+    return cross_entropy(jnp.dot(x.astype(dtype), embedding.astype(dtype).T).astype(jnp.float32), targets, VOCAB)
+
+
+def fused_loss(x, embedding, targets, chunk, dtype=jnp.float32):
+    return fused_cross_entropy(x, embedding, targets, VOCAB, chunk, dtype)
+
+
+@functools.cache
+def plain_value_and_grads():
+    return jax.jit(jax.value_and_grad(plain_loss, argnums=(0, 1)))(*batch())
+
+
+@pytest.mark.parametrize("chunk", [1, 5, T, 64])  # 5 leaves a ragged last chunk; 64 is longer than the sequence
+def test_fused_loss_and_gradients_equal_the_plain_ones(chunk):
+    loss, (dx, dw) = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), static_argnums=3)(*batch(), chunk)
+    plain, (plain_dx, plain_dw) = plain_value_and_grads()
+    assert float(loss) == pytest.approx(float(plain), rel=1e-6)
+    np.testing.assert_allclose(dx, plain_dx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dw, plain_dw, rtol=1e-5, atol=1e-7)
+    assert np.abs(np.asarray(dw)[VOCAB:]).max() == 0  # the padding never takes probability, so never a gradient
+    assert np.abs(np.asarray(dx)[0, :5]).max() == 0  # nor does an ignored position
+
+
+def test_fused_loss_without_gradient_is_the_same_loss():
+    loss = jax.jit(fused_loss, static_argnums=3)(*batch(), 5)
+    assert float(loss) == pytest.approx(float(plain_value_and_grads()[0]), rel=1e-6)
+
+
+def test_the_backward_pass_scales_with_the_incoming_gradient():
+    """Under fp16 the loss is multiplied by the loss scale before the backward pass: the gradients must follow."""
+    x, embedding, targets = batch()
+    scaled = jax.jit(jax.grad(lambda x, w: 1024.0 * fused_loss(x, w, targets, 5), argnums=(0, 1)))(x, embedding)
+    for got, want in zip(scaled, plain_value_and_grads()[1]):
+        np.testing.assert_allclose(got, 1024.0 * np.asarray(want), rtol=1e-5, atol=1024.0 * 1e-7)
+
+
+def test_every_target_ignored_gives_zero_loss_and_gradient():
+    x, embedding, targets = batch()
+    loss, grads = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), static_argnums=3)(
+        x, embedding, jnp.full_like(targets, -1), 5)
+    assert float(loss) == 0.0
+    assert all(np.abs(np.asarray(g)).max() == 0 for g in grads)
+
+
+def test_bf16_fused_loss_is_the_plain_bf16_loss_up_to_rounding():
+    x, embedding, targets = batch(dtype=jnp.bfloat16)
+    loss, (dx, dw) = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), static_argnums=(3, 4))(
+        x, embedding, targets, 5, jnp.bfloat16)
+    plain, (plain_dx, plain_dw) = jax.jit(jax.value_and_grad(plain_loss, argnums=(0, 1)), static_argnums=3)(
+        x, embedding, targets, jnp.bfloat16)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    assert float(loss) == pytest.approx(float(plain), rel=1e-3)
+    scale = np.abs(np.asarray(plain_dw)).max()
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(plain_dw), atol=3e-2 * scale)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(plain_dx, np.float32),
+                               atol=3e-2 * np.abs(np.asarray(plain_dx, np.float32)).max())
