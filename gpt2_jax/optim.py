@@ -1,6 +1,10 @@
 """The optax optimizer of the contract, and the fp16 loss scale.
 
-    record grad norm -> [skip if not finite] -> clip_by_global_norm -> adamw(schedule, decay on ndim >= 2)
+    record grad norm -> [skip if not finite: clip_by_global_norm -> adam -> decay on ndim >= 2] -> lr schedule
+
+(optax.adamw's own chain, with its learning rate taken out of the skip so that the schedule follows the step
+index, as the PyTorch trainer's does, even after an fp16 overflow or a skipped diverged step; Adam's moments and
+bias correction count only the updates applied, as torch.optim.AdamW's do when GradScaler skips a step)
 
 wrapped in optax.MultiSteps for train.accumulation == "multisteps". The "scan" accumulation of gpt2_jax.train
 feeds the same inner optimizer the mean gradient itself, so the two modes take identical updates.
@@ -65,13 +69,14 @@ def inner_optimizer(train: TrainConfig, skip_nonfinite: bool = False) -> optax.G
     """The update that one optimizer step applies to the mean gradient of its micro-batches."""
     update = optax.chain(
         optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity(),
-        optax.adamw(learning_rate_schedule(train), b1=train.beta1, b2=train.beta2, eps=train.eps,
-                    weight_decay=train.weight_decay, mask=decay_mask),
+        optax.scale_by_adam(b1=train.beta1, b2=train.beta2, eps=train.eps),
+        optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
     )
     if skip_nonfinite:
         # A step whose gradient is not finite changes nothing (GradScaler skips optimizer.step() alike in fp16).
         update = optax.apply_if_finite(update, max_consecutive_errors=jnp.iinfo(jnp.int32).max)
-    return optax.chain(record_grad_norm(), update)
+    # Outside the skip: its count is the step index, whether or not the step's update was applied.
+    return optax.chain(record_grad_norm(), update, optax.scale_by_learning_rate(learning_rate_schedule(train)))
 
 
 def uses_multisteps(train: TrainConfig) -> bool:

@@ -55,6 +55,40 @@ def test_three_updates_give_the_same_parameters(case):
         np.testing.assert_allclose(ours_jax[name], value, rtol=0, atol=PARAM_ATOL, err_msg=name)
 
 
+def test_a_skipped_update_is_skipped_alike():
+    """A non-finite step (fp16 overflow, or train.nan_policy=skip) changes nothing in either trainer, and the
+    schedule goes on with the step index in both: JAX's optax count and torch's lr_at(step) stay in step."""
+    case = CASES[1]
+    model = case.model
+    weights = random_weights(model)
+    grads = [random_weights(model, seed=10 + i) for i in range(3)]
+
+    optimizer = build_optimizer(TRAIN)
+    params = jax_params(weights, model)
+    state = optimizer.init(params)
+    update = jax.jit(optimizer.update)
+    for i, g in enumerate(grads):
+        g = jax_params(g, model)
+        updates, state = update(jax.tree.map(lambda x: x * jnp.nan, g) if i == 1 else g, state, params)
+        params = optax.apply_updates(params, updates)
+
+    gpt = torch_model(weights, model)
+    torch_optimizer = make_optimizer(gpt, TRAIN)
+    for step, g in enumerate(grads):
+        if step == 1:
+            continue  # what GradScaler (fp16) and the loop (nan_policy=skip) do: no optimizer.step()
+        g_state = tw.from_canonical(g, model)
+        for name, p in gpt.named_parameters():
+            p.grad = g_state[name].clone()
+        set_lr(torch_optimizer, step, TRAIN)
+        clip_gradients(gpt.parameters(), TRAIN.grad_clip)
+        torch_optimizer.step()
+
+    ours_jax, ours_torch = jw.to_canonical(params, model), tw.to_canonical(gpt.state_dict(), model)
+    for name, value in ours_torch.items():
+        np.testing.assert_allclose(ours_jax[name], value, rtol=0, atol=PARAM_ATOL, err_msg=name)
+
+
 SCHEDULES = [
     TrainConfig(max_steps=60, warmup_steps=7, lr=0.1, min_lr=0.01, weight_decay=1.0),
     TrainConfig(max_steps=25, warmup_steps=0, lr=0.1, min_lr=0.02, weight_decay=1.0),

@@ -79,6 +79,28 @@ def test_weight_decay_only_on_matrices_and_embeddings():
     np.testing.assert_array_equal(new["scale"], 1)
 
 
+def test_a_skipped_update_advances_the_schedule_but_not_adam():
+    """After a non-finite step the next update uses the next step's learning rate (as the PyTorch trainer's
+    lr_at(step) does) and is Adam's first: |update| = lr for every entry, with no decay and no clipping."""
+    train = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=4, max_steps=10, weight_decay=0.0, grad_clip=0.0,
+                        accumulation="scan")
+    optimizer = build_optimizer(train)
+    params = {"kernel": jnp.ones((2, 3))}
+    grads = {"kernel": jnp.asarray([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])}
+
+    @jax.jit
+    def two_updates(params):
+        state = optimizer.init(params)
+        skipped, state = optimizer.update(jax.tree.map(lambda g: g * jnp.nan, grads), state, params)
+        applied, _ = optimizer.update(grads, state, params)
+        return skipped, applied
+
+    skipped, applied = two_updates(params)
+    np.testing.assert_array_equal(skipped["kernel"], 0)
+    np.testing.assert_allclose(applied["kernel"], -lr_at(1, train) * np.sign(grads["kernel"]), rtol=1e-5)
+    assert lr_at(1, train) != lr_at(0, train)
+
+
 def test_loss_scale_halves_on_overflow_and_grows_after_good_steps():
     scale = LossScale.create(growth_interval=3)
     assert float(scale.scale) == 2.0**16
@@ -166,5 +188,8 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(accumulation, monkeyp
     after = jax.device_get(state.params)
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(after))
     assert not np.array_equal(after["h_0"]["mlp"]["c_fc"]["kernel"], before["h_0"]["mlp"]["c_fc"]["kernel"])
-    # The skipped step did not count: Adam's step count and the schedule's moved once.
-    assert [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")] == [1, 1]
+    # Adam counted the applied update only; the schedule counted both steps (torch's lr follows the step index too).
+    counts = {jax.tree_util.keystr(path): int(c)
+              for path, c in optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")}
+    assert sorted(counts.values()) == [1, 2]
+    assert counts[max(counts, key=lambda p: "inner_state" in p)] == 1  # Adam's, inside apply_if_finite
