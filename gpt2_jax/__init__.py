@@ -5,5 +5,6 @@ Entry points for other code:
     model.cross_entropy(logits, targets, vocab_size)           the training loss (padded vocab masked, -1 ignored)
     checkpoint.load_checkpoint_params(path) -> (config, params)  from a run dir, checkpoints/ or a step folder
     sample.generate(gpt, params, prompt_ids, max_new_tokens, temperature=, top_k=, seed=)
+    step.build_trainer(config, mesh) -> Trainer                the jitted train_step/eval_step over the mesh
     train.main(argv) / train.train(config, run_dir)            what scripts/train_jax.py runs
 """

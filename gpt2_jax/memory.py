@@ -19,7 +19,7 @@ from gpt2_common.config import Config
 from gpt2_jax import sharding
 from gpt2_jax.model import build_model
 from gpt2_jax.optim import build_optimizer, uses_multisteps
-from gpt2_jax.train import build_trainer
+from gpt2_jax.step import build_trainer
 
 
 @dataclass(frozen=True)

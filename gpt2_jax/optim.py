@@ -6,7 +6,7 @@
 index, as the PyTorch trainer's does, even after an fp16 overflow or a skipped diverged step; Adam's moments and
 bias correction count only the updates applied, as torch.optim.AdamW's do when GradScaler skips a step)
 
-wrapped in optax.MultiSteps for train.accumulation == "multisteps". The "scan" accumulation of gpt2_jax.train
+wrapped in optax.MultiSteps for train.accumulation == "multisteps". The "scan" accumulation of gpt2_jax.step
 feeds the same inner optimizer the mean gradient itself, so the two modes take identical updates.
 """
 

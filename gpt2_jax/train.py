@@ -1,10 +1,5 @@
-"""The JAX trainer: TrainState, the pure step functions compiled once over the mesh, and the training loop.
-
-One optimizer step takes train.batch_size sequences as batch_size/micro_batch_size micro-batches, either one
-jitted call per micro-batch under optax.MultiSteps ("multisteps") or one jitted call that lax.scan's over them
-("scan", and any step of a single micro-batch). Both apply the same inner optimizer to the mean gradient. Micro-batch k of step s is loader position
-s*accum + k, and its dropout key is fold_in(rng, s*accum + k), so a resumed run replays exactly.
-"""
+"""The JAX trainer's loop and command line: runs the steps that gpt2_jax.step compiles over the mesh, with
+checkpoints, evaluation, logging and resume."""
 
 from __future__ import annotations
 
@@ -18,17 +13,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import struct
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from gpt2_common.cli import data_paths, resolve_run, train_parser, write_run_config
-from gpt2_common.config import Config, DataConfig, LoggingConfig, check_divides, loads_toml, to_dict
+from gpt2_common.config import Config, DataConfig, LoggingConfig, loads_toml, to_dict
 from gpt2_common.errors import UserError
 from gpt2_common.faults import (Diverged, StopSignals, check_framework, check_same_config, check_same_model,
                                 divergence_message, nan_injection_step, warn)
@@ -39,208 +30,9 @@ from gpt2_common.progress import Progress, model_summary
 from gpt2_common.schedule import lr_at  # equals the optimizer's schedule (tests/test_jax_optim.py checks it)
 from gpt2_common.tokenizer import decode, get_tokenizer
 from gpt2_jax import checkpoint, distributed, sharding
-from gpt2_jax.model import GPT, build_model
-from gpt2_jax.optim import LossScale, build_optimizer, grad_norm, last_update_finite, uses_multisteps
+from gpt2_jax.optim import uses_multisteps
 from gpt2_jax.sample import generate
-
-
-class TrainState(struct.PyTreeNode):
-    step: jax.Array  # optimizer steps done
-    params: Any
-    opt_state: Any
-    rng: jax.Array  # the dropout base key; each micro-batch folds its position into it
-    loss_scale: LossScale | None = None  # fp16 only
-
-
-def init_state(rng: jax.Array, *, model: GPT, optimizer: optax.GradientTransformation, fp16: bool,
-               params: Any = None) -> TrainState:
-    init_key, dropout_key = jax.random.split(rng)
-    if params is None:
-        dummy = jnp.zeros((1, model.config.block_size), jnp.int32)
-        params = nn.unbox(model.init(init_key, dummy))["params"]
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=dropout_key, loss_scale=LossScale.create() if fp16 else None)
-
-
-def loss_and_grads(state: TrainState, inputs: jax.Array, targets: jax.Array, position: jax.Array,
-                   model: GPT) -> tuple[jax.Array, Any]:
-    """The micro-batch's loss and its (unscaled) gradient; under fp16 the loss is scaled for the backward pass."""
-    scale = state.loss_scale.scale if state.loss_scale is not None else None
-
-    def loss_fn(params):
-        loss = model.apply({"params": params}, inputs, targets=targets, deterministic=model.config.dropout == 0,
-                           rngs={"dropout": jax.random.fold_in(state.rng, position)})
-        return (loss * scale if scale is not None else loss), loss
-
-    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if scale is not None:
-        grads = jax.tree.map(lambda g: g / scale, grads)
-    return loss, grads
-
-
-def _apply(state: TrainState, grads: Any, optimizer: optax.GradientTransformation) -> tuple[Any, Any]:
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), opt_state
-
-
-def _step_metrics(loss: jax.Array, state: TrainState) -> dict[str, jax.Array]:
-    metrics = {"loss": loss, "grad_norm": grad_norm(state.opt_state)}
-    if state.loss_scale is not None:
-        metrics["loss_scale"] = state.loss_scale.scale
-    return metrics
-
-
-def train_step_scan(state: TrainState, batch: tuple[jax.Array, jax.Array], *, model: GPT,
-                    optimizer: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, dict]:
-    """One optimizer step over batch = (inputs, targets), each [accum, micro_batch, T]."""
-    with sharding.activation_sharding(mesh):
-        inputs, targets = batch
-        accum = inputs.shape[0]
-
-        def add_micro_batch(grad_sum, micro):
-            k, x, y = micro
-            loss, grads = loss_and_grads(state, x, y, state.step * accum + k, model)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        grad_sum, losses = jax.lax.scan(add_micro_batch, jax.tree.map(jnp.zeros_like, state.params),
-                                        (jnp.arange(accum), inputs, targets))
-        params, opt_state = _apply(state, jax.tree.map(lambda g: g / accum, grad_sum), optimizer)
-        loss_scale = None if state.loss_scale is None else state.loss_scale.adjust(last_update_finite(opt_state))
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale)
-        return new_state, _step_metrics(losses.mean(), new_state)
-
-
-def train_step_multisteps(state: TrainState, batch: tuple[jax.Array, jax.Array], *, model: GPT,
-                          optimizer: optax.GradientTransformation, mesh: Mesh, accum: int) -> tuple[TrainState, dict]:
-    """One micro-batch (inputs, targets), each [micro_batch, T]; every accum-th call updates the parameters."""
-    with sharding.activation_sharding(mesh):
-        inputs, targets = batch
-        loss, grads = loss_and_grads(state, inputs, targets, state.step * accum + state.opt_state.mini_step, model)
-        params, opt_state = _apply(state, grads, optimizer)
-        updated = opt_state.mini_step == 0
-        # MultiSteps clears its accumulator by multiplying it by zero, which keeps a non-finite gradient's inf/NaN
-        # (an fp16 overflow, or a diverged step skipped by train.nan_policy) into every later step.
-        opt_state = opt_state._replace(acc_grads=jax.tree.map(
-            lambda a: jnp.where(updated, jnp.zeros_like(a), a), opt_state.acc_grads))
-        loss_scale = state.loss_scale
-        if loss_scale is not None:
-            adjusted = loss_scale.adjust(last_update_finite(opt_state))
-            loss_scale = jax.tree.map(functools.partial(jnp.where, updated), adjusted, loss_scale)
-        new_state = state.replace(step=state.step + updated.astype(jnp.int32), params=params, opt_state=opt_state,
-                                  loss_scale=loss_scale)
-        return new_state, _step_metrics(loss, new_state)
-
-
-def eval_step(params: Any, batch: tuple[jax.Array, jax.Array], *, model: GPT, mesh: Mesh) -> jax.Array:
-    with sharding.activation_sharding(mesh):
-        inputs, targets = batch
-        return model.apply({"params": params}, inputs, targets=targets)
-
-
-@dataclasses.dataclass(frozen=True)
-class _NanModel:
-    """The NaN test hook's model (GPT2_INJECT_NAN_AT_STEP): the real one with a NaN loss. Its step function is
-    compiled only when a run asks for it, so the normal step carries nothing of it."""
-
-    model: GPT
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def apply(self, *args, **kwargs):
-        return self.model.apply(*args, **kwargs) * jnp.nan
-
-
-@dataclasses.dataclass(frozen=True)
-class Trainer:
-    """What a config on a mesh compiles to: the model, the optimizer, every sharding and the jitted steps."""
-
-    config: Config
-    mesh: Mesh
-    model: GPT
-    optimizer: optax.GradientTransformation
-    abstract_state: TrainState  # shapes and dtypes, for restoring a checkpoint
-    state_shardings: TrainState  # a NamedSharding at each leaf
-    micro_batch_sharding: NamedSharding
-    init: Callable  # (rng, params or None) -> TrainState, placed on the mesh
-    train_step: Callable  # (state, batch) -> (state, metrics); state is donated
-    eval_step: Callable  # (params, batch) -> loss
-    nan_train_step: Callable  # train_step with NaN logits, for the NaN test hook (compiled on first use)
-
-    def put(self, batch: tuple[np.ndarray, np.ndarray], leading_dims: int = 0) -> tuple[jax.Array, jax.Array]:
-        """This process's rows of a batch -> global arrays on the mesh."""
-        rows = self.config.train.micro_batch_size
-        dest = sharding.batch_sharding(self.mesh, leading_dims)
-        return tuple(sharding.put_batch(a, dest, a.shape[:leading_dims] + (rows,) + a.shape[leading_dims + 1:])
-                     for a in batch)
-
-    def step(self, state: TrainState, loader, position: int, poison: bool = False) -> tuple[TrainState, dict]:
-        """One optimizer step on the micro-batches at loader positions position, position+1, ... (host side:
-        fetch, place, call; the positions are counted on the host so as not to wait for the device).
-        `poison`: the NaN test hook's step, whose loss is NaN."""
-        accum = self.config.train.grad_accum_steps
-        train_step = self.nan_train_step if poison else self.train_step
-        micro_batches = [loader.batch(position + k) for k in range(accum)]
-        if not uses_multisteps(self.config.train):
-            stacked = tuple(np.stack(parts) for parts in zip(*micro_batches))
-            return train_step(state, self.put(stacked, leading_dims=1))
-        losses = []
-        for micro_batch in micro_batches:
-            state, metrics = train_step(state, self.put(micro_batch))
-            losses.append(metrics["loss"])
-        return state, {**metrics, "loss": sum(losses) / accum}
-
-
-def build_trainer(config: Config, mesh: Mesh) -> Trainer:
-    t = config.train
-    check_divides(t.micro_batch_size, sharding.batch_shards(mesh))
-    if config.model.n_head % mesh.shape["tensor"]:
-        raise UserError(f"model.n_head={config.model.n_head} does not divide over mesh.tensor={mesh.shape['tensor']} "
-                        "devices; make mesh.tensor a divisor of n_head")
-    model = build_model(config.model, t.precision, backend=mesh.devices.flat[0].platform)
-    optimizer = build_optimizer(t)
-    fp16 = t.precision == "fp16"
-    make_state = functools.partial(init_state, model=model, optimizer=optimizer, fp16=fp16)
-
-    dummy = jnp.zeros((1, config.model.block_size), jnp.int32)
-    boxed_params = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
-    param_shardings = sharding.tree_shardings(boxed_params, mesh)
-    abstract_state = jax.eval_shape(make_state, jax.random.PRNGKey(0))
-    rep = sharding.replicated(mesh)
-    state_shardings = TrainState(
-        step=rep,
-        params=param_shardings,
-        opt_state=sharding.opt_state_shardings(optimizer, abstract_state.opt_state, param_shardings, mesh),
-        rng=rep,
-        loss_scale=jax.tree.map(lambda _: rep, abstract_state.loss_scale),
-    )
-
-    rows = sharding.batch_sharding(mesh, leading_dims=0 if uses_multisteps(t) else 1)
-
-    def jit_step(step_model) -> Callable:
-        if not uses_multisteps(t):
-            step_fn = functools.partial(train_step_scan, model=step_model, optimizer=optimizer, mesh=mesh)
-        else:
-            step_fn = functools.partial(train_step_multisteps, model=step_model, optimizer=optimizer, mesh=mesh,
-                                        accum=t.grad_accum_steps)
-        return jax.jit(step_fn, in_shardings=(state_shardings, (rows, rows)), out_shardings=(state_shardings, rep),
-                       donate_argnums=0)
-
-    train_step = jit_step(model)
-    micro = sharding.batch_sharding(mesh)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, mesh=mesh),
-                      in_shardings=(param_shardings, (micro, micro)), out_shardings=rep)
-    init_random = jax.jit(make_state, out_shardings=state_shardings)
-    init_given = jax.jit(lambda rng, params: make_state(rng, params=params), out_shardings=state_shardings)
-
-    def init(rng: jax.Array, params: Any = None) -> TrainState:
-        if params is None:
-            return init_random(rng)
-        return init_given(rng, jax.device_put(params, param_shardings))
-
-    return Trainer(config, mesh, model, optimizer, abstract_state, state_shardings, micro, init, train_step, eval_fn,
-                   nan_train_step=jit_step(_NanModel(model)))
+from gpt2_jax.step import Trainer, TrainState, build_trainer
 
 
 _compiled_trainer = functools.lru_cache(maxsize=4)(build_trainer)

@@ -1,4 +1,5 @@
-"""The PyTorch reference trainer: the loop of gpt2_jax/train.py with nn.Module, fused AdamW and DDP.
+"""The PyTorch reference trainer: the loop of gpt2_jax/train.py with nn.Module, fused AdamW and DDP, around the
+step of gpt2_torch/step.py.
 
   python scripts/train_torch.py --config shakespeare                                  # one process
   torchrun --standalone --nproc_per_node=8 scripts/train_torch.py --config small      # DDP on one machine
@@ -13,7 +14,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +33,9 @@ from gpt2_common.progress import Progress, model_summary
 from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save, load_checkpoint,
                                    newest_resumable, remove_partial_saves, restore_rng_state, save_checkpoint)
 from gpt2_torch.model import GPT
-from gpt2_torch.optim import clip_gradients, load_optimizer_state, make_optimizer, set_lr
+from gpt2_torch.optim import load_optimizer_state, make_optimizer, set_lr
 from gpt2_torch.sample import sample_text
+from gpt2_torch.step import apply_update, autocast, forward_backward
 
 
 # --- processes and devices ------------------------------------------------------------------------------------------
@@ -74,12 +75,6 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 matmuls with fp32 master weights; LayerNorm and the loss stay fp32 (autocast's own lists)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader batch (int32 numpy) as int64 tensors on the device; pinned host memory lets the copy run async."""
     out = []
@@ -89,49 +84,6 @@ def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             tensor = tensor.pin_memory().to(device, non_blocking=True)
         out.append(tensor.long())
     return out[0], out[1]
-
-
-# --- one optimizer step -------------------------------------------------------------------------------------------
-
-def forward_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     micro_batches, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of one optimizer step, unscaled and clipped, left in the parameters' .grad; returns (mean
-    micro-batch loss, pre-clip grad norm) as device tensors (no host sync).
-
-    The loss and the gradients are the means over the micro-batches. Under DDP the gradients are all-reduced only
-    on the last micro-batch (no_sync before it), which is what makes accumulation cheap across processes.
-    """
-    train, device = config.train, next(model.parameters()).device
-    total_loss = torch.zeros((), device=device)
-    for k, (inputs, targets) in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
-        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
-            with autocast(device, train.precision):
-                loss = model(inputs, targets)
-            scaler.scale(loss / len(micro_batches)).backward()
-        total_loss += loss.detach()
-    scaler.unscale_(optimizer)  # clip and report the true gradients, not the fp16 loss-scaled ones
-    grad_norm = clip_gradients(model.parameters(), train.grad_clip)
-    return total_loss / len(micro_batches), grad_norm
-
-
-def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: bool = False) -> None:
-    """The optimizer update from the gradients in .grad (skipped by the scaler when fp16 gradients are not
-    finite, and entirely when `skip`), then clears them."""
-    if not skip:
-        scaler.step(optimizer)
-    scaler.update()  # after a skip too: unscale_ recorded the overflow, so the fp16 scale halves
-    optimizer.zero_grad(set_to_none=True)
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               micro_batches, update: int, config: Config) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer update over a list of (inputs, targets) micro-batches; returns (loss, pre-clip grad norm, lr).
-    No host sync: the training loop checks for divergence itself (this is what benchmarks time)."""
-    lr = set_lr(optimizer, update, config.train)
-    loss, grad_norm = forward_backward(model, optimizer, scaler, micro_batches, config)
-    apply_update(optimizer, scaler)
-    return loss, grad_norm, lr
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ class JaxStepper:
 
         from gpt2_jax import sharding
         from gpt2_jax.optim import uses_multisteps
-        from gpt2_jax.train import build_trainer
+        from gpt2_jax.step import build_trainer
 
         self.jax = jax
         self.trainer = build_trainer(config, sharding.make_mesh(config.mesh))
@@ -113,7 +113,7 @@ class TorchStepper:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def run(self, steps: int) -> None:
-        from gpt2_torch.train import train_step
+        from gpt2_torch.step import train_step
 
         for _ in range(steps):
             train_step(self.step_model, self.optimizer, self.scaler, self.batches, self.update, self.config)

@@ -20,7 +20,7 @@ from gpt2_common.faults import INJECT_NAN_ENV, nan_injection_step
 from gpt2_common.metrics import RunLog, read_metrics
 from gpt2_jax import checkpoint
 from gpt2_jax.sharding import make_mesh
-from gpt2_jax.train import build_trainer
+from gpt2_jax.step import build_trainer
 from gpt2_jax.train import main as jax_main
 from gpt2_torch.train import Distributed, _train
 from gpt2_torch.train import main as torch_main

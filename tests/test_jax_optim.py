@@ -15,8 +15,8 @@ from gpt2_common.config import MeshConfig, TrainConfig, from_dict
 from gpt2_common.schedule import lr_at
 from gpt2_jax.optim import LossScale, build_optimizer, learning_rate_schedule
 from gpt2_jax.sharding import make_mesh
-from gpt2_jax import train as train_module
-from gpt2_jax.train import build_trainer
+from gpt2_jax import step as step_module
+from gpt2_jax.step import build_trainer
 
 
 def tiny_config(**train):
@@ -161,15 +161,15 @@ def test_accumulated_micro_batches_equal_one_big_batch():
 def test_fp16_overflow_skips_the_step_and_halves_the_scale(accumulation, monkeypatch):
     # CPUs have no fp16 matmul with fp32 accumulation (which attention asks for), so the model computes in fp32
     # here and an overflow is simulated as fp16 would have it: the gradient is inf while the scale is too big.
-    real_build_model, real_loss_and_grads = train_module.build_model, train_module.loss_and_grads
+    real_build_model, real_loss_and_grads = step_module.build_model, step_module.loss_and_grads
 
     def overflowing_loss_and_grads(state, *args):
         loss, grads = real_loss_and_grads(state, *args)
         too_big = state.loss_scale.scale > 2.0**19
         return loss, jax.tree.map(lambda g: jnp.where(too_big, jnp.inf, g), grads)
 
-    monkeypatch.setattr(train_module, "build_model", lambda cfg, _, backend: real_build_model(cfg, "fp32", backend))
-    monkeypatch.setattr(train_module, "loss_and_grads", overflowing_loss_and_grads)
+    monkeypatch.setattr(step_module, "build_model", lambda cfg, _, backend: real_build_model(cfg, "fp32", backend))
+    monkeypatch.setattr(step_module, "loss_and_grads", overflowing_loss_and_grads)
     config = tiny_config(precision="fp16", accumulation=accumulation)
     trainer = build_trainer(config, make_mesh(config.mesh))
     state = trainer.init(jax.random.PRNGKey(0), host_params(trainer.model))

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from gpt2_common.config import MeshConfig, from_dict
 from gpt2_common.errors import UserError
 from gpt2_jax.sharding import bytes_per_device, logical_sharding, make_mesh, mesh_shape, process_rows
-from gpt2_jax.train import build_trainer
+from gpt2_jax.step import build_trainer
 from test_jax_optim import tiny_config, trained
 
 def layout_config(mesh):

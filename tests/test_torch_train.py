@@ -20,7 +20,8 @@ from gpt2_common.schedule import lr_at
 from gpt2_torch.checkpoint import list_checkpoints, load_checkpoint
 from gpt2_torch.model import GPT
 from gpt2_torch.optim import make_optimizer
-from gpt2_torch.train import Distributed, _train, main, to_device, train_step
+from gpt2_torch.step import train_step
+from gpt2_torch.train import Distributed, _train, main, to_device
 
 
 
