@@ -57,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 turns clipping off
     eval_interval: int = 250
     eval_steps: int = 20
+    hellaswag_examples: int = 0  # with data.hellaswag: score the first N examples at each evaluation (0: all)
     save_interval: int = 1000
     keep_checkpoints: int = 3
     log_interval: int = 10
@@ -81,6 +82,7 @@ class DataConfig:
     val: str = ""  # alpaca: may be empty, then the last 2% of the train records are held out
     format: str = "tokens"  # tokens (shards from prepare_data.py) | alpaca (instruction records, loss on responses)
     pack: bool = True  # alpaca: pack examples back to back (True) or one example a padded row (False)
+    hellaswag: str = ""  # HellaSwag's JSONL (e.g. hellaswag_val.jsonl): its accuracy joins every evaluation
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ RUN_CONTROL_KEYS = frozenset({
     "name", "model.attention", "model.loss_chunk_size", "train.max_steps", "train.eval_interval", "train.eval_steps", "train.save_interval",
     "train.keep_checkpoints", "train.log_interval", "train.sample_interval", "train.compile", "train.keep_best",
     "train.save_every_epoch", "train.nan_policy", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.wandb",
-    "logging.tensorboard", "logging.wandb_project",
+    "logging.tensorboard", "logging.wandb_project", "data.hellaswag", "train.hellaswag_examples",
 })
 
 
@@ -208,6 +210,8 @@ def validate(config: Config) -> None:
             f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
             f"pick n_head from the divisors of n_embd (e.g. {_nearest_divisor(m.n_embd, m.n_head)})"
         )
+    if t.hellaswag_examples < 0:
+        raise UserError(f"train.hellaswag_examples must be 0 (all) or a positive count, got {t.hellaswag_examples}")
     if m.loss_chunk_size < 0:
         raise UserError(f"model.loss_chunk_size must be 0 (whole logits) or a positive chunk, got {m.loss_chunk_size}")
     if not 0.0 <= m.dropout < 1.0:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from gpt2_common.config import Config
 from gpt2_common.errors import UserError
 from gpt2_common.tokenizer import get_tokenizer
 
@@ -108,8 +109,9 @@ def read_hellaswag(path: str | Path) -> list[HellaSwagExample]:
     return examples
 
 
-def hellaswag_accuracy(examples: list[HellaSwagExample], context: int, token_nll: TokenNLL) -> dict:
-    """acc: the ending with the lowest total loss; acc_norm: the lowest mean loss per ending token."""
+def hellaswag_correct(examples: list[HellaSwagExample], context: int, token_nll: TokenNLL) -> tuple[int, int]:
+    """(examples whose ending of lowest total loss is the right one, the same by lowest mean loss per ending token):
+    counts, so that processes that each score a share of the examples can add them up."""
     correct = correct_norm = 0
     for ex in examples:
         tokens, mask = ex.tokens[:, -(context + 1):], ex.mask[:, -(context + 1):]
@@ -118,5 +120,25 @@ def hellaswag_accuracy(examples: list[HellaSwagExample], context: int, token_nll
         total = nll.sum(axis=1)
         correct += int(np.argmin(total) == ex.label)
         correct_norm += int(np.argmin(total / np.maximum(mask[:, 1:].sum(axis=1), 1)) == ex.label)
+    return correct, correct_norm
+
+
+def hellaswag_accuracy(examples: list[HellaSwagExample], context: int, token_nll: TokenNLL) -> dict:
+    """acc: the ending with the lowest total loss; acc_norm: the lowest mean loss per ending token."""
+    correct, correct_norm = hellaswag_correct(examples, context, token_nll)
     n = len(examples)
     return {"examples": n, "acc": correct / n, "acc_norm": correct_norm / n}
+
+
+def training_hellaswag(config: Config) -> list[HellaSwagExample] | None:
+    """The examples a training run scores at each evaluation (data.hellaswag, the first train.hellaswag_examples
+    of them), read once before the first step so that a bad file stops the run before it trains; None if unset."""
+    if not config.data.hellaswag:
+        return None
+    examples = read_hellaswag(config.data.hellaswag)
+    examples = examples[:config.train.hellaswag_examples] if config.train.hellaswag_examples else examples
+    largest = max(int(ex.tokens.max()) for ex in examples)
+    if largest >= config.model.vocab_size:
+        raise UserError(f"data.hellaswag is GPT-2 text (token ids up to {largest}), which model.vocab_size="
+                        f"{config.model.vocab_size} cannot read; train with the GPT-2 vocabulary (50257) or unset it")
+    return examples

@@ -9,6 +9,16 @@ from collections import OrderedDict
 from typing import Mapping
 
 
+def eval_line(record: Mapping[str, float], max_steps: int) -> str:
+    """An evaluation's line: its step, then the validation loss and HellaSwag accuracy, whichever it has."""
+    parts = [f"step {record['step']:6d}/{max_steps}"]
+    if "val_loss" in record:
+        parts.append(f"val loss {record['val_loss']:.4f}")
+    if "hellaswag_acc_norm" in record:
+        parts.append(f"hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}")
+    return " | ".join(parts)
+
+
 def model_summary(param_counts: Mapping[str, int]) -> str:
     """Parameters per module, as nanoGPT-style trainers print them. Names use either framework's spelling
     (`transformer.h.3.attn.c_attn.weight` or `h_3/attn/c_attn/kernel`); blocks are grouped, one line each."""

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gpt2_common.evaluation import IGNORE, TokenNLL
 from gpt2_jax.model import GPT, build_model, mask_padded_vocab
@@ -28,11 +31,19 @@ def token_nll(model: GPT, params: Any, inputs: jax.Array, targets: jax.Array) ->
 _token_nll = jax.jit(token_nll, static_argnums=0)
 
 
-def model_token_nll(model: GPT, params: Any) -> TokenNLL:
+@functools.cache
+def _replicated_token_nll(mesh: Mesh):
+    """token_nll whose result every process holds whole, for parameters spread over a (multi-process) mesh."""
+    return jax.jit(token_nll, static_argnums=0, out_shardings=NamedSharding(mesh, P()))
+
+
+def model_token_nll(model: GPT, params: Any, mesh: Mesh | None = None) -> TokenNLL:
     """`token_nll(inputs, targets) -> nll` over numpy arrays [B, T], T <= block_size. Sequences are padded (with
     ignored targets) to the next power of two, so that the windows and endings of varying length that evaluation
-    scores compile a handful of shapes, not one per length; causal attention keeps the padding out of the scores."""
+    scores compile a handful of shapes, not one per length; causal attention keeps the padding out of the scores.
+    With the training mesh of `params`, every process computes the same and gets the whole result."""
     block_size = model.config.block_size
+    compiled = _token_nll if mesh is None else _replicated_token_nll(mesh)
 
     def nll(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         rows, length = inputs.shape
@@ -40,7 +51,7 @@ def model_token_nll(model: GPT, params: Any) -> TokenNLL:
         padded_inputs = np.zeros((rows, width), np.int32)
         padded_targets = np.full((rows, width), IGNORE, np.int32)
         padded_inputs[:, :length], padded_targets[:, :length] = inputs, targets
-        return np.asarray(_token_nll(model, params, padded_inputs, padded_targets))[:, :length]
+        return np.asarray(compiled(model, params, padded_inputs, padded_targets))[:, :length]
 
     return nll
 

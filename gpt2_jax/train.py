@@ -26,10 +26,12 @@ from gpt2_common.faults import (Diverged, StopSignals, check_framework, check_sa
 from gpt2_common.flops import mfu, num_params, peak_flops
 from gpt2_common.loaders import open_loaders
 from gpt2_common.metrics import RunLog, check_logging_packages
-from gpt2_common.progress import Progress, model_summary
+from gpt2_common.evaluation import hellaswag_correct, training_hellaswag
+from gpt2_common.progress import Progress, eval_line, model_summary
 from gpt2_common.schedule import lr_at  # equals the optimizer's schedule (tests/test_jax_optim.py checks it)
 from gpt2_common.tokenizer import decode, get_tokenizer
 from gpt2_jax import checkpoint, distributed, sharding
+from gpt2_jax.evaluate import model_token_nll
 from gpt2_jax.optim import uses_multisteps
 from gpt2_jax.sample import generate
 from gpt2_jax.step import Trainer, TrainState, build_trainer
@@ -94,6 +96,7 @@ def _train(config: Config, run_dir: Path, *, init_from, stop_at, sample_tokens, 
     writer = RunLog(run_dir, config.logging, enabled=main_process, resume_step=step, config_dict=to_dict(config),
                     run_name=config.name)
     val_batches = [trainer.put(val_loader.batch(i)) for i in range(t.eval_steps)]
+    hellaswag = training_hellaswag(config)
     peak = peak_flops(jax.devices()[0].device_kind, t.precision)
     peak = peak * jax.device_count() if peak else None
     fp16 = t.precision == "fp16"
@@ -135,8 +138,8 @@ def _train(config: Config, run_dir: Path, *, init_from, stop_at, sample_tokens, 
                 check(pending)
             pending = (step, metrics)
             log_now = step % t.log_interval == 0 or step == t.max_steps
-            eval_now = bool(val_batches) and ((t.eval_interval > 0 and step % t.eval_interval == 0)
-                                              or step == t.max_steps)
+            eval_now = (bool(val_batches) or hellaswag is not None) and (
+                (t.eval_interval > 0 and step % t.eval_interval == 0) or step == t.max_steps)
             stop_now = signals.requested is not None
             if multi_process:  # the processes agree at log steps only, where they wait for the device anyway
                 stop_now = log_now and bool(multihost_utils.process_allgather(np.int32(stop_now)).max())
@@ -170,12 +173,16 @@ def _train(config: Config, run_dir: Path, *, init_from, stop_at, sample_tokens, 
                 tick, timed_steps = time.perf_counter(), 0
             new_best = False
             if eval_now:
-                losses = [trainer.eval_step(state.params, batch) for batch in val_batches]
-                val_loss = float(np.mean(jax.device_get(losses)))
-                writer.write({"step": step, "val_loss": val_loss})
-                new_best = t.keep_best and val_loss < best_val
-                best_val = min(best_val, val_loss) if t.keep_best else best_val
-                show(f"step {step:>6} | val loss {val_loss:.4f}" + (" (best so far)" if new_best else ""))
+                record = {"step": step}
+                if val_batches:
+                    losses = [trainer.eval_step(state.params, batch) for batch in val_batches]
+                    record["val_loss"] = float(np.mean(jax.device_get(losses)))
+                    new_best = t.keep_best and record["val_loss"] < best_val
+                    best_val = min(best_val, record["val_loss"]) if t.keep_best else best_val
+                if hellaswag is not None:
+                    record.update(_hellaswag_scores(trainer, state.params, hellaswag))
+                writer.write(record)
+                show(eval_line(record, t.max_steps) + (" (best so far)" if new_best else ""))
                 tick, timed_steps = time.perf_counter(), 0  # step times leave evaluation out
             if save_now:
                 save(manager, state)
@@ -290,6 +297,13 @@ def _check_resumable(saved: Config, config: Config, directory) -> None:
     if differences:
         raise UserError(f"{directory} holds checkpoints of another setup: {'; '.join(differences)}; run with the "
                         "config that wrote them, or pass another --run-dir")
+
+
+def _hellaswag_scores(trainer: Trainer, params: Any, examples: list) -> dict[str, float]:
+    """Every process scores every example (the parameters may span them all) and gets the same counts."""
+    token_nll = model_token_nll(trainer.model, params, trainer.mesh)
+    correct, correct_norm = hellaswag_correct(examples, trainer.config.model.block_size, token_nll)
+    return {"hellaswag_acc": correct / len(examples), "hellaswag_acc_norm": correct_norm / len(examples)}
 
 
 def _log_line(record: dict, max_steps: int) -> str:

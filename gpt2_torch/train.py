@@ -29,9 +29,11 @@ from gpt2_common.faults import (Diverged, StopSignals, check_framework, check_sa
 from gpt2_common.flops import mfu, num_params, peak_flops
 from gpt2_common.loaders import open_loaders
 from gpt2_common.metrics import RunLog, check_logging_packages
-from gpt2_common.progress import Progress, model_summary
+from gpt2_common.evaluation import hellaswag_correct, training_hellaswag
+from gpt2_common.progress import Progress, eval_line, model_summary
 from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save, load_checkpoint,
                                    newest_resumable, remove_partial_saves, restore_rng_state, save_checkpoint)
+from gpt2_torch.evaluate import model_token_nll
 from gpt2_torch.model import GPT
 from gpt2_torch.optim import load_optimizer_state, make_optimizer, set_lr
 from gpt2_torch.sample import sample_text
@@ -84,6 +86,19 @@ def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             tensor = tensor.pin_memory().to(device, non_blocking=True)
         out.append(tensor.long())
     return out[0], out[1]
+
+
+def hellaswag_scores(model: GPT, examples: list, config: Config, device: torch.device, rank: int,
+                     world_size: int) -> dict[str, float]:
+    """HellaSwag accuracy over `examples`, each rank scoring every world_size-th of them (build-nanogpt's split)."""
+    with autocast(device, config.train.precision):
+        counts = hellaswag_correct(examples[rank::world_size], config.model.block_size, model_token_nll(model))
+    model.train()  # model_token_nll put it in eval mode
+    total = torch.tensor(counts, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    correct, correct_norm = total.tolist()
+    return {"hellaswag_acc": correct / len(examples), "hellaswag_acc_norm": correct_norm / len(examples)}
 
 
 @torch.no_grad()
@@ -173,6 +188,7 @@ def _train(config: Config, run_dir: Path, init_path: str | None, env: Distribute
     if env.world_size > 1:
         dist.barrier()
     train_loader, val_loader = open_loaders(config, env.rank, env.world_size, progress=False)
+    hellaswag = training_hellaswag(config)
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     raw_model = GPT(m).to(device)
@@ -299,13 +315,17 @@ def _train(config: Config, run_dir: Path, init_path: str | None, env: Distribute
                 timer, timed_steps = time.perf_counter(), 0
 
             paused, saved_now, new_best = False, False, False  # evaluation, checkpoints, samples: not step time
-            if t.eval_steps > 0 and ((t.eval_interval > 0 and step % t.eval_interval == 0) or last):
-                val_loss = evaluate(model, val_loader, config, device)
-                log.write({"step": step, "val_loss": val_loss})
-                new_best = t.keep_best and val_loss < best_val
-                best_val = min(best_val, val_loss) if t.keep_best else best_val
-                progress.write(f"step {step:6d}/{t.max_steps} | val loss {val_loss:.4f}"
-                               + (" (best so far)" if new_best else ""))
+            if (t.eval_steps > 0 or hellaswag is not None) and \
+                    ((t.eval_interval > 0 and step % t.eval_interval == 0) or last):
+                record = {"step": step}
+                if t.eval_steps > 0:
+                    record["val_loss"] = evaluate(model, val_loader, config, device)
+                    new_best = t.keep_best and record["val_loss"] < best_val
+                    best_val = min(best_val, record["val_loss"]) if t.keep_best else best_val
+                if hellaswag is not None:
+                    record.update(hellaswag_scores(raw_model, hellaswag, config, device, env.rank, env.world_size))
+                log.write(record)
+                progress.write(eval_line(record, t.max_steps) + (" (best so far)" if new_best else ""))
                 paused = True
             epoch_done = t.save_every_epoch and \
                 train_loader.epoch_of(position) > train_loader.epoch_of(position - accum)
