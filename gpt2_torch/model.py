@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2_common.config import ModelConfig
+from gpt2_torch.loss import fused_cross_entropy
 
 
 class KVCache(NamedTuple):
@@ -129,9 +130,11 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]; given targets [B, T], their mean loss instead.
 
-        The loss is computed here rather than by the caller so that DDP and torch.compile see one graph from ids to
-        loss: compiled, the head, the mask and the cross-entropy fuse, and the fp32 logits (the largest activation
-        by far) are never written out in full.
+        The loss is computed here, through the head in chunks of model.loss_chunk_size positions (gpt2_torch/loss.py),
+        so that the full fp32 logits, the largest activation by far, never exist; and here rather than by the caller
+        so that DDP and torch.compile see one graph from ids to loss. Compiled, the plain loss is used instead:
+        inductor fuses it by itself, while the chunk loop would be unrolled into the graph (on a CPU that took 2.7x
+        the compile time and ran no faster; docs/benchmarks.md).
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -141,6 +144,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.config.loss_chunk_size and not torch.compiler.is_compiling():
+            return fused_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size,
+                                       self.config.loss_chunk_size)
         logits = self.lm_head(x).float()  # bf16/fp16 under autocast; the softmax and the loss want fp32
         if targets is None:
             return logits

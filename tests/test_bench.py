@@ -17,13 +17,13 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_bench_times_framework_variants_side_by_side_and_writes_the_json(tmp_path):
     out = tmp_path / "bench.json"
-    done = run("bench.py", "--config", "tiny", "--frameworks", "jax,jax:model.loss_chunk_size=0,torch",
+    done = run("bench.py", "--config", "tiny", "--frameworks", "jax,jax:model.loss_chunk_size=0,torch,nanogpt",
                "--steps", "1", "--warmup", "1", "--repeats", "2", "--json", str(out))
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     assert [(r["framework"], r["variant"]) for r in results] == [
-        ("jax", []), ("jax", ["model.loss_chunk_size=0"]), ("torch", [])]
-    assert [r["loss_chunk_size"] for r in results] == [32, 0, None]
+        ("jax", []), ("jax", ["model.loss_chunk_size=0"]), ("torch", []), ("nanogpt", [])]
+    assert [r["loss_chunk_size"] for r in results] == [32, 0, 32, 0]  # nanoGPT's loss is over the whole logits
     for r in results:
         assert r["config"] == "tiny" and r["precision"] == "fp32" and len(r["step_times_s"]) == 2
         assert r["median_step_s"] > 0 and r["tokens_per_s"] == r["tokens_per_step"] / r["median_step_s"]

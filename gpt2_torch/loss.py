@@ -1,0 +1,68 @@
+"""The output head and the cross-entropy fused, as gpt2_jax/loss.py does it: the mean loss of GPT-2's last hidden
+states without the [B, T, V] logits.
+
+The sequence goes through the head `chunk_size` positions at a time (every row of the batch in each chunk); the
+forward pass computes a chunk's loss and, when a gradient is wanted, that chunk's gradient with respect to the hidden
+states and the head weights in the same pass (softmax minus one-hot, then two matmuls), so that only one chunk's
+logits ever exist and the backward pass is a scaling. The FLOPs are those of the plain head and loss.
+model.cross_entropy over the model's logits is the same loss, computed the plain way (tests/test_torch_loss.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fused_cross_entropy(x: torch.Tensor, embedding: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                        chunk_size: int) -> torch.Tensor:
+    """Mean fp32 cross-entropy of targets [B, T] (-1: ignored) under logits x @ embedding.T, computed chunk by chunk.
+
+    x: the final hidden states [B, T, C]; embedding: the fp32 token embedding [V_padded, C]. The matmuls run in the
+    autocast dtype when autocast is on (as the plain head's would), else in x's dtype; ids >= vocab_size (the
+    padding) never take probability.
+    """
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):  # the casts below are the autocast ones, made explicit
+        return _FusedCrossEntropy.apply(x.to(dtype), embedding, targets, vocab_size, chunk_size)
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, embedding, targets, vocab_size, chunk_size):
+        """The loss, and (when a gradient is wanted) its gradients with respect to x and the embedding.
+
+        d loss / d logits = (softmax - one_hot(target)) / count on the valid positions, cast to the compute dtype
+        unscaled by 1/count (in [-1, 1]: no fp16 underflow) before its matmuls; the 1/count is applied in fp32.
+        """
+        B, T, C = x.shape
+        w = embedding.to(x.dtype)
+        valid = targets != -1
+        count = valid.sum().clamp(min=1).float()
+        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        dx = torch.empty((B, T, C), dtype=torch.float32, device=x.device) if want_grads else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if want_grads else None
+        padded = torch.arange(w.size(0), device=x.device) >= vocab_size
+        for start in range(0, T, chunk_size):
+            x_c, t_c, valid_c = (a[:, start:start + chunk_size] for a in (x, targets, valid))
+            logits = (x_c @ w.T).float().masked_fill(padded, float("-inf"))
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_targets = t_c.clamp(min=0).unsqueeze(-1)  # any in-range id: an ignored position is zeroed below
+            nll = lse - logits.gather(-1, safe_targets).squeeze(-1)
+            total += torch.where(valid_c, nll, 0.0).sum()
+            if want_grads:
+                dlogits = torch.exp(logits - lse.unsqueeze(-1)).scatter_add_(
+                    -1, safe_targets, torch.full_like(safe_targets, -1.0, dtype=torch.float32))
+                dlogits = (dlogits * valid_c.unsqueeze(-1)).to(x.dtype)
+                dx[:, start:start + chunk_size] = (dlogits @ w).float()
+                dw += (dlogits.flatten(0, 1).T @ x_c.flatten(0, 1)).float()
+        if want_grads:
+            ctx.save_for_backward(dx / count, dw / count)
+            ctx.x_dtype = x.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, g):
+        dx, dw = ctx.saved_tensors
+        return (g * dx).to(ctx.x_dtype), g * dw, None, None, None
