@@ -30,7 +30,7 @@ class ModelConfig:
     dropout: float = 0.0
     attention: str = "auto"  # auto | cudnn | xla (JAX); torch always uses SDPA, which picks flash on GPU
     # The loss goes through the output head this many sequence positions at a time, so the [B, T, V] logits are
-    # never materialised (JAX: gpt2_jax/loss.py); 0 computes the whole logits, then the loss.
+    # never materialised (gpt2_jax/loss.py, gpt2_torch/loss.py); 0 computes the whole logits, then the loss.
     loss_chunk_size: int = 32
 
     @property
@@ -126,10 +126,10 @@ CHOICES = {
 # Keys a run may change between a checkpoint and its resumption without --allow-config-change: they steer the run
 # (how long, how often to evaluate, log or save, where to log) but not the training arithmetic of the steps done.
 RUN_CONTROL_KEYS = frozenset({
-    "name", "model.attention", "model.loss_chunk_size", "train.max_steps", "train.eval_interval", "train.eval_steps", "train.save_interval",
-    "train.keep_checkpoints", "train.log_interval", "train.sample_interval", "train.compile", "train.keep_best",
-    "train.save_every_epoch", "train.nan_policy", "mesh.data", "mesh.fsdp", "mesh.tensor", "logging.wandb",
-    "logging.tensorboard", "logging.wandb_project", "data.hellaswag", "train.hellaswag_examples",
+    "name", "model.attention", "model.loss_chunk_size", "train.max_steps", "train.eval_interval", "train.eval_steps",
+    "train.save_interval", "train.keep_checkpoints", "train.log_interval", "train.sample_interval", "train.compile",
+    "train.keep_best", "train.save_every_epoch", "train.nan_policy", "train.hellaswag_examples", "mesh.data",
+    "mesh.fsdp", "mesh.tensor", "data.hellaswag", "logging.wandb", "logging.tensorboard", "logging.wandb_project",
 })
 
 
