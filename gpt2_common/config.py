@@ -64,7 +64,9 @@ class TrainConfig:
     sample_interval: int = 0  # 0: sample only at the end of training
     seed: int = 1337
     precision: str = "bf16"  # fp32 | bf16 | fp16
-    accumulation: str = "multisteps"  # multisteps (optax.MultiSteps, one call per micro-batch) | scan (one call)
+    # JAX: scan (one jitted call scans the micro-batches; measured faster on CPU and H100, docs/benchmarks.md) |
+    # multisteps (optax.MultiSteps, one call per micro-batch and a persistent gradient accumulator); same updates
+    accumulation: str = "scan"
     compile: bool = False  # torch.compile for the PyTorch trainer
     keep_best: bool = True  # also keep the checkpoint of the lowest validation loss (checkpoints/best*)
     save_every_epoch: bool = False  # also save a checkpoint after each full pass over the train data

@@ -47,4 +47,4 @@ def test_memory_plan_compiled_prints_the_compilers_sizes():
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[1:3] == ["8 x 64", "0"]
     state, temp, total = map(float, cells[3:])
-    assert state > 0.04 and temp > 0.2 and abs(total - state - temp) < 0.011  # GiB; tiny's logits are ~0.1 each
+    assert state > 0.03 and temp > 0.2 and abs(total - state - temp) < 0.011  # GiB; the logits alone are ~0.1

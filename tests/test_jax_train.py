@@ -4,9 +4,11 @@ end-of-training sample, one-line errors; and a tiny model memorising one batch."
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -25,6 +27,7 @@ from gpt2_jax.train import main
 from test_jax_optim import trained
 
 REPO = Path(__file__).resolve().parent.parent
+TWO_PROCESS_TIMEOUT = int(os.environ.get("TWO_PROCESS_TIMEOUT", 150))
 CONFIG = """
 name = "jax-train-test"
 [model]
@@ -136,10 +139,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(reference, config_path):
-    """Two OS processes of 4 CPU devices each, joined over gloo, give the losses of one process with 8."""
-    run_dir, port = config_path.parent / "two_processes", free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+def run_two_processes(config_path, run_dir) -> tuple[list, list[str] | None, str]:
+    """Launches the two processes of the job; (processes, their outputs or None if they hung, their stacks if so)."""
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONFAULTHANDLER": "1"}  # so that SIGABRT prints every thread's stack
     procs = [
         subprocess.Popen(
             [sys.executable, str(REPO / "scripts" / "train_jax.py"), "--config", str(config_path), "--run-dir",
@@ -148,12 +152,31 @@ def test_two_processes_train_like_one(reference, config_path):
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=240)[0])
-        finally:
+    try:
+        return procs, [proc.communicate(timeout=TWO_PROCESS_TIMEOUT)[0] for proc in procs], ""
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.send_signal(signal.SIGABRT)
+        return procs, None, "\n---\n".join(proc.communicate()[0][-8000:] for proc in procs)
+    finally:
+        for proc in procs:
             proc.kill()
+
+
+def test_two_processes_train_like_one(reference, config_path):
+    """Two OS processes of 4 CPU devices each, joined over gloo, give the losses of one process with 8.
+
+    The job normally takes ~20 s. Rarely (2 of ~50 runs in one session, never outside pytest) it hung and was not
+    diagnosed: a hang is retried once with a fresh port and run directory, its stacks kept in a warning, and a
+    second hang fails with them."""
+    run_dir = config_path.parent / "two_processes"
+    procs, outputs, stacks = run_two_processes(config_path, run_dir)
+    if outputs is None:
+        warnings.warn(f"the two-process job hung once and is retried; its output and stacks:\n{stacks}")
+        run_dir = config_path.parent / "two_processes_retry"
+        procs, outputs, stacks = run_two_processes(config_path, run_dir)
+        if outputs is None:
+            pytest.fail(f"the two processes hung twice; their output and stacks:\n{stacks}")
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs)[-4000:]
     assert "8 cpu devices" in outputs[0] and "step      3" in outputs[0] and "step" not in outputs[1]
     got, want = read_metrics(run_dir), reference[1][:len(read_metrics(run_dir))]
