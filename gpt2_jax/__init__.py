@@ -2,7 +2,8 @@
 
 Entry points for other code:
     model.build_model(model_config, precision) -> GPT         logits = gpt.apply({"params": params}, ids)
-    model.cross_entropy(logits, targets, vocab_size)           the training loss (padded vocab masked, -1 ignored)
+        the training loss, fused with the head:                loss = gpt.apply({"params": params}, ids, targets=ys)
+    model.cross_entropy(logits, targets, vocab_size)           the same loss from logits (padded vocab masked)
     checkpoint.load_checkpoint_params(path) -> (config, params)  from a run dir, checkpoints/ or a step folder
     sample.generate(gpt, params, prompt_ids, max_new_tokens, temperature=, top_k=, seed=)
     step.build_trainer(config, mesh) -> Trainer                the jitted train_step/eval_step over the mesh

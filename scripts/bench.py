@@ -11,8 +11,8 @@ here) and peak device memory.
   python scripts/bench.py --config small --set train.precision=bf16 --compile     # on a GPU
 
 Frameworks: `jax` (gpt2_jax's jitted step), `torch` (gpt2_torch's step: fused AdamW, torch.compile with --compile),
-`nanogpt` (the same model as nanoGPT runs it: eager, default AdamW, no compile, the loss over the whole logits). A framework may carry config
-overrides of its own after colons, to time variants side by side in one run:
+`nanogpt` (the same model as nanoGPT runs it: eager, default AdamW, no compile, the loss over the whole logits).
+A framework may carry config overrides of its own after colons, to time variants side by side in one run:
 
   python scripts/bench.py --config shakespeare --frameworks jax,jax:model.loss_chunk_size=0,torch
 """
