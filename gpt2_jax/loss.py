@@ -1,4 +1,5 @@
-"""The output head and the cross-entropy fused: the mean loss of GPT-2's last hidden states without [B, T, V] logits.
+"""GPT-2's loss: the plain cross-entropy over the logits, and the output head fused with it, which gives the mean
+loss of the last hidden states without [B, T, V] logits. The model (model.py) imports both.
 
 The head's fp32 logits are by far the largest activation of a step (a 16 x 1024 micro-batch of `small` over the
 50304-wide vocabulary is 3.3 GB), and the plain loss keeps them, their bf16 twin and their gradient alive at once.
@@ -6,7 +7,7 @@ Here the sequence goes through the head `chunk_size` positions at a time (every 
 each device keeps its own rows): the forward pass computes a chunk's loss and, when a gradient is wanted, that chunk's
 gradient with respect to the hidden states and the head weights in the same pass (softmax minus one-hot, then two
 matmuls), so that only one chunk's logits ever exist and the backward pass is a scaling. The FLOPs are those of the
-plain head and loss: nothing is recomputed. model.cross_entropy over model.__call__'s logits is the same loss,
+plain head and loss: nothing is recomputed. `cross_entropy` below, over GPT.__call__'s logits, is the same loss
 computed the plain way (tests/test_jax_loss.py holds the two together).
 """
 
@@ -18,6 +19,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
+
+
+def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+    """-inf at ids >= vocab_size: the rows that pad the embedding to a fast size never take probability."""
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where(ids < vocab_size, logits, -jnp.inf)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, vocab_size: int) -> jax.Array:
+    """Mean fp32 cross-entropy over the positions whose target is not -1 (-1 marks positions to ignore)."""
+    valid = targets != -1
+    losses = optax.losses.softmax_cross_entropy_with_integer_labels(
+        mask_padded_vocab(logits.astype(jnp.float32), vocab_size),
+        jnp.where(valid, targets, 0),  # any in-range id: an ignored position's loss is zeroed below
+    )
+    return jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def fused_cross_entropy(x: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_size: int, chunk_size: int,
@@ -45,7 +63,7 @@ def _chunked(x: jax.Array, targets: jax.Array, chunk_size: int) -> tuple[jax.Arr
 def _chunk_logits(x: jax.Array, w: jax.Array, vocab_size: int) -> jax.Array:
     """One chunk through the head: fp32 logits [B, chunk, V] with the padded ids at -inf, as the plain head gives."""
     logits = nn.with_logical_constraint(jnp.dot(x, w.T), ("batch", "seq", "act_vocab")).astype(jnp.float32)
-    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+    return mask_padded_vocab(logits, vocab_size)
 
 
 def _chunk_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

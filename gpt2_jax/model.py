@@ -14,11 +14,10 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from gpt2_common.config import ModelConfig
 from gpt2_common.errors import UserError
-from gpt2_jax.loss import fused_cross_entropy
+from gpt2_jax.loss import cross_entropy, fused_cross_entropy, mask_padded_vocab  # noqa: F401 (re-exported)
 
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
@@ -233,19 +232,3 @@ def build_model(config: ModelConfig, precision: str = "fp32", backend: str | Non
     dtype = compute_dtype(precision)
     backend = backend or jax.default_backend()
     return GPT(config, dtype=dtype, attention=attention_implementation(config.attention, backend, dtype))
-
-
-def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
-    """-inf at ids >= vocab_size: the rows that pad the embedding to a fast size never take probability."""
-    ids = jnp.arange(logits.shape[-1])
-    return jnp.where(ids < vocab_size, logits, -jnp.inf)
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, vocab_size: int) -> jax.Array:
-    """Mean fp32 cross-entropy over the positions whose target is not -1 (-1 marks positions to ignore)."""
-    valid = targets != -1
-    losses = optax.losses.softmax_cross_entropy_with_integer_labels(
-        mask_padded_vocab(logits.astype(jnp.float32), vocab_size),
-        jnp.where(valid, targets, 0),  # any in-range id: an ignored position's loss is zeroed below
-    )
-    return jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1)

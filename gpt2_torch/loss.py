@@ -1,16 +1,37 @@
-"""The output head and the cross-entropy fused, as gpt2_jax/loss.py does it: the mean loss of GPT-2's last hidden
-states without the [B, T, V] logits.
+"""GPT-2's loss, as gpt2_jax/loss.py has it: the plain cross-entropy over the logits, and the output head fused with
+it, which gives the mean loss of the last hidden states without the [B, T, V] logits. model.py imports both.
 
 The sequence goes through the head `chunk_size` positions at a time (every row of the batch in each chunk); the
 forward pass computes a chunk's loss and, when a gradient is wanted, that chunk's gradient with respect to the hidden
 states and the head weights in the same pass (softmax minus one-hot, then two matmuls), so that only one chunk's
 logits ever exist and the backward pass is a scaling. The FLOPs are those of the plain head and loss.
-model.cross_entropy over the model's logits is the same loss, computed the plain way (tests/test_torch_loss.py).
+`cross_entropy` below, over the model's logits, is the same loss computed the plain way (tests/test_torch_loss.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """-inf on the ids the embedding was padded with (>= vocab_size), so that they never take probability."""
+    if logits.size(-1) == vocab_size:
+        return logits
+    padded = torch.arange(logits.size(-1), device=logits.device) >= vocab_size
+    return logits.masked_fill(padded, float("-inf"))
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean fp32 cross-entropy over the positions whose target is not -1 (-1 marks positions to ignore).
+
+    Summed and divided by the count (at least 1) rather than reduction="mean", so that a batch with every target
+    ignored gives 0 as on the JAX side, not nan.
+    """
+    logits = mask_padded_vocab(logits.float(), vocab_size)
+    targets = targets.reshape(-1).long()
+    total = F.cross_entropy(logits.view(-1, logits.size(-1)), targets, ignore_index=-1, reduction="sum")
+    return total / (targets != -1).sum().clamp(min=1)
 
 
 def fused_cross_entropy(x: torch.Tensor, embedding: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -43,10 +64,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         dx = torch.empty((B, T, C), dtype=torch.float32, device=x.device) if want_grads else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if want_grads else None
-        padded = torch.arange(w.size(0), device=x.device) >= vocab_size
         for start in range(0, T, chunk_size):
             x_c, t_c, valid_c = (a[:, start:start + chunk_size] for a in (x, targets, valid))
-            logits = (x_c @ w.T).float().masked_fill(padded, float("-inf"))
+            logits = mask_padded_vocab((x_c @ w.T).float(), vocab_size)
             lse = torch.logsumexp(logits, dim=-1)
             safe_targets = t_c.clamp(min=0).unsqueeze(-1)  # any in-range id: an ignored position is zeroed below
             nll = lse - logits.gather(-1, safe_targets).squeeze(-1)

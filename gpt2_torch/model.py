@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2_common.config import ModelConfig
-from gpt2_torch.loss import fused_cross_entropy
+from gpt2_torch.loss import cross_entropy, fused_cross_entropy, mask_padded_vocab  # noqa: F401 (re-exported)
 
 
 class KVCache(NamedTuple):
@@ -165,23 +165,3 @@ class GPT(nn.Module):
             x = block(x, cache, positions, layer)
         x = self.transformer.ln_f(x)
         return self.lm_head(x).float()
-
-
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """-inf on the ids the embedding was padded with (>= vocab_size), so that they never take probability."""
-    if logits.size(-1) == vocab_size:
-        return logits
-    padded = torch.arange(logits.size(-1), device=logits.device) >= vocab_size
-    return logits.masked_fill(padded, float("-inf"))
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Mean fp32 cross-entropy over the positions whose target is not -1 (-1 marks positions to ignore).
-
-    Summed and divided by the count (at least 1) rather than reduction="mean", so that a batch with every target
-    ignored gives 0 as on the JAX side, not nan.
-    """
-    logits = mask_padded_vocab(logits.float(), vocab_size)
-    targets = targets.reshape(-1).long()
-    total = F.cross_entropy(logits.view(-1, logits.size(-1)), targets, ignore_index=-1, reduction="sum")
-    return total / (targets != -1).sum().clamp(min=1)
