@@ -28,6 +28,14 @@ def train_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, does: str) -> None:
+    """--checkpoint and --framework, as every script that loads weights takes them; `does`: what the model does."""
+    parser.add_argument("--checkpoint", required=True, help="a JAX or PyTorch checkpoint (or run directory), or a "
+                        "Hugging Face GPT-2 directory")
+    parser.add_argument("--framework", choices=("jax", "torch"), default="jax",
+                        help=f"which model {does} (default: %(default)s)")
+
+
 def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or os.path.join("runs", config.name))

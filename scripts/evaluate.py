@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpt2_common.cli import add_checkpoint_arguments  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 
 
@@ -30,10 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--checkpoint", required=True, help="a JAX or PyTorch checkpoint (or run directory), or a "
-                        "Hugging Face GPT-2 directory")
-    parser.add_argument("--framework", choices=("jax", "torch"), default="jax",
-                        help="which model scores (default: %(default)s)")
+    add_checkpoint_arguments(parser, "scores")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--shards", metavar="DIR|GLOB", help="validation loss over token shards")
     what.add_argument("--text", metavar="FILE", help="sliding-window perplexity of a UTF-8 text file")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpt2_common.cli import add_checkpoint_arguments  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 
 
@@ -23,10 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--checkpoint", required=True, help="a JAX or PyTorch checkpoint (or run directory), or a "
-                        "Hugging Face GPT-2 directory")
-    parser.add_argument("--framework", choices=("jax", "torch"), default="jax",
-                        help="which model generates (default: %(default)s)")
+    add_checkpoint_arguments(parser, "generates")
     parser.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default: %(default)s)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpt2_common.cli import add_checkpoint_arguments  # noqa: E402
 from gpt2_common.errors import run_cli  # noqa: E402
 
 
@@ -30,10 +31,7 @@ def build(checkpoint: str, framework: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a JAX or PyTorch checkpoint (or run directory), or a "
-                        "Hugging Face GPT-2 directory")
-    parser.add_argument("--framework", choices=("jax", "torch"), default="jax", help="which model samples "
-                        "(default: %(default)s)")
+    add_checkpoint_arguments(parser, "samples")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 keeps the page local "
                         "(default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
