@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from gpt2_common.config import Config
 from gpt2_jax import sharding
 from gpt2_jax.model import build_model
-from gpt2_jax.optim import build_optimizer, uses_multisteps
+from gpt2_jax.optim import build_optimizer
 from gpt2_jax.step import build_trainer
 
 
@@ -101,11 +102,8 @@ def compiled_step_bytes(config: Config, mesh: jax.sharding.Mesh) -> CompiledStep
     """
     trainer = build_trainer(config, mesh)
     t, T = config.train, config.model.block_size
-    if uses_multisteps(t):
-        shape, batch_sharding = (t.micro_batch_size, T), trainer.micro_batch_sharding
-    else:
-        shape, batch_sharding = (t.grad_accum_steps, t.micro_batch_size, T), sharding.batch_sharding(mesh, 1)
-    batch = (jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),) * 2
+    zeros = np.zeros((t.micro_batch_size, T), np.int32)  # the batch's values do not change what is compiled
+    batch = trainer.step_batches([(zeros, zeros)] * t.grad_accum_steps)[0]
     analysis = trainer.train_step.lower(trainer.abstract_state, batch).compile().memory_analysis()
     return CompiledStepBytes(analysis.argument_size_in_bytes, analysis.output_size_in_bytes,
                              analysis.temp_size_in_bytes)

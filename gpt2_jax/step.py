@@ -166,15 +166,21 @@ class Trainer:
         `poison`: the NaN test hook's step, whose loss is NaN."""
         accum = self.config.train.grad_accum_steps
         train_step = self.nan_train_step if poison else self.train_step
-        micro_batches = [loader.batch(position + k) for k in range(accum)]
-        if not uses_multisteps(self.config.train):
-            stacked = tuple(np.stack(parts) for parts in zip(*micro_batches))
-            return train_step(state, self.put(stacked, leading_dims=1))
+        batches = self.step_batches([loader.batch(position + k) for k in range(accum)])
+        if len(batches) == 1:
+            return train_step(state, batches[0])
         losses = []
-        for micro_batch in micro_batches:
-            state, metrics = train_step(state, self.put(micro_batch))
+        for batch in batches:
+            state, metrics = train_step(state, batch)
             losses.append(metrics["loss"])
         return state, {**metrics, "loss": sum(losses) / accum}
+
+    def step_batches(self, micro_batches: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[jax.Array, jax.Array]]:
+        """An optimizer step's micro-batches as the train_step calls take them, placed on the mesh: stacked into
+        one call (scan, or a single micro-batch) or one call each (MultiSteps)."""
+        if not uses_multisteps(self.config.train):
+            return [self.put(tuple(np.stack(parts) for parts in zip(*micro_batches)), leading_dims=1)]
+        return [self.put(micro_batch) for micro_batch in micro_batches]
 
 
 def build_trainer(config: Config, mesh: Mesh) -> Trainer:

@@ -66,17 +66,12 @@ class JaxStepper:
         import jax
 
         from gpt2_jax import sharding
-        from gpt2_jax.optim import uses_multisteps
         from gpt2_jax.step import build_trainer
 
         self.jax, self.config = jax, config
         self.trainer = build_trainer(config, sharding.make_mesh(config.mesh))
         self.state = self.trainer.init(jax.random.PRNGKey(config.train.seed))
-        if uses_multisteps(config.train):
-            self.batches = [self.trainer.put(b) for b in micro_batches]
-        else:
-            stacked = tuple(np.stack(parts) for parts in zip(*micro_batches))
-            self.batches = [self.trainer.put(stacked, leading_dims=1)]
+        self.batches = self.trainer.step_batches(micro_batches)
         self.device = jax.devices()[0]
         self.device_kind = self.device.device_kind
 
