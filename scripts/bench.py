@@ -5,7 +5,9 @@ A step is one optimizer update (forward, backward, optimizer, every micro-batch 
 device. The frameworks take turns: each repeat times `--steps` steps of every framework in turn, after warm-up and
 compilation, so that a machine that slows down mid-run slows them all alike. Reported: the median step time over the
 repeats, tokens/s, MFU (6N + attention FLOPs per token over the device's peak; a CPU's peak is a matmul measured
-here) and peak device memory.
+here) and the memory of each variant's step on one device: for JAX the compiler's buffers of the jitted step
+(state, batch and temporaries; it runs on the GPU as compiled), for PyTorch the allocator's peak while its own steps
+run, less what the other variants hold (several run in one process, and neither allocator counts per variant).
 
   python scripts/bench.py --config shakespeare --frameworks jax,torch,nanogpt --json bench.json
   python scripts/bench.py --config small --set train.precision=bf16 --compile     # on a GPU
@@ -82,8 +84,13 @@ class JaxStepper:
         self.jax.block_until_ready((self.state, metrics))
 
     def peak_bytes(self):
-        stats = self.device.memory_stats() or {}
-        return stats.get("peak_bytes_in_use")
+        # JAX's peak_bytes_in_use is the process's and cannot be reset, so it would charge every JAX variant with
+        # the largest one's peak; the compiled step's own buffers (its compilation is cached: no recompile) are per
+        # variant. Donated inputs are aliased to outputs, and counted once.
+        batch = self.batches[0]
+        m = self.trainer.train_step.lower(self.state, batch).compile().memory_analysis()
+        return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                + m.temp_size_in_bytes)
 
 
 class TorchStepper:
@@ -105,22 +112,32 @@ class TorchStepper:
         self.batches = [tuple(torch.from_numpy(a).long().to(self.device) for a in b) for b in micro_batches]
         self.device_kind = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.update = 0
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.peak = None
+
+    def own_bytes(self) -> int:
+        """What this variant holds between steps: weights, gradients, optimizer state and batches."""
+        tensors = [*self.model.parameters(), *(p.grad for p in self.model.parameters() if p.grad is not None),
+                   *(v for s in self.optimizer.state.values() for v in s.values() if self.torch.is_tensor(v)),
+                   *(t for b in self.batches for t in b)]
+        return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
 
     def run(self, steps: int) -> None:
         from gpt2_torch.step import train_step
 
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+            others = self.torch.cuda.memory_allocated(self.device) - self.own_bytes()
         for _ in range(steps):
             train_step(self.step_model, self.optimizer, self.scaler, self.batches, self.update, self.config)
             self.update += 1
-        if self.device.type == "cuda":
+        if cuda:
             self.torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak or 0, self.torch.cuda.max_memory_allocated(self.device) - others)
 
     def peak_bytes(self):
-        if self.device.type == "cuda":
-            return self.torch.cuda.max_memory_allocated(self.device)
-        return None
+        return self.peak
 
 
 def make_stepper(name, config, micro_batches, compile):

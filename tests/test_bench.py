@@ -29,6 +29,8 @@ def test_bench_times_framework_variants_side_by_side_and_writes_the_json(tmp_pat
         assert r["median_step_s"] > 0 and r["tokens_per_s"] == r["tokens_per_step"] / r["median_step_s"]
         assert 0 < r["mfu"] < 1 and "peak_bytes" in r
     assert "jax:model.loss_chunk_size=0" in done.stdout
+    # each JAX variant reports its own step's memory (the process-wide peak would give both the larger one)
+    assert results[1]["peak_bytes"] > results[0]["peak_bytes"] + 50 * 2**20  # the [8, 64, 50304] fp32 logits
 
 
 def test_bench_refuses_unknown_frameworks_and_variants_of_another_shape():

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The project's GPU checks in one command, for a lent GPU whose time is short (one call, ~10 minutes): the GPU-only
+# code paths' tests first, then the benchmarks in order of value. Each stage has a time limit and is skipped when
+# too little of the budget is left, so that one slow stage cannot cost the output of the rest. Everything goes to
+# $OUT/gpu_check.log and $OUT/*.json (OUT defaults to ./gpu_out); the tables are printed last.
+#
+#   bash scripts/gpu_check.sh [BUDGET_SECONDS]        # default 540
+#   CONFIG=tiny COMPILE= bash scripts/gpu_check.sh    # a dry run of the stages on a CPU
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+BUDGET=${1:-540}
+CONFIG=${CONFIG:-small}
+COMPILE=${COMPILE---compile}
+PY=${PYTHON:-python3}
+LOG=$OUT/gpu_check.log
+START=$SECONDS
+# JAX would otherwise take 75% of the GPU up front and leave torch.compile's step too little (seen on an H100).
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run it under a limit, its output into the log
+    local name=$1 limit=$2 left
+    shift 2
+    left=$((BUDGET - (SECONDS - START)))
+    if ((left < limit / 2)); then
+        echo "== $name: skipped, ${left}s of the budget left" | tee -a "$LOG"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    echo "== $name: exit $? after $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+bench() {  # bench NAME LIMIT ARGS...: scripts/bench.py on $CONFIG, its JSON to $OUT/NAME.json
+    local name=$1 limit=$2
+    shift 2
+    stage "$name" "$limit" "$PY" scripts/bench.py --config "$CONFIG" --steps 10 --warmup 3 --repeats 3 \
+        --json "$OUT/$name.json" "$@"
+}
+
+stage environment 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c '
+import jax, flax, optax, torch
+print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"optax\", optax.__version__)
+print(\"torch\", torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
+
+# The tests that only a GPU runs (cuDNN attention), and the fused loss there; fp32 matmuls at full precision,
+# since the tests hold fp32 to 1e-6 and a GPU's default is TF32.
+stage tests 150 env JAX_PLATFORMS= XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_jax_model.py::test_cudnn_attention_matches_xla_on_gpu tests/test_jax_loss.py
+
+# The issue's target run: small, 32 x 1024 tokens a step in 2 micro-batches of 16, bf16; the fused loss (default),
+# the whole logits, longer chunks, and compiled PyTorch, side by side.
+bench step_micro16 330 --frameworks jax,jax:model.loss_chunk_size=0,jax:model.loss_chunk_size=128,torch \
+    --set train.batch_size=32 train.micro_batch_size=16 $COMPILE
+# One micro-batch of 32: no accumulation loop, matmuls twice as tall.
+bench step_micro32 200 --frameworks jax,jax:model.loss_chunk_size=128,jax:model.loss_chunk_size=0 \
+    --set train.batch_size=32 train.micro_batch_size=32
+# XLA's cuBLAS-only GEMMs instead of its Triton GEMM fusions (a process-wide flag: compare with step_micro16's jax).
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench step_micro16_cublas 150 --frameworks jax \
+    --set train.batch_size=32 train.micro_batch_size=16
+
+echo "== done after $((SECONDS - START))s"
+sed -n '/^== environment (/,/^== environment:/p' "$LOG" | sed 1d
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG"
+grep -h -A6 "tokens a step" "$LOG"
