@@ -31,7 +31,9 @@ class ModelConfig:
     attention: str = "auto"  # auto | cudnn | xla (JAX); torch always uses SDPA, which picks flash on GPU
     # The loss goes through the output head this many sequence positions at a time, so the [B, T, V] logits are
     # never materialised (gpt2_jax/loss.py, gpt2_torch/loss.py); 0 computes the whole logits, then the loss.
-    loss_chunk_size: int = 32
+    # 128 was the fastest on an H100 (small, micro-batches of 16 and 32: 1.11x chunks of 32, which re-add the
+    # fp32 embedding gradient once per chunk, and 1.03x the whole logits); the CPU presets set 32 (docs/benchmarks.md).
+    loss_chunk_size: int = 128
 
     @property
     def padded_vocab_size(self) -> int:
