@@ -12,16 +12,21 @@ from gpt2_common.errors import UserError
 from gpt2_common.prepare import EMBEDDED_SOURCES, ensure_embedded_prepared
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and --set, as the trainers and the benchmark scripts take them (args.config, args.overrides)."""
+    parser.add_argument("--config", default="shakespeare", help="a preset in configs/ (tiny, shakespeare, small, "
+                        "medium, large, xl) or a path to a .toml/.yaml file (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set train.lr=3e-4 model.n_layer=6")
+
+
 def train_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default="shakespeare", help="a preset in configs/ (tiny, shakespeare, small, "
-                        "medium, large, xl) or a path to a .toml/.yaml file")
+    add_config_arguments(parser)
     parser.add_argument("--run-dir", default=None, help="where config.toml, metrics.jsonl and checkpoints/ go "
                         "(default: runs/<config name>); running again with the same run dir resumes")
     parser.add_argument("--init-from", default=None, help="start from these weights: a JAX or PyTorch checkpoint "
                         "or a Hugging Face GPT-2 directory")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set train.lr=3e-4 model.n_layer=6")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a run directory's checkpoints even though they were trained with another "
                         "config (keys beyond run control such as train.max_steps, train.eval_interval, logging.*)")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from gpt2_common.cli import add_config_arguments  # noqa: E402
 from gpt2_common.config import load_config  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 from gpt2_common.flops import flops_per_token, peak_flops  # noqa: E402
@@ -217,11 +218,9 @@ def table(results) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="shakespeare", help="a preset or a config file (default: %(default)s)")
+    add_config_arguments(parser)
     parser.add_argument("--frameworks", default="jax,torch", help=f"comma-separated, of {', '.join(FRAMEWORKS)}, "
                         "each optionally with :KEY=VALUE overrides of its own (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.precision=bf16 mesh.fsdp=8 model.attention=cudnn")
     parser.add_argument("--steps", type=int, default=5, help="steps in each timed window (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per framework (default: %(default)s)")

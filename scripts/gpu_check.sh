@@ -51,18 +51,21 @@ print(\"torch\", torch.__version__, torch.cuda.is_available() and torch.cuda.get
 stage tests 150 env JAX_PLATFORMS= XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_jax_model.py::test_cudnn_attention_matches_xla_on_gpu tests/test_jax_loss.py
 
+# Where a step's time goes, by kind of kernel (scripts/profile_step.py), at the fastest setting measured so far.
+stage profile_jax 120 "$PY" scripts/profile_step.py --config "$CONFIG" --framework jax --top 25 \
+    --json "$OUT/profile_jax.json" --set train.batch_size=32 train.micro_batch_size=32
 # The issue's target run: small, 32 x 1024 tokens a step in 2 micro-batches of 16, bf16; the fused loss (default),
-# the whole logits, longer chunks, and compiled PyTorch, side by side.
-bench step_micro16 330 --frameworks jax,jax:model.loss_chunk_size=0,jax:model.loss_chunk_size=128,torch \
+# the whole logits, chunks of 32, and compiled PyTorch, side by side.
+bench step_micro16 330 --frameworks jax,jax:model.loss_chunk_size=0,jax:model.loss_chunk_size=32,torch \
     --set train.batch_size=32 train.micro_batch_size=16 $COMPILE
+stage profile_torch 200 "$PY" scripts/profile_step.py --config "$CONFIG" --framework torch $COMPILE --top 25 \
+    --json "$OUT/profile_torch.json" --set train.batch_size=32 train.micro_batch_size=32
 # One micro-batch of 32: no accumulation loop, matmuls twice as tall.
-bench step_micro32 200 --frameworks jax,jax:model.loss_chunk_size=128,jax:model.loss_chunk_size=0 \
-    --set train.batch_size=32 train.micro_batch_size=32
-# XLA's cuBLAS-only GEMMs instead of its Triton GEMM fusions (a process-wide flag: compare with step_micro16's jax).
-XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench step_micro16_cublas 150 --frameworks jax \
-    --set train.batch_size=32 train.micro_batch_size=16
+bench step_micro32 200 --frameworks jax,jax:model.loss_chunk_size=0 --set train.batch_size=32 train.micro_batch_size=32
 
 echo "== done after $((SECONDS - START))s"
 sed -n '/^== environment (/,/^== environment:/p' "$LOG" | sed 1d
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG"
 grep -h -A6 "tokens a step" "$LOG"
+# the profiles' tables, without the libraries' warnings
+awk '/^== profile_[a-z]+ \(/{on=1; next} /^== profile_[a-z]+:/{on=0} on && !/Warning|warn|USDT|^[WI][0-9]{4} /' "$LOG"
