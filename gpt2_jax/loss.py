@@ -14,12 +14,18 @@ computed the plain way (tests/test_jax_loss.py holds the two together).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+
+# The embedding gradient's per-device shares [S, V, C]: the share axis over the devices of the batch, the
+# vocabulary as the logits split it (over tensor), the width whole.
+DW_SHARES_AXES = ("batch", "act_vocab", None)
 
 
 def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
@@ -67,24 +73,34 @@ def _chunk_logits(x: jax.Array, w: jax.Array, vocab_size: int) -> jax.Array:
 
 
 def _chunk_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(summed NLL of the valid positions, logsumexp [B, chunk], valid mask [B, chunk])."""
+    """(NLL of each row's valid positions [B], logsumexp [B, chunk], valid mask [B, chunk])."""
     valid = targets != -1
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, lse - target_logit, 0.0)), lse, valid
+    return jnp.sum(jnp.where(valid, lse - target_logit, 0.0), axis=-1), lse, valid
+
+
+def _batch_shards() -> int:
+    """How many devices the batch's rows are split over in the mesh being traced for (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = nn.logical_to_mesh_axes(("batch",))[0] or ()
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def _loss(x, embedding, targets, vocab_size, chunk_size, dtype):
     w = embedding.astype(dtype)
     xs, ts = _chunked(x, targets, chunk_size)
 
-    def add_chunk(total, chunk):
+    def add_chunk(row_totals, chunk):
         x_c, t_c = chunk
         nll, _, _ = _chunk_nll(_chunk_logits(x_c, w, vocab_size), t_c)
-        return total + nll, None
+        return row_totals + nll, None
 
-    total, _ = jax.lax.scan(add_chunk, jnp.zeros([], jnp.float32), (xs, ts))
-    return total / jnp.maximum(jnp.sum(targets != -1), 1)
+    # A total per row stays on its row's device: the rows are summed once, after the last chunk.
+    row_totals, _ = jax.lax.scan(add_chunk, jnp.zeros(x.shape[0], jnp.float32), (xs, ts))
+    return jnp.sum(row_totals) / jnp.maximum(jnp.sum(targets != -1), 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -99,28 +115,37 @@ def _fused_forward(x, embedding, targets, vocab_size, chunk_size, dtype):
     before its matmuls as autodiff would cast it, but unscaled by 1/count (in [-1, 1]: no fp16 underflow); the
     matmuls accumulate in fp32 and the 1/count is applied there. The embedding's gradient sums over every chunk in
     fp32, where the plain path's single matmul would round its bf16 product once.
+
+    That sum is over rows that lie on different devices. Kept in one replicated [V, C] carry, it would cost an
+    all-reduce of the whole matrix every chunk; instead each of the S devices that hold rows sums its own rows'
+    share into [S, V, C] (one [V, C] slice a device: the memory of the replicated carry), and the shares are summed
+    once, after the scan.
     """
     B, T, C = x.shape
     w = embedding.astype(dtype)
     count = jnp.maximum(jnp.sum(targets != -1), 1).astype(jnp.float32)
     xs, ts = _chunked(x, targets, chunk_size)
+    shards = _batch_shards()
+
+    def by_shard(a: jax.Array) -> jax.Array:
+        """[B, chunk, D] -> [S, B / S * chunk, D]: the rows of each device, whose block of the batch they are."""
+        return a.reshape(shards, -1, a.shape[-1])
 
     def add_chunk(carry, chunk):
-        total, dw = carry
+        row_totals, dw_shares = carry
         x_c, t_c = chunk
         logits = _chunk_logits(x_c, w, vocab_size)
         nll, lse, valid = _chunk_nll(logits, t_c)
         one_hot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)  # all zero at t = -1
         dlogits = jnp.where(valid[..., None], jnp.exp(logits - lse[..., None]) - one_hot, 0.0).astype(dtype)
         dx_c = jnp.dot(dlogits, w, preferred_element_type=jnp.float32)
-        rows = dlogits.shape[0] * dlogits.shape[1]
-        dw = dw + jnp.dot(dlogits.reshape(rows, -1).T, x_c.reshape(rows, -1), preferred_element_type=jnp.float32)
-        return (total + nll, dw), dx_c
+        dw_c = jnp.einsum("srv,src->svc", by_shard(dlogits), by_shard(x_c), preferred_element_type=jnp.float32)
+        return (row_totals + nll, dw_shares + nn.with_logical_constraint(dw_c, DW_SHARES_AXES)), dx_c
 
-    (total, dw), dxs = jax.lax.scan(add_chunk, (jnp.zeros([], jnp.float32), jnp.zeros(w.shape, jnp.float32)),
-                                    (xs, ts))
+    dw_shares = nn.with_logical_constraint(jnp.zeros((shards, *w.shape), jnp.float32), DW_SHARES_AXES)
+    (row_totals, dw_shares), dxs = jax.lax.scan(add_chunk, (jnp.zeros(B, jnp.float32), dw_shares), (xs, ts))
     dx = dxs.swapaxes(0, 1).reshape(B, -1, C)[:, :T]
-    return total / count, (dx / count, dw / count)
+    return jnp.sum(row_totals) / count, (dx / count, jnp.sum(dw_shares, axis=0) / count)
 
 
 def _fused_backward(vocab_size, chunk_size, dtype, residuals, g):
