@@ -48,6 +48,11 @@ NAME_KINDS = [
 ]
 
 
+# The lines of a device in an XLA trace that summarise its kernels rather than being kernels.
+DERIVED_LINES = {"XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "TensorFlow Ops", "TensorFlow Name Scope",
+                 "Framework Ops", "Framework Name Scope", "Source code", "Launch Stats"}
+
+
 def kind_of_name(name: str) -> str:
     return next((kind for kind, pattern in NAME_KINDS if pattern.search(name)), "other")
 
@@ -113,11 +118,13 @@ def kernel_events(events: list[dict]) -> list[dict]:
     process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     thread = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    gpus = {pid for pid, name in process.items() if name.startswith("/device:GPU")}
-    if gpus:
-        on_gpu = [e for e in spans if e["pid"] in gpus]
-        streams = [e for e in on_gpu if thread.get((e["pid"], e.get("tid")), "").startswith("Stream")]
-        return streams or on_gpu
+    devices = {pid for pid, name in process.items() if name.startswith("/device:")}
+    if devices:
+        on_device = [e for e in spans if e["pid"] in devices]
+        line = lambda e: thread.get((e["pid"], e.get("tid")), "")  # noqa: E731
+        streams = [e for e in on_device if line(e).startswith("Stream")]
+        # Without stream lines, leave out the lines derived from the kernels, which cover the same time again.
+        return streams or [e for e in on_device if line(e) not in DERIVED_LINES]
     ops = [e for e in spans if "hlo_op" in e.get("args", {}) or e.get("cat") == "cpu_op"]
     return self_times(ops)
 

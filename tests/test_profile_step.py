@@ -116,3 +116,10 @@ def test_profile_step_sums_the_step_by_kind(tmp_path, framework):
     # XLA runs a CPU program on two threads at once, so the kernels can add up to more than the wall time
     assert 0 < summary["busy"] < 2.5 and len(summary["kernels"]) == 5
     assert "kind" in done.stdout and "ms/step" in done.stdout
+
+
+def test_without_stream_lines_the_derived_lines_are_left_out():
+    renamed = [dict(e, args={"name": "Compute"}) if e.get("name") == "thread_name" and e.get("tid") == 7 else e
+               for e in gpu_trace()]
+    assert [k["name"] for k in kernel_events(renamed)] == ["sm90_xmma_gemm_bf16", "cudnn_fmha_fwd",
+                                                          "input_reduce_fusion", "loop_tanh_fusion"]
