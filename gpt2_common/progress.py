@@ -9,6 +9,22 @@ from collections import OrderedDict
 from typing import Mapping
 
 
+def step_line(record: Mapping[str, float], max_steps: int) -> str:
+    """A training step's log line, the same from both trainers; the optional fields where the record has them."""
+    parts = [f"step {record['step']:6d}/{max_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}",
+             f"grad norm {record['grad_norm']:.3f}", f"{record['step_time_s'] * 1000:.0f} ms/step",
+             f"{record['tokens_per_s']:,.0f} tok/s"]
+    if record.get("mfu") is not None:
+        parts.append(f"mfu {record['mfu']:.1%}")
+    if "loss_scale" in record:
+        parts.append(f"loss scale {record['loss_scale']:g}")
+    if "memory_gib" in record:
+        parts.append(f"mem {record['memory_gib']:.2f} GiB")
+    if record.get("skipped_steps"):
+        parts.append(f"skipped {record['skipped_steps']}")
+    return " | ".join(parts)
+
+
 def eval_line(record: Mapping[str, float], max_steps: int) -> str:
     """An evaluation's line: its step, then the validation loss and HellaSwag accuracy, whichever it has."""
     parts = [f"step {record['step']:6d}/{max_steps}"]

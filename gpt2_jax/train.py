@@ -27,7 +27,7 @@ from gpt2_common.flops import mfu, num_params, peak_flops
 from gpt2_common.loaders import open_loaders
 from gpt2_common.metrics import RunLog, check_logging_packages
 from gpt2_common.evaluation import hellaswag_correct, training_hellaswag
-from gpt2_common.progress import Progress, eval_line, model_summary
+from gpt2_common.progress import Progress, eval_line, model_summary, step_line
 from gpt2_common.schedule import lr_at  # equals the optimizer's schedule (tests/test_jax_optim.py checks it)
 from gpt2_common.tokenizer import decode, get_tokenizer
 from gpt2_jax import checkpoint, distributed, sharding
@@ -164,7 +164,7 @@ def _train(config: Config, run_dir: Path, *, init_from, stop_at, sample_tokens, 
                 if memory is not None:
                     record["memory_gib"] = memory / 2**30
                 writer.write(record)
-                line = _log_line(record, t.max_steps)
+                line = step_line(record, t.max_steps)
                 progress.update(step, record["loss"], tokens_per_s, line) if progress.enabled else say(line)
                 tick, timed_steps = time.perf_counter(), 0
             elif step == first_step + 1:  # that call compiled the step function: keep it out of the step times
@@ -304,21 +304,6 @@ def _hellaswag_scores(trainer: Trainer, params: Any, examples: list) -> dict[str
     token_nll = model_token_nll(trainer.model, params, trainer.mesh)
     correct, correct_norm = hellaswag_correct(examples, trainer.config.model.block_size, token_nll)
     return {"hellaswag_acc": correct / len(examples), "hellaswag_acc_norm": correct_norm / len(examples)}
-
-
-def _log_line(record: dict, max_steps: int) -> str:
-    line = (f"step {record['step']:>6}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-            f"grad norm {record['grad_norm']:.3f} | {record['step_time_s'] * 1000:.0f} ms/step | "
-            f"{record['tokens_per_s']:,.0f} tok/s")
-    if record["mfu"] is not None:
-        line += f" | mfu {record['mfu']:.1%}"
-    if "loss_scale" in record:
-        line += f" | loss scale {record['loss_scale']:g}"
-    if "memory_gib" in record:
-        line += f" | mem {record['memory_gib']:.2f} GiB"
-    if record.get("skipped_steps"):
-        line += f" | skipped {record['skipped_steps']}"
-    return line
 
 
 def _sample_text(trainer: Trainer, params: Any, max_new_tokens: int, seed: int) -> str:

@@ -30,7 +30,7 @@ from gpt2_common.flops import mfu, num_params, peak_flops
 from gpt2_common.loaders import open_loaders
 from gpt2_common.metrics import RunLog, check_logging_packages
 from gpt2_common.evaluation import hellaswag_correct, training_hellaswag
-from gpt2_common.progress import Progress, eval_line, model_summary
+from gpt2_common.progress import Progress, eval_line, model_summary, step_line
 from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save, load_checkpoint,
                                    newest_resumable, remove_partial_saves, restore_rng_state, save_checkpoint)
 from gpt2_torch.evaluate import model_token_nll
@@ -311,7 +311,7 @@ def _train(config: Config, run_dir: Path, init_path: str | None, env: Distribute
                 if device.type == "cuda":
                     record["memory_gib"] = torch.cuda.memory_allocated(device) / 2**30
                 log.write(record)
-                progress.update(step, loss_value, tokens_per_s, _log_line(record, t.max_steps))
+                progress.update(step, loss_value, tokens_per_s, step_line(record, t.max_steps))
                 timer, timed_steps = time.perf_counter(), 0
 
             paused, saved_now, new_best = False, False, False  # evaluation, checkpoints, samples: not step time
@@ -348,16 +348,6 @@ def _train(config: Config, run_dir: Path, init_path: str | None, env: Distribute
         log.close()
         progress.close()
     sample()
-
-
-def _log_line(record: dict, max_steps: int) -> str:
-    utilisation = record["mfu"]
-    return (f"step {record['step']:6d}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-            f"norm {record['grad_norm']:.3f} | {record['step_time_s'] * 1000:.0f} ms | "
-            f"{record['tokens_per_s']:,.0f} tok/s"
-            + (f" | mfu {100 * utilisation:.1f}%" if utilisation is not None else "")
-            + (f" | mem {record['memory_gib']:.2f} GiB" if "memory_gib" in record else "")
-            + (f" | skipped {record['skipped_steps']}" if record.get("skipped_steps") else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,3 +21,14 @@ def test_plain_lines_without_a_terminal():
     progress.write("val loss 3.1")
     progress.close()
     assert stream.getvalue() == "step 5 | loss 3.2000\nval loss 3.1\n"
+
+
+def test_both_trainers_print_one_step_line_with_the_optional_fields_they_have():
+    from gpt2_common.progress import step_line
+
+    record = {"step": 7, "loss": 3.25, "lr": 6e-4, "grad_norm": 0.5, "step_time_s": 0.0724, "tokens_per_s": 452477.0,
+              "mfu": None}
+    assert step_line(record, 100) == ("step      7/100 | loss 3.2500 | lr 6.000e-04 | grad norm 0.500 | 72 ms/step | "
+                                      "452,477 tok/s")
+    full = step_line({**record, "mfu": 0.391, "loss_scale": 1024.0, "memory_gib": 8.5, "skipped_steps": 2}, 100)
+    assert full.endswith("| mfu 39.1% | loss scale 1024 | mem 8.50 GiB | skipped 2")
