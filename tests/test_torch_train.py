@@ -113,6 +113,23 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch(tmp_path):
     assert len(ddp_rng) == 2 and not torch.equal(ddp_rng[0]["torch"], ddp_rng[1]["torch"])  # per-rank dropout
 
 
+@pytest.mark.slow
+def test_compiled_ddp_trains_like_one_eager_process(tmp_path):
+    """train.compile under torchrun: torch.compile inside DDP (two gloo processes) gives the eager single process's
+    losses and weights, up to the compiled kernels' reordering of float sums (~2 minutes on 2 CPU cores)."""
+    compiled = write_config(tmp_path, train={"compile": True})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "scripts" / "train_torch.py"), "--config", str(compiled), "--run-dir", str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "2 x cpu" in launched.stdout and "compiled" in launched.stdout
+    main(["--config", str(write_config(tmp_path)), "--run-dir", str(tmp_path / "one")])
+    assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-4)
+    assert_same_params(final_params(tmp_path / "ddp"), final_params(tmp_path / "one"), rtol=1e-4)
+
+
 def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path, capsys):
     # dropout on, so that the restored RNG matters; two micro-steps, so that the loader position matters
     config = write_config(tmp_path, model={"dropout": 0.1})
