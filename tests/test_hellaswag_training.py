@@ -109,3 +109,39 @@ def test_hellaswag_with_a_small_vocabulary_is_a_user_error(tmp_path):
     missing = load_config(str(write_config(tmp_path)), [f"data.hellaswag={json.dumps(str(tmp_path / 'no.jsonl'))}"])
     with pytest.raises(UserError, match="does not exist"):
         training_hellaswag(missing)
+
+
+@pytest.mark.slow
+def test_two_jax_processes_log_the_hellaswag_of_one(tmp_path):
+    """Under jax.distributed (two processes of 4 CPU devices, as tests/test_jax_train.py runs them), each process
+    scores the examples on the model spread over both, and the figures logged are one process's (~70 s)."""
+    import socket
+
+    config = write_config(tmp_path, batch_size=8, micro_batch_size=8)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "train_jax.py"), "--config", str(config), "--run-dir",
+         str(tmp_path / "two"), "--sample-tokens", "0", "--coordinator-address", f"localhost:{port}",
+         "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(outputs)[-4000:]
+    assert "hellaswag acc_norm" in outputs[0] and "hellaswag" not in outputs[1]  # the first process logs
+    from gpt2_jax.train import train
+
+    train(load_config(str(config)), tmp_path / "one", sample_tokens=0, log=lambda _: None)
+    two, one = scores(tmp_path / "two"), scores(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+    for a, b in zip(two, one):
+        assert (a["hellaswag_acc"], a["hellaswag_acc_norm"]) == pytest.approx(
+            (b["hellaswag_acc"], b["hellaswag_acc_norm"]), abs=1e-9)
+    expected = offline_scores(tmp_path / "two", "jax")
+    assert (two[-1]["hellaswag_acc"], two[-1]["hellaswag_acc_norm"]) == pytest.approx(
+        (expected["acc"], expected["acc_norm"]), abs=1e-9)
