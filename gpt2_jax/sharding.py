@@ -150,3 +150,18 @@ def bytes_per_device(tree: Any) -> dict:
         for shard in leaf.addressable_shards:
             total[shard.device] = total.get(shard.device, 0) + shard.data.nbytes
     return total
+
+
+# For a function vmapped over the data axis (each data-parallel replica's own rows, jax.vmap's spmd_axis_name):
+# inside it, the rows split over fsdp only.
+REPLICA_RULES = (("batch", "fsdp"), *(rule for rule in RULES if rule[0] != "batch"))
+
+
+def replica_rules():
+    """The rules for the body of a function vmapped over the data axis; enter inside activation_sharding."""
+    return nn.logical_axis_rules(REPLICA_RULES)
+
+
+def replica_shardings(param_shardings: Any) -> Any:
+    """Shardings of a [replicas, *param] array per parameter: one slice per data-parallel replica."""
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, P("data", *s.spec)), param_shardings)

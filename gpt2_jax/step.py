@@ -4,8 +4,9 @@ the loop around them).
 One optimizer step takes train.batch_size sequences as batch_size/micro_batch_size micro-batches, either one
 jitted call per micro-batch under optax.MultiSteps ("multisteps") or one jitted call that lax.scan's over them
 ("scan", and any step of a single micro-batch). Both apply the same inner optimizer to the mean gradient.
-Micro-batch k of step s is loader position s*accum + k, and its dropout key is fold_in(rng, s*accum + k), so a
-resumed run replays exactly.
+Micro-batch k of step s is loader position s*accum + k, and its dropout key is fold_in(rng, s*accum + k) (in the
+scanned step over several data-parallel replicas, each replica folds in its index too), so a resumed run replays
+exactly.
 """
 
 from __future__ import annotations
@@ -47,14 +48,19 @@ def init_state(rng: jax.Array, *, model: GPT, optimizer: optax.GradientTransform
                       rng=dropout_key, loss_scale=LossScale.create() if fp16 else None)
 
 
-def loss_and_grads(state: TrainState, inputs: jax.Array, targets: jax.Array, position: jax.Array,
-                   model: GPT) -> tuple[jax.Array, Any]:
-    """The micro-batch's loss and its (unscaled) gradient; under fp16 the loss is scaled for the backward pass."""
+def loss_and_grads(state: TrainState, inputs: jax.Array, targets: jax.Array, position: jax.Array, model: GPT,
+                   replica: jax.Array | None = None, weight: jax.Array | float = 1.0) -> tuple[jax.Array, Any]:
+    """The micro-batch's loss and its (unscaled) gradient, both times `weight`; under fp16 the loss is scaled for
+    the backward pass. `replica`: whose rows these are when they are one data-parallel replica's share of the
+    micro-batch (each replica draws its own dropout masks)."""
     scale = state.loss_scale.scale if state.loss_scale is not None else None
+    dropout_key = jax.random.fold_in(state.rng, position)
+    if replica is not None:
+        dropout_key = jax.random.fold_in(dropout_key, replica)
 
     def loss_fn(params):
-        loss = model.apply({"params": params}, inputs, targets=targets, deterministic=model.config.dropout == 0,
-                           rngs={"dropout": jax.random.fold_in(state.rng, position)})
+        loss = weight * model.apply({"params": params}, inputs, targets=targets,
+                                    deterministic=model.config.dropout == 0, rngs={"dropout": dropout_key})
         return (loss * scale if scale is not None else loss), loss
 
     (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -76,23 +82,49 @@ def _step_metrics(loss: jax.Array, state: TrainState) -> dict[str, jax.Array]:
 
 
 def train_step_scan(state: TrainState, batch: tuple[jax.Array, jax.Array], *, model: GPT,
-                    optimizer: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, dict]:
-    """One optimizer step over batch = (inputs, targets), each [accum, micro_batch, T]."""
+                    optimizer: optax.GradientTransformation, mesh: Mesh,
+                    grad_shardings: Any) -> tuple[TrainState, dict]:
+    """One optimizer step over batch = (inputs, targets), each [accum, micro_batch, T].
+
+    Gradients cross the data axis once a step, as DDP's no_sync has them: each data-parallel replica sums its own
+    rows' gradients over the micro-batches (jax.vmap over the replicas, an axis that XLA splits over data) into a
+    [replicas, *param] carry sharded by grad_shardings, and the replicas' sums are added after the last
+    micro-batch. In one carry of the parameters' sharding, XLA would all-reduce every micro-batch's gradient
+    inside the loop. Within a replica nothing changes: its rows still split over fsdp.
+    """
     with sharding.activation_sharding(mesh):
         inputs, targets = batch
-        accum = inputs.shape[0]
+        accum, rows, _ = inputs.shape
+        replicas = mesh.shape["data"]
+        # A micro-batch's loss is the mean over all of its positions, so each replica's mean over its own rows is
+        # weighted by their share of those positions: the replicas' shares add up to the micro-batch's mean.
+        counts = jnp.sum(targets != -1, axis=(1, 2))
 
-        def add_micro_batch(grad_sum, micro):
-            k, x, y = micro
-            loss, grads = loss_and_grads(state, x, y, state.step * accum + k, model)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
+        def replica_loss_and_grads(x, y, replica, k, count):
+            weight = jnp.sum(y != -1) / jnp.maximum(count, 1)
+            with sharding.replica_rules():
+                return loss_and_grads(state, x, y, state.step * accum + k, model,
+                                      replica=replica if replicas > 1 else None, weight=weight)
 
-        grad_sum, losses = jax.lax.scan(add_micro_batch, jax.tree.map(jnp.zeros_like, state.params),
-                                        (jnp.arange(accum), inputs, targets))
-        params, opt_state = _apply(state, jax.tree.map(lambda g: g / accum, grad_sum), optimizer)
+        per_replica = jax.vmap(replica_loss_and_grads, in_axes=(0, 0, 0, None, None), spmd_axis_name="data")
+
+        def add_micro_batch(grad_sums, micro):
+            k, x, y, count = micro
+            losses, grads = per_replica(x, y, jnp.arange(replicas), k, count)
+            return jax.tree.map(jnp.add, grad_sums, grads), losses
+
+        def split_rows(a):  # [accum, rows, T] -> [accum, replicas, rows / replicas, T]
+            return a.reshape(accum, replicas, rows // replicas, -1)
+
+        zeros = jax.lax.with_sharding_constraint(
+            jax.tree.map(lambda p: jnp.zeros((replicas, *p.shape), p.dtype), state.params), grad_shardings)
+        grad_sums, losses = jax.lax.scan(add_micro_batch, zeros,
+                                         (jnp.arange(accum), split_rows(inputs), split_rows(targets), counts))
+        grads = jax.tree.map(lambda g: jnp.sum(g, axis=0) / accum, grad_sums)  # the once-a-step all-reduce
+        params, opt_state = _apply(state, grads, optimizer)
         loss_scale = None if state.loss_scale is None else state.loss_scale.adjust(last_update_finite(opt_state))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale)
-        return new_state, _step_metrics(losses.mean(), new_state)
+        return new_state, _step_metrics(jnp.sum(losses) / accum, new_state)
 
 
 def train_step_multisteps(state: TrainState, batch: tuple[jax.Array, jax.Array], *, model: GPT,
@@ -211,7 +243,8 @@ def build_trainer(config: Config, mesh: Mesh) -> Trainer:
 
     def jit_step(step_model) -> Callable:
         if not uses_multisteps(t):
-            step_fn = functools.partial(train_step_scan, model=step_model, optimizer=optimizer, mesh=mesh)
+            step_fn = functools.partial(train_step_scan, model=step_model, optimizer=optimizer, mesh=mesh,
+                                        grad_shardings=sharding.replica_shardings(param_shardings))
         else:
             step_fn = functools.partial(train_step_multisteps, model=step_model, optimizer=optimizer, mesh=mesh,
                                         accum=t.grad_accum_steps)

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gpt2_common.config import MeshConfig, from_dict
+from collectives import collectives, compiled_step  # scripts/collectives.py
+from gpt2_common.config import MeshConfig, from_dict, load_config
 from gpt2_common.errors import UserError
 from gpt2_jax.sharding import bytes_per_device, logical_sharding, make_mesh, mesh_shape, process_rows
 from gpt2_jax.step import build_trainer
-from test_jax_optim import tiny_config, trained
+from test_jax_optim import RowLoader, host_params, random_tokens, tiny_config, trained, trainer_for
+
 
 def layout_config(mesh):
     return dataclasses.replace(tiny_config(), mesh=MeshConfig(**mesh))
@@ -24,6 +26,44 @@ def test_every_layout_trains_like_a_single_device(layout):
     trainer, state, history = trained(layout)
     np.testing.assert_allclose(history, expected, rtol=1e-5)  # the loss and gradient norm of each of 3 steps
     assert len({s.device for leaf in jax.tree.leaves(state.params) for s in leaf.addressable_shards}) == 8
+
+
+def test_replicas_with_unequal_ignored_positions_train_like_a_single_device():
+    """The scanned step splits each micro-batch over the data replicas, and each replica's loss is a mean over its
+    own rows: weighted by their share of the micro-batch's positions, the replicas' losses and gradients add up to
+    the micro-batch's mean. Here each replica (one row) ignores a different number of positions."""
+    tokens = random_tokens(16)
+    targets = tokens[:, 1:].copy()
+    for row in range(16):
+        targets[row, 31 - 2 * row:] = -1  # row r keeps 31 - 2r of its 32 positions
+
+    class MaskedLoader(RowLoader):
+        def batch(self, position):
+            rows = slice(position * self.rows, (position + 1) * self.rows)
+            return self.tokens[rows, :-1], targets[rows]
+
+    histories = []
+    for layout in ("single", "data8"):
+        trainer = trainer_for(layout, 8, "scan")
+        state = trainer.init(jax.random.PRNGKey(0), host_params(trainer.model))
+        history = []
+        for _ in range(3):
+            state, metrics = trainer.step(state, MaskedLoader(tokens, 8), 0)
+            history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+        histories.append(history)
+    np.testing.assert_allclose(histories[1], histories[0], rtol=1e-5)
+
+
+def test_data_parallel_gradients_cross_devices_once_a_step():
+    """Each replica sums its own micro-batches' gradients, and the sums are all-reduced once, after the loop. With
+    the parameters' (replicated) sharding on the sum, XLA all-reduced every micro-batch's gradient inside the loop,
+    and the embedding's two gradients (the lookup's and the head's) each on its own: 3.9x these bytes here."""
+    config = load_config("tiny", ["mesh.data=8", "train.batch_size=32", "train.micro_batch_size=16"])
+    trainer = build_trainer(config, make_mesh(config.mesh))
+    reductions = [c for c in collectives(compiled_step(trainer)) if c.op in ("all-reduce", "reduce-scatter")]
+    assert sum(c.bytes for c in reductions if c.runs > 1) == 0
+    param_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trainer.abstract_state.params))
+    assert sum(c.bytes for c in reductions) == pytest.approx(param_bytes, rel=1e-3)
 
 
 def test_fsdp_splits_parameters_and_optimizer_state_eight_ways():

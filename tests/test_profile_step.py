@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from profile_step import hlo_kinds, kernel_events, summarize  # scripts/ is on sys.path (conftest.py)
 
-from profile_step import hlo_kinds, kernel_events, summarize  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 HLO = """HloModule jit_train_step
 
