@@ -81,8 +81,8 @@ class JaxStepper:
     def run(self, steps: int) -> None:
         for _ in range(steps):
             for batch in self.batches:
-                self.state, metrics = self.trainer.train_step(self.state, batch)
-        self.jax.block_until_ready((self.state, metrics))
+                self.state, _ = self.trainer.train_step(self.state, batch)
+        self.jax.block_until_ready(self.state)
 
     def peak_bytes(self):
         # JAX's peak_bytes_in_use is the process's and cannot be reset, so it would charge every JAX variant with
