@@ -34,6 +34,11 @@ class ModelConfig:
     # 128 was the fastest on an H100 (small, micro-batches of 16 and 32: 1.11x chunks of 32, which re-add the
     # fp32 embedding gradient once per chunk, and 1.03x the whole logits); the CPU presets set 32 (docs/benchmarks.md).
     loss_chunk_size: int = 128
+    # The fused loss's exponentials (JAX): "keep" computes exp(logits - max) once for the loss and its gradient's
+    # softmax; "recompute" takes the logsumexp, then exp(logits - lse) again for the gradient, which spares a write
+    # and a read of the chunk's fp32 exponentials where exp is cheap next to memory traffic. "auto" keeps them on
+    # a CPU, where exp is dear (docs/benchmarks.md), and recomputes them elsewhere.
+    loss_exp: str = "auto"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -122,6 +127,7 @@ _SECTION_CLASSES = {
 }
 CHOICES = {
     ("model", "attention"): ("auto", "cudnn", "xla"),
+    ("model", "loss_exp"): ("auto", "keep", "recompute"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "accumulation"): ("multisteps", "scan"),
     ("data", "format"): ("tokens", "alpaca"),
@@ -130,7 +136,7 @@ CHOICES = {
 # Keys a run may change between a checkpoint and its resumption without --allow-config-change: they steer the run
 # (how long, how often to evaluate, log or save, where to log) but not the training arithmetic of the steps done.
 RUN_CONTROL_KEYS = frozenset({
-    "name", "model.attention", "model.loss_chunk_size", "train.max_steps", "train.eval_interval", "train.eval_steps",
+    "name", "model.attention", "model.loss_chunk_size", "model.loss_exp", "train.max_steps", "train.eval_interval", "train.eval_steps",
     "train.save_interval", "train.keep_checkpoints", "train.log_interval", "train.sample_interval", "train.compile",
     "train.keep_best", "train.save_every_epoch", "train.nan_policy", "train.hellaswag_examples", "mesh.data",
     "mesh.fsdp", "mesh.tensor", "data.hellaswag", "logging.wandb", "logging.tensorboard", "logging.wandb_project",

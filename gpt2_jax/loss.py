@@ -45,14 +45,16 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, vocab_size: int) -> jax
 
 
 def fused_cross_entropy(x: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_size: int, chunk_size: int,
-                        dtype: Any) -> jax.Array:
+                        dtype: Any, keep_exp: bool = False) -> jax.Array:
     """Mean fp32 cross-entropy of targets [B, T] (-1: ignored) under logits x @ embedding.T, computed chunk by chunk.
 
     x: the final hidden states [B, T, C] in the compute dtype; embedding: the fp32 token embedding [V_padded, C],
     cast to dtype for the matmuls as the plain head casts it; ids >= vocab_size (the padding) never take probability.
+    keep_exp: compute each chunk's exponentials once for the loss and the gradient's softmax, rather than twice
+    (model.loss_exp).
     """
     # The custom VJP hands back a cotangent in x's dtype: make that the compute dtype it was written for.
-    return _fused(x.astype(dtype), embedding, targets, vocab_size, chunk_size, dtype)
+    return _fused(x.astype(dtype), embedding, targets, vocab_size, chunk_size, dtype, keep_exp)
 
 
 def _chunked(x: jax.Array, targets: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
@@ -80,6 +82,21 @@ def _chunk_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Ar
     return jnp.sum(jnp.where(valid, lse - target_logit, 0.0), axis=-1), lse, valid
 
 
+def _chunk_nll_and_softmax(logits: jax.Array, targets: jax.Array,
+                           keep_exp: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(NLL of each row's valid positions [B], softmax [B, chunk, V], valid mask [B, chunk]); keep_exp: from one
+    exp of the logits, else from the logsumexp and a second exp (see model.loss_exp)."""
+    if not keep_exp:
+        nll, lse, valid = _chunk_nll(logits, targets)
+        return nll, jnp.exp(logits - lse[..., None]), valid
+    valid = targets != -1
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    exp = jnp.exp(shifted)
+    total = jnp.sum(exp, axis=-1)
+    target_shifted = jnp.take_along_axis(shifted, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, jnp.log(total) - target_shifted, 0.0), axis=-1), exp / total[..., None], valid
+
+
 def _batch_shards() -> int:
     """How many devices the batch's rows are split over in the mesh being traced for (1 outside a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -103,12 +120,12 @@ def _loss(x, embedding, targets, vocab_size, chunk_size, dtype):
     return jnp.sum(row_totals) / jnp.maximum(jnp.sum(targets != -1), 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused(x, embedding, targets, vocab_size, chunk_size, dtype):
-    return _loss(x, embedding, targets, vocab_size, chunk_size, dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fused(x, embedding, targets, vocab_size, chunk_size, dtype, keep_exp):
+    return _loss(x, embedding, targets, vocab_size, chunk_size, dtype)  # no gradient: the logsumexp suffices
 
 
-def _fused_forward(x, embedding, targets, vocab_size, chunk_size, dtype):
+def _fused_forward(x, embedding, targets, vocab_size, chunk_size, dtype, keep_exp):
     """The loss, and its gradients with respect to x and the embedding, computed in one pass over the chunks.
 
     d loss / d logits = (softmax - one_hot(target)) / count on the valid positions. It is cast to the compute dtype
@@ -135,9 +152,9 @@ def _fused_forward(x, embedding, targets, vocab_size, chunk_size, dtype):
         row_totals, dw_shares = carry
         x_c, t_c = chunk
         logits = _chunk_logits(x_c, w, vocab_size)
-        nll, lse, valid = _chunk_nll(logits, t_c)
+        nll, softmax, valid = _chunk_nll_and_softmax(logits, t_c, keep_exp)
         one_hot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)  # all zero at t = -1
-        dlogits = jnp.where(valid[..., None], jnp.exp(logits - lse[..., None]) - one_hot, 0.0).astype(dtype)
+        dlogits = jnp.where(valid[..., None], softmax - one_hot, 0.0).astype(dtype)
         dx_c = jnp.dot(dlogits, w, preferred_element_type=jnp.float32)
         dw_c = jnp.einsum("srv,src->svc", by_shard(dlogits), by_shard(x_c), preferred_element_type=jnp.float32)
         return (row_totals + nll, dw_shares + nn.with_logical_constraint(dw_c, DW_SHARES_AXES)), dx_c
@@ -148,7 +165,7 @@ def _fused_forward(x, embedding, targets, vocab_size, chunk_size, dtype):
     return jnp.sum(row_totals) / count, (dx / count, jnp.sum(dw_shares, axis=0) / count)
 
 
-def _fused_backward(vocab_size, chunk_size, dtype, residuals, g):
+def _fused_backward(vocab_size, chunk_size, dtype, keep_exp, residuals, g):
     dx, dw = residuals
     return (g * dx).astype(dtype), g * dw, None
 

@@ -159,6 +159,7 @@ class Block(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
     attention: str = "xla"
+    keep_loss_exp: bool = False  # model.loss_exp, resolved for the backend
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True, cache: KVCache | None = None,
@@ -178,6 +179,7 @@ class GPT(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
     attention: str = "xla"
+    keep_loss_exp: bool = False  # model.loss_exp, resolved for the backend
 
     @nn.compact
     def __call__(self, idx: jax.Array, deterministic: bool = True, cache: KVCache | None = None,
@@ -209,7 +211,8 @@ class GPT(nn.Module):
                 x, cache = block(x, deterministic, cache, positions, i)
         x = _layer_norm(self.dtype, "ln_f")(x)
         if targets is not None and cfg.loss_chunk_size:
-            return fused_cross_entropy(x, wte.embedding, targets, cfg.vocab_size, cfg.loss_chunk_size, self.dtype)
+            return fused_cross_entropy(x, wte.embedding, targets, cfg.vocab_size, cfg.loss_chunk_size, self.dtype,
+                                       keep_exp=self.keep_loss_exp)
         logits = wte.attend(x)  # the output head is the token embedding, transposed
         logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab")).astype(jnp.float32)
         if targets is not None:
@@ -228,7 +231,9 @@ class GPT(nn.Module):
 
 
 def build_model(config: ModelConfig, precision: str = "fp32", backend: str | None = None) -> GPT:
-    """The GPT for a config: compute dtype from train.precision, attention kernel for this backend."""
+    """The GPT for a config: compute dtype from train.precision, attention kernel and loss for this backend."""
     dtype = compute_dtype(precision)
     backend = backend or jax.default_backend()
-    return GPT(config, dtype=dtype, attention=attention_implementation(config.attention, backend, dtype))
+    keep_loss_exp = config.loss_exp == "keep" or (config.loss_exp == "auto" and backend == "cpu")
+    return GPT(config, dtype=dtype, attention=attention_implementation(config.attention, backend, dtype),
+               keep_loss_exp=keep_loss_exp)

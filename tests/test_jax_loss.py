@@ -29,8 +29,8 @@ def plain_loss(x, embedding, targets, dtype=jnp.float32):
     return cross_entropy(jnp.dot(x.astype(dtype), embedding.astype(dtype).T).astype(jnp.float32), targets, VOCAB)
 
 
-def fused_loss(x, embedding, targets, chunk, dtype=jnp.float32):
-    return fused_cross_entropy(x, embedding, targets, VOCAB, chunk, dtype)
+def fused_loss(x, embedding, targets, chunk, dtype=jnp.float32, keep_exp=False):
+    return fused_cross_entropy(x, embedding, targets, VOCAB, chunk, dtype, keep_exp)
 
 
 @functools.cache
@@ -38,9 +38,11 @@ def plain_value_and_grads():
     return jax.jit(jax.value_and_grad(plain_loss, argnums=(0, 1)))(*batch())
 
 
+@pytest.mark.parametrize("keep_exp", [False, True])  # model.loss_exp: recompute or keep the exponentials
 @pytest.mark.parametrize("chunk", [1, 5, T, 64])  # 5 leaves a ragged last chunk; 64 is longer than the sequence
-def test_fused_loss_and_gradients_equal_the_plain_ones(chunk):
-    loss, (dx, dw) = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), static_argnums=3)(*batch(), chunk)
+def test_fused_loss_and_gradients_equal_the_plain_ones(chunk, keep_exp):
+    loss, (dx, dw) = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), static_argnums=(3, 4, 5))(
+        *batch(), chunk, jnp.float32, keep_exp)
     plain, (plain_dx, plain_dw) = plain_value_and_grads()
     assert float(loss) == pytest.approx(float(plain), rel=1e-6)
     np.testing.assert_allclose(dx, plain_dx, rtol=1e-5, atol=1e-7)
@@ -62,18 +64,20 @@ def test_the_backward_pass_scales_with_the_incoming_gradient():
         np.testing.assert_allclose(got, 1024.0 * np.asarray(want), rtol=1e-5, atol=1024.0 * 1e-7)
 
 
-def test_every_target_ignored_gives_zero_loss_and_gradient():
+@pytest.mark.parametrize("keep_exp", [False, True])
+def test_every_target_ignored_gives_zero_loss_and_gradient(keep_exp):
     x, embedding, targets = batch()
-    loss, grads = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), static_argnums=3)(
-        x, embedding, jnp.full_like(targets, -1), 5)
+    loss, grads = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), static_argnums=(3, 4, 5))(
+        x, embedding, jnp.full_like(targets, -1), 5, jnp.float32, keep_exp)
     assert float(loss) == 0.0
     assert all(np.abs(np.asarray(g)).max() == 0 for g in grads)
 
 
-def test_bf16_fused_loss_is_the_plain_bf16_loss_up_to_rounding():
+@pytest.mark.parametrize("keep_exp", [False, True])
+def test_bf16_fused_loss_is_the_plain_bf16_loss_up_to_rounding(keep_exp):
     x, embedding, targets = batch(dtype=jnp.bfloat16)
-    loss, (dx, dw) = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), static_argnums=(3, 4))(
-        x, embedding, targets, 5, jnp.bfloat16)
+    loss, (dx, dw) = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)), static_argnums=(3, 4, 5))(
+        x, embedding, targets, 5, jnp.bfloat16, keep_exp)
     plain, (plain_dx, plain_dw) = jax.jit(jax.value_and_grad(plain_loss, argnums=(0, 1)), static_argnums=3)(
         x, embedding, targets, jnp.bfloat16)
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32

@@ -1,5 +1,6 @@
 """The Flax GPT-2: names and shapes of the contract, GPT-2 init, causality, the loss, attention selection, sampling."""
 
+import dataclasses
 import functools
 import math
 
@@ -120,6 +121,16 @@ def test_attention_selection():
         attention_implementation("cudnn", "gpu", jnp.float32)
     assert build_model(CFG, "bf16", backend="gpu").attention == "cudnn"
     assert build_model(CFG, "bf16", backend="cpu").attention == "xla"
+
+
+def test_loss_exponentials_selection():
+    """model.loss_exp: "auto" keeps the fused loss's exponentials on a CPU (1.18-1.21x the step there) and
+    recomputes them on an accelerator; "keep" and "recompute" hold anywhere."""
+    def kept(setting, backend):
+        return build_model(dataclasses.replace(CFG, loss_exp=setting), "bf16", backend=backend).keep_loss_exp
+
+    assert kept("auto", "cpu") and not kept("auto", "gpu") and not kept("auto", "tpu")
+    assert kept("keep", "gpu") and not kept("recompute", "cpu")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU (this run is CPU)")
