@@ -163,8 +163,8 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(accumulation, monkeyp
     # here and an overflow is simulated as fp16 would have it: the gradient is inf while the scale is too big.
     real_build_model, real_loss_and_grads = step_module.build_model, step_module.loss_and_grads
 
-    def overflowing_loss_and_grads(state, *args):
-        loss, grads = real_loss_and_grads(state, *args)
+    def overflowing_loss_and_grads(state, *args, **kwargs):
+        loss, grads = real_loss_and_grads(state, *args, **kwargs)
         too_big = state.loss_scale.scale > 2.0**19
         return loss, jax.tree.map(lambda g: jnp.where(too_big, jnp.inf, g), grads)
 
