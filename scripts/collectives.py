@@ -61,7 +61,8 @@ def group_size(line: str) -> int:
 
 
 def collectives(hlo: str) -> list[Collective]:
-    """Every collective of an optimized HLO module's text, with how many times it runs per execution."""
+    """Every collective of an optimized HLO module's text, with how many times it runs per execution (a loop whose
+    trip count XLA does not know counts once; an async collective counts at its -start)."""
     computation, found, callers = None, [], defaultdict(list)  # callee -> [(caller, factor)]
     for line in hlo.splitlines():
         if line and not line.startswith(" "):
