@@ -2,7 +2,8 @@
 # The project's GPU checks in one command, for a lent GPU whose time is short (one call, ~10 minutes): the GPU-only
 # code paths' tests first, then the benchmarks in order of value. Each stage has a time limit and is skipped when
 # too little of the budget is left, so that one slow stage cannot cost the output of the rest. Everything goes to
-# $OUT/gpu_check.log and $OUT/*.json (OUT defaults to ./gpu_out); the tables are printed last.
+# $OUT/gpu_check.log and $OUT/*.json (OUT defaults to ./gpu_out), and the JAX step's optimized HLO to
+# $OUT/step_jax.hlo.txt, to read its fusions after the GPU is gone; the tables are printed last.
 #
 #   bash scripts/gpu_check.sh [BUDGET_SECONDS]        # default 540
 #   CONFIG=tiny COMPILE= bash scripts/gpu_check.sh    # a dry run of the stages on a CPU
@@ -53,7 +54,8 @@ stage tests 150 env JAX_PLATFORMS= XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highe
 
 # Where a step's time goes, by kind of kernel (scripts/profile_step.py), at the fastest setting measured so far.
 stage profile_jax 120 "$PY" scripts/profile_step.py --config "$CONFIG" --framework jax --top 25 \
-    --json "$OUT/profile_jax.json" --set train.batch_size=32 train.micro_batch_size=32
+    --json "$OUT/profile_jax.json" --hlo "$OUT/step_jax.hlo.txt" \
+    --set train.batch_size=32 train.micro_batch_size=32
 # The issue's target run: small, 32 x 1024 tokens a step in 2 micro-batches of 16, bf16; the fused loss (default),
 # the whole logits, chunks of 32, and compiled PyTorch, side by side.
 bench step_micro16 330 --frameworks jax,jax:model.loss_chunk_size=0,jax:model.loss_chunk_size=32,torch \

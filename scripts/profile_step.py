@@ -221,9 +221,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20, help="kernels listed (default: %(default)s)")
     parser.add_argument("--trace-dir", default=None, help="keep the raw trace here (default: a temporary folder)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON")
+    parser.add_argument("--hlo", default=None, metavar="PATH", help="JAX: also write the step's optimized HLO, "
+                        "which names every kernel's fusion, to read after the device is gone")
     args = parser.parse_args()
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.hlo and args.framework != "jax":
+        raise UserError("--hlo writes the JAX step's HLO; leave it out with --framework torch")
 
     config = load_config(args.config, args.overrides)
     micro_batches = random_micro_batches(config, np.random.default_rng(0))
@@ -232,8 +236,10 @@ def main() -> None:
     stepper.run(args.warmup)  # compilation stays out of the profile
     kinds_by_op = None
     if args.framework == "jax":  # the optimized HLO names each kernel's instruction; the compilation is cached
-        kinds_by_op = hlo_kinds(stepper.trainer.train_step.lower(stepper.state, stepper.batches[0]).compile()
-                                .as_text())
+        hlo = stepper.trainer.train_step.lower(stepper.state, stepper.batches[0]).compile().as_text()
+        kinds_by_op = hlo_kinds(hlo)
+        if args.hlo:
+            Path(args.hlo).write_text(hlo)
     with tempfile.TemporaryDirectory() as scratch:
         trace_dir = Path(args.trace_dir or scratch)
         trace_dir.mkdir(parents=True, exist_ok=True)

@@ -102,10 +102,11 @@ def test_nested_host_operators_count_their_self_time_once():
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_profile_step_sums_the_step_by_kind(tmp_path, framework):
-    out = tmp_path / "profile.json"
+    out, hlo = tmp_path / "profile.json", tmp_path / "step.hlo.txt"
     env = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--config", "tiny",
-                           "--framework", framework, "--steps", "1", "--warmup", "1", "--top", "5", "--json", str(out)],
+                           "--framework", framework, "--steps", "1", "--warmup", "1", "--top", "5", "--json", str(out),
+                           *(["--hlo", str(hlo)] if framework == "jax" else [])],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     summary = json.loads(out.read_text())
@@ -115,6 +116,8 @@ def test_profile_step_sums_the_step_by_kind(tmp_path, framework):
     # XLA runs a CPU program on two threads at once, so the kernels can add up to more than the wall time
     assert 0 < summary["busy"] < 2.5 and len(summary["kernels"]) == 5
     assert "kind" in done.stdout and "ms/step" in done.stdout
+    if framework == "jax":  # the kernels' fusions, kept for reading offline
+        assert hlo.read_text().startswith("HloModule") and "fusion" in hlo.read_text()
 
 
 def test_without_stream_lines_the_derived_lines_are_left_out():
