@@ -136,10 +136,11 @@ CHOICES = {
 # Keys a run may change between a checkpoint and its resumption without --allow-config-change: they steer the run
 # (how long, how often to evaluate, log or save, where to log) but not the training arithmetic of the steps done.
 RUN_CONTROL_KEYS = frozenset({
-    "name", "model.attention", "model.loss_chunk_size", "model.loss_exp", "train.max_steps", "train.eval_interval", "train.eval_steps",
-    "train.save_interval", "train.keep_checkpoints", "train.log_interval", "train.sample_interval", "train.compile",
-    "train.keep_best", "train.save_every_epoch", "train.nan_policy", "train.hellaswag_examples", "mesh.data",
-    "mesh.fsdp", "mesh.tensor", "data.hellaswag", "logging.wandb", "logging.tensorboard", "logging.wandb_project",
+    "name", "model.attention", "model.loss_chunk_size", "model.loss_exp", "train.max_steps", "train.eval_interval",
+    "train.eval_steps", "train.save_interval", "train.keep_checkpoints", "train.log_interval", "train.sample_interval",
+    "train.compile", "train.keep_best", "train.save_every_epoch", "train.nan_policy", "train.hellaswag_examples",
+    "mesh.data", "mesh.fsdp", "mesh.tensor", "data.hellaswag", "logging.wandb", "logging.tensorboard",
+    "logging.wandb_project",
 })
 
 

@@ -74,27 +74,27 @@ def _chunk_logits(x: jax.Array, w: jax.Array, vocab_size: int) -> jax.Array:
     return mask_padded_vocab(logits, vocab_size)
 
 
-def _chunk_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(NLL of each row's valid positions [B], logsumexp [B, chunk], valid mask [B, chunk])."""
+def _chunk_nll(logits: jax.Array, targets: jax.Array,
+               lse: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(NLL of each row's valid positions [B], logsumexp [B, chunk], valid mask [B, chunk]); `lse` if known."""
     valid = targets != -1
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    lse = jax.nn.logsumexp(logits, axis=-1) if lse is None else lse
     target_logit = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, lse - target_logit, 0.0), axis=-1), lse, valid
 
 
 def _chunk_nll_and_softmax(logits: jax.Array, targets: jax.Array,
                            keep_exp: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(NLL of each row's valid positions [B], softmax [B, chunk, V], valid mask [B, chunk]); keep_exp: from one
-    exp of the logits, else from the logsumexp and a second exp (see model.loss_exp)."""
+    """(NLL of each row's valid positions [B], softmax [B, chunk, V], valid mask [B, chunk]); keep_exp: both from
+    one exp of the logits, else the softmax from the logsumexp and a second exp (see model.loss_exp)."""
     if not keep_exp:
         nll, lse, valid = _chunk_nll(logits, targets)
         return nll, jnp.exp(logits - lse[..., None]), valid
-    valid = targets != -1
-    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
-    exp = jnp.exp(shifted)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    exp = jnp.exp(logits - peak)
     total = jnp.sum(exp, axis=-1)
-    target_shifted = jnp.take_along_axis(shifted, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, jnp.log(total) - target_shifted, 0.0), axis=-1), exp / total[..., None], valid
+    nll, _, valid = _chunk_nll(logits, targets, lse=peak[..., 0] + jnp.log(total))
+    return nll, exp / total[..., None], valid
 
 
 def _batch_shards() -> int:

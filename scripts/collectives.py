@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
+
 from gpt2_common.cli import add_config_arguments  # noqa: E402
 from gpt2_common.errors import run_cli  # noqa: E402
 
@@ -94,8 +96,6 @@ def collectives(hlo: str) -> list[Collective]:
 
 def compiled_step(trainer) -> str:
     """The optimized HLO text of a trainer's train_step, compiled for a batch of zeros (nothing runs)."""
-    import numpy as np
-
     t, block_size = trainer.config.train, trainer.config.model.block_size
     ids = np.zeros((t.micro_batch_size, block_size), np.int32)
     batch = trainer.step_batches([(ids, ids)] * t.grad_accum_steps)[0]
