@@ -5,13 +5,16 @@
 # $OUT/gpu_check.log and $OUT/*.json (OUT defaults to ./gpu_out), and the JAX step's optimized HLO to
 # $OUT/step_jax.hlo.txt, to read its fusions after the GPU is gone; the tables are printed last.
 #
-#   bash scripts/gpu_check.sh [BUDGET_SECONDS]        # default 540
-#   CONFIG=tiny COMPILE= bash scripts/gpu_check.sh    # a dry run of the stages on a CPU
+#   bash scripts/gpu_check.sh [BUDGET_SECONDS [STAGE...]]   # default 540 s, every stage in the order below
+#   bash scripts/gpu_check.sh 300 profile_jax xla_           # only the stages these begin (environment always runs)
+#   CONFIG=tiny COMPILE= bash scripts/gpu_check.sh           # a dry run of the stages on a CPU
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 BUDGET=${1:-540}
+shift $(($# > 0))
+ONLY=" $* "  # the stages asked for; none named: all
 CONFIG=${CONFIG:-small}
 COMPILE=${COMPILE---compile}
 PY=${PYTHON:-python3}
@@ -20,9 +23,17 @@ START=$SECONDS
 # JAX would otherwise take 75% of the GPU up front and leave torch.compile's step too little (seen on an H100).
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
+wanted() {  # wanted NAME: whether the stage NAME runs: environment always; the rest when asked for by a prefix
+    [[ $1 == environment || $ONLY == "  " ]] && return 0
+    local word
+    for word in $ONLY; do [[ $1 == "$word"* ]] && return 0; done
+    return 1
+}
+
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run it under a limit, its output into the log
     local name=$1 limit=$2 left
     shift 2
+    wanted "$name" || return 0
     left=$((BUDGET - (SECONDS - START)))
     if ((left < limit / 2)); then
         echo "== $name: skipped, ${left}s of the budget left" | tee -a "$LOG"
@@ -62,10 +73,18 @@ bench step_micro16 330 --frameworks jax,jax:model.loss_chunk_size=0,jax:model.lo
     --set train.batch_size=32 train.micro_batch_size=16 $COMPILE
 stage profile_torch 200 "$PY" scripts/profile_step.py --config "$CONFIG" --framework torch $COMPILE --top 25 \
     --json "$OUT/profile_torch.json" --set train.batch_size=32 train.micro_batch_size=32
-# One micro-batch of 32: no accumulation loop, matmuls twice as tall; and the loss's exponentials kept, the CPU's
+# One micro-batch of 32 (no accumulation loop, matmuls twice as tall) with the loss's exponentials kept, the CPU's
 # default (model.loss_exp), which a GPU may or may not prefer.
-bench step_micro32 240 --frameworks jax,jax:model.loss_chunk_size=0,jax:model.loss_exp=keep \
+bench step_micro32 150 --frameworks jax,jax:model.loss_exp=keep \
     --set train.batch_size=32 train.micro_batch_size=32
+
+# XLA's GPU code-generation flags, process-wide, so each in a process of its own: the default JAX step at one
+# micro-batch of 32 with Triton allowed to take any GEMM (and fuse the elementwise work around it), then with
+# cuBLASLt (bias and GELU in the GEMM's epilogue), then with neither flag, last, as the baseline of the same minute.
+for variant in triton_gemm_any:--xla_gpu_triton_gemm_any=true cublaslt:--xla_gpu_enable_cublaslt=true default:; do
+    XLA_FLAGS=${variant#*:} bench "xla_${variant%%:*}" 120 --frameworks jax \
+        --set train.batch_size=32 train.micro_batch_size=32
+done
 
 echo "== done after $((SECONDS - START))s"
 sed -n '/^== environment (/,/^== environment:/p' "$LOG" | sed 1d
