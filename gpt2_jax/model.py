@@ -48,16 +48,42 @@ def attention_implementation(setting: str, backend: str, dtype: Any) -> str:
     raise UserError(f"model.attention is {setting!r}; choose one of auto, cudnn, xla")
 
 
+def _kernel_init(axes: tuple[str, str], std: float = 0.02):
+    """GPT-2's Linear init: a normal(0, std) kernel [in, out] with logical axis names; its bias is _bias_init."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _bias_init(axes: tuple[str, str]):
+    return nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],))
+
+
 def _dense(features: int, axes: tuple[str, str], dtype: Any, name: str, std: float = 0.02) -> nn.Dense:
     """A Linear layer as in GPT-2: normal(0, std) kernel of shape [in, out], zero bias, logical axis names."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-        name=name,
-    )
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=_kernel_init(axes, std),
+                    bias_init=_bias_init(axes), name=name)
+
+
+class QKVDense(nn.Module):
+    """c_attn: the [C, 3C] kernel and [3C] bias of torch's Linear, applied as three matmuls, one per column block,
+    so that q, k and v [B, T, C] each come out of a matmul of their own.
+
+    The one [B, T, 3C] matmul and a split would give the same numbers, but cuDNN's attention takes q, k and v as
+    separate dense arrays: the split copies all three out of the [B, T, 3C] output, and the backward pass
+    concatenates their gradients back. On an H100 those copies took 3.6 ms of a 68.5 ms step of `small`, and the
+    three matmuls were 1.01x faster in two runs (docs/benchmarks.md). torch's split is free (views), so
+    gpt2_torch keeps its plain Linear; the parameters here are the same arrays under the same names.
+    """
+
+    features: int  # C: the width of each of q, k and v
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        C, axes = self.features, ("embed", "qkv")
+        kernel = self.param("kernel", _kernel_init(axes), (x.shape[-1], 3 * C), jnp.float32)
+        bias = self.param("bias", _bias_init(axes), (3 * C,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return tuple(jnp.dot(x, kernel[:, i * C:(i + 1) * C]) + bias[i * C:(i + 1) * C] for i in range(3))
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
@@ -120,8 +146,7 @@ class CausalSelfAttention(nn.Module):
         at `positions` [B, T], and (output, cache) comes back."""
         cfg = self.config
         B, T, C = x.shape
-        qkv = _dense(3 * C, ("embed", "qkv"), self.dtype, "c_attn")(x)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q, k, v = QKVDense(C, self.dtype, name="c_attn")(x)
         # [B, T, n_head, head_dim] is the layout dot_product_attention takes (no transpose, unlike torch's SDPA).
         q, k, v = (
             nn.with_logical_constraint(t.reshape(B, T, cfg.n_head, cfg.head_dim),
@@ -159,7 +184,6 @@ class Block(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
     attention: str = "xla"
-    keep_loss_exp: bool = False  # model.loss_exp, resolved for the backend
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True, cache: KVCache | None = None,
