@@ -53,8 +53,9 @@ def _kernel_init(axes: tuple[str, str], std: float = 0.02):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
-def _bias_init(axes: tuple[str, str]):
-    return nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],))
+def _bias_init(kernel_axes: tuple[str, str]):
+    """Zeros along the kernel's output axis."""
+    return nn.with_logical_partitioning(nn.initializers.zeros, (kernel_axes[1],))
 
 
 def _dense(features: int, axes: tuple[str, str], dtype: Any, name: str, std: float = 0.02) -> nn.Dense:

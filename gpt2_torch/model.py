@@ -56,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         """x [B, T, C] -> [B, T, C]; with a cache (decoding), this layer's keys and values are first written into it
         at `positions` [B, T]."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # views; gpt2_jax's QKVDense takes three matmuls, as XLA would copy
+        q, k, v = self.c_attn(x).split(C, dim=2)  # views here; XLA would copy, so gpt2_jax's QKVDense splits the kernel
         if cache is None:
             # [B, T, C] -> [B, n_head, T, head_dim]: the layout SDPA wants
             q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))

@@ -147,10 +147,13 @@ def test_queries_keys_and_values_come_from_matmuls_of_their_own():
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 yield from equations(sub)
 
+    def is_qkv_wide(var):  # an activation [B, T, 3C]
+        shape = getattr(var.aval, "shape", ())
+        return len(shape) == 3 and shape[-1] == 3 * CFG.n_embd
+
     qkv_wide = [eqn.primitive.name for eqn in equations(step.jaxpr)
                 if eqn.primitive.name in ("split", "slice", "concatenate")
-                and any(getattr(v.aval, "shape", ())[-1:] == (3 * CFG.n_embd,) and len(v.aval.shape) == 3
-                        for v in [*eqn.invars, *eqn.outvars])]
+                and any(map(is_qkv_wide, [*eqn.invars, *eqn.outvars]))]
     assert qkv_wide == []
     # and the three matmuls compute what the one did
     x = jax.random.normal(jax.random.PRNGKey(2), (2, CFG.block_size, CFG.n_embd))
