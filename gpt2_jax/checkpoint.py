@@ -5,10 +5,20 @@ step, params, opt_state, rng, loss scale) and `<step>/meta` (JSON: the config as
 skipped steps, best validation loss), and best/<step> for the lowest validation loss. Saves are asynchronous:
 training continues while the arrays are written into `<step>.orbax-checkpoint-tmp*`, renamed to `<step>` only when
 complete, so a killed save never looks like a checkpoint.
+
+Each step folder carries `manifest.sha256`: the SHA-256 of every file of its items (state/ and meta/; orbax's own
+step metadata at the top, which it rewrites at commit, is left out). It is written in orbax's commit thread after
+every file is in place and before the folder is renamed to `<step>`, so a step folder never exists without it, and
+orbax deletes the checkpoints beyond `keep` only after that commit: an older checkpoint is never rotated out before
+the newest is sealed. `restore` checks it first: a damaged checkpoint raises DamagedCheckpoint, which the resume
+loop skips for the one before; once an older step restores, the newer ones that were skipped are set aside as
+`<step>.damaged` (kept for a look), since the resumed run writes those steps again. A step folder without a manifest
+(written before checksums) restores unverified, with a warning.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +29,38 @@ import orbax.checkpoint as ocp
 
 from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
+from gpt2_common.faults import warn
+from gpt2_common.manifest import DamagedCheckpoint, NoManifest, files_under, verify_manifest, write_manifest
 
 
 BEST_DIR = "best"  # checkpoints/best/<step>: the lowest validation loss so far (train.keep_best)
 PARTIAL_SUFFIX = ".orbax-checkpoint-tmp"  # a step folder's name while orbax writes it; renamed when finalized
+MANIFEST_NAME = "manifest.sha256"
+ITEMS = ("state", "meta")  # the folders of a step that the manifest covers
+DAMAGED_SUFFIX = ".damaged"
+_sealing: dict[Path, dict] = {}  # a manager's directory -> {"async": bool, "step": the step being committed}
 
 
 def checkpoint_manager(directory: str | Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    directory = Path(directory).absolute()
+    _sealing[directory] = {"async": async_save, "step": None}
+    # orbax runs this on process 0 once every process's files are written, before the rename that commits the step
+    seal = ocp.AsyncOptions(post_finalization_callback=lambda: _seal(directory)) if async_save else None
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                           async_options=seal)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _seal(directory: Path) -> None:
+    """Writes the manifest into the folder of the step being committed (still under its temporary name)."""
+    step = _sealing[directory]["step"]
+    folder = directory / f"{step}{PARTIAL_SUFFIX}"
+    if step is not None and folder.is_dir():
+        write_manifest(folder / MANIFEST_NAME, _item_files(folder))
+
+
+def _item_files(step_dir: Path) -> list[Path]:
+    return [p for item in ITEMS for p in files_under(step_dir / item)]
 
 
 def save(manager: ocp.CheckpointManager, state: Any, config: Config, loader_position: int,
@@ -37,15 +70,66 @@ def save(manager: ocp.CheckpointManager, state: Any, config: Config, loader_posi
     step = int(jax.device_get(state.step))
     meta = {**(extra or {}), "config_toml": dumps_toml(config), "loader_position": int(loader_position),
             "step": step}
+    sealing = _sealing.get(Path(manager.directory))
+    if sealing is not None:
+        manager.wait_until_finished()  # the previous commit seals its own step (orbax would wait here anyway)
+        sealing["step"] = step
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    if sealing is not None and not sealing["async"] and jax.process_index() == 0:
+        # a synchronous save has committed (renamed) its folder already: seal it now. Such managers write one-step
+        # conversions into a temporary folder that their caller renames into place, so nothing is rotated first.
+        step_dir = Path(manager.directory) / str(step)
+        write_manifest(step_dir / MANIFEST_NAME, _item_files(step_dir))
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-    """(state, meta) of `step` (default: the newest), each array placed by the sharding in `abstract_state`."""
+    """(state, meta) of `step` (default: the newest), each array placed by the sharding in `abstract_state`.
+
+    Checks the step's manifest first (DamagedCheckpoint if a file differs). Once it has restored, the newer steps
+    (those the caller skipped as unreadable) are set aside as `<step>.damaged`: orbax would neither save those
+    steps again nor rotate out anything but the good older ones while they are there."""
     step = manager.latest_step() if step is None else step
+    step_dir = Path(manager.directory) / str(step)
+    try:
+        verify_manifest(step_dir / MANIFEST_NAME)
+    except NoManifest:
+        warn(f"checkpoint {step_dir} has no checksum manifest (written before checksums): restoring it unverified")
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    _set_aside_newer(manager, step)
     return restored.state, restored.meta
+
+
+def _set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:
+    newer = [s for s in manager.all_steps() if s > step]
+    if not newer:
+        return
+    directory = Path(manager.directory)
+    if jax.process_index() == 0:
+        for s in newer:
+            target = directory / f"{s}{DAMAGED_SUFFIX}"
+            n = 1
+            while target.exists():
+                target, n = directory / f"{s}{DAMAGED_SUFFIX}.{n}", n + 1
+            os.rename(directory / str(s), target)
+            warn(f"set checkpoint {directory / str(s)} aside as {target} (it did not read back); delete it when "
+                 "you have looked")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("gpt2_jax: damaged checkpoints set aside")
+    manager.reload()
+
+
+def verify(step_dir: str | Path, only: str | None = None) -> None:
+    """Checks a step folder's files (or those under `only`, e.g. "meta/") against its manifest; a DamagedCheckpoint
+    that names the checkpoint if one differs. A folder without a manifest (written before checksums) passes."""
+    try:
+        verify_manifest(Path(step_dir) / MANIFEST_NAME, only=only)
+    except NoManifest:
+        pass
+    except DamagedCheckpoint as err:
+        raise DamagedCheckpoint(f"checkpoint '{step_dir}' is damaged: {err}") from None
 
 
 def _step_dir(path: str | Path) -> Path:
@@ -62,7 +146,9 @@ def _step_dir(path: str | Path) -> Path:
 
 
 def read_meta(path: str | Path) -> dict:
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(_step_dir(path) / "meta")
+    step_dir = _step_dir(path)
+    verify(step_dir, only="meta/")
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
 
 
 def load_checkpoint_params(path: str | Path, shardings: Any = None) -> tuple[Config, Any]:
@@ -75,6 +161,7 @@ def load_checkpoint_params(path: str | Path, shardings: Any = None) -> tuple[Con
     from gpt2_jax.model import build_model  # here, so that tools reading only the config do not build a model
 
     step_dir = _step_dir(path)
+    verify(step_dir)
     config = loads_toml(read_meta(step_dir)["config_toml"])
     model = build_model(config.model, "fp32", backend="cpu")
     dummy = np.zeros((1, config.model.block_size), np.int32)

@@ -7,6 +7,12 @@ that tools rebuild the model from the file alone). Files are written to a tempor
 a run killed mid-save leaves the previous checkpoint intact, and they are read with weights_only=True (plain tensors
 and Python values only; no code runs when a checkpoint is loaded). A file damaged all the same (a disk that lost
 its tail, a copy cut short) is skipped on resume for the one before it (newest_resumable).
+
+Damage that keeps a file's size (a flipped bit, a byte written over) is caught by a checksum: each save ends by
+writing `step_XXXXXXXX.pt.sha256` beside the file (sha256sum's format: `sha256sum -c` checks it by hand), and only
+then are older checkpoints rotated out. load_checkpoint checks it first; a file that no longer matches is a
+DamagedCheckpoint, skipped on resume and, once an older one reads, set aside as `step_XXXXXXXX.pt.damaged`. A file
+without its .sha256 (written before checksums, or a kill between the two renames) is read unverified.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch
 from gpt2_common.config import Config, loads_toml
 from gpt2_common.errors import UserError
 from gpt2_common.faults import warn
+from gpt2_common.manifest import (MANIFEST_SUFFIX, DamagedCheckpoint, NoManifest, file_digest, read_manifest,
+                                  verify_manifest, write_manifest)
 
 FORMAT = "gpt2_torch/1"
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
@@ -49,8 +57,14 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def manifest_path(path: str | os.PathLike) -> Path:
+    """The checksum file of a checkpoint: step_XXXXXXXX.pt.sha256 beside step_XXXXXXXX.pt."""
+    return Path(f"{path}{MANIFEST_SUFFIX}")
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: int) -> None:
-    """Writes atomically (temp file, fsync, os.replace) and then deletes all but the newest `keep` checkpoints."""
+    """Writes atomically (temp file, fsync, os.replace), then its checksum file, and only then deletes all but the
+    newest `keep` checkpoints."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -59,13 +73,17 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: i
             torch.save({"format": FORMAT, **checkpoint}, f)
             f.flush()
             os.fsync(f.fileno())
+        digest = file_digest(tmp)
+        manifest_path(path).unlink(missing_ok=True)  # a kill before the new one leaves the file unverified, not wrong
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     _fsync_dir(path.parent)  # the rename itself survives a power cut
+    write_manifest(manifest_path(path), [path], known={path.name: digest})
     for old in list_checkpoints(path.parent)[:-keep]:
         old.unlink()
+        manifest_path(old).unlink(missing_ok=True)
 
 
 def link_or_save(checkpoint: dict[str, Any], path: str | os.PathLike, same_as: Path | None) -> None:
@@ -77,7 +95,13 @@ def link_or_save(checkpoint: dict[str, Any], path: str | os.PathLike, same_as: P
         tmp.unlink(missing_ok=True)
         try:
             os.link(same_as, tmp)
+            manifest_path(path).unlink(missing_ok=True)
             os.replace(tmp, path)
+            try:
+                known = {path.name: read_manifest(manifest_path(same_as))[same_as.name]}
+            except (NoManifest, DamagedCheckpoint, KeyError):
+                known = None
+            write_manifest(manifest_path(path), [path], known=known)
             return
         except OSError:  # a filesystem without hard links: write it
             tmp.unlink(missing_ok=True)
@@ -110,12 +134,16 @@ def newest_resumable(checkpoint_dir: str | os.PathLike) -> tuple[Path, dict[str,
     """(path, checkpoint) of the newest step checkpoint that reads back whole; each damaged one after it is skipped
     with a warning that names it. None if there are no checkpoints; a UserError if none of them reads."""
     found = list_checkpoints(checkpoint_dir)
-    for path in reversed(found):
+    for newer, path in enumerate(reversed(found)):
         try:
+            if not manifest_path(path).exists():
+                warn(f"checkpoint {path} has no checksum file {manifest_path(path).name} (written before checksums, "
+                     "or by a save killed just before it): reading it unverified")
             checkpoint = load_checkpoint(path)
             missing = [key for key in RESUME_KEYS if key not in checkpoint]
             if missing:
                 raise UserError(f"'{path}' lacks {', '.join(missing)}")
+            _set_aside(found[len(found) - newer:])
             return path, checkpoint
         except UserError as err:
             warn(f"skipping checkpoint {path}: {str(err).split('; ')[0]}; trying the one before it")
@@ -125,9 +153,27 @@ def newest_resumable(checkpoint_dir: str | os.PathLike) -> tuple[Path, dict[str,
     return None
 
 
+def _set_aside(skipped: list[Path]) -> None:
+    """Renames the newer checkpoints that a resume skipped to *.damaged (kept for a look): left in place, they would
+    count among the `keep` newest and rotate out the good ones that the resumed run saves."""
+    for path in skipped:
+        target = path.with_name(path.name + ".damaged")
+        os.replace(path, target)
+        if manifest_path(path).exists():
+            os.replace(manifest_path(path), manifest_path(path).with_name(manifest_path(path).name + ".damaged"))
+        warn(f"set checkpoint {path} aside as {target.name} (it did not read back); delete it when you have looked")
+
+
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """Reads a checkpoint onto the CPU; mmap=True maps the tensors lazily instead of reading the whole file."""
+    """Reads a checkpoint onto the CPU; mmap=True maps the tensors lazily instead of reading the whole file. Checks
+    it against its checksum file first (DamagedCheckpoint if it differs; unverified if there is none)."""
     path = Path(path)
+    try:
+        verify_manifest(manifest_path(path))
+    except NoManifest:
+        pass
+    except DamagedCheckpoint as err:
+        raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {err}; delete it to use the one before") from None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:

@@ -182,7 +182,9 @@ def test_damaged_checkpoints_are_skipped_for_the_one_before(reference, tmp_path,
     assert [p.name for p in (checkpoints / "best").iterdir()] == [str(best_step)]
     assert read_meta(checkpoints / "best")["best_val_loss"] == best_loss
     assert load_checkpoint_params(checkpoints / "best")[0].model.n_embd == 32
-    for step in (3, 6):
+    # the damaged steps were set aside (12.damaged, 9.damaged) and saved again by the resumed run
+    assert (checkpoints / "12.damaged").is_dir() and (checkpoints / "9.damaged").is_dir()
+    for step in (3, 6, 9, 12):
         shutil.rmtree(checkpoints / str(step) / "meta")
     with pytest.raises(UserError, match="none of the 4 checkpoints"):
         run(config, run_dir)

@@ -28,7 +28,8 @@ def test_keeps_the_newest_checkpoints_and_leaves_no_temporary_files(tmp_path):
     for step in (5, 10, 100, 1000):
         save_model(tmp_path, step, keep=2)
     directory = tmp_path / "checkpoints"
-    assert sorted(p.name for p in directory.iterdir()) == ["step_00000100.pt", "step_00001000.pt"]
+    assert sorted(p.name for p in directory.iterdir()) == ["step_00000100.pt", "step_00000100.pt.sha256",
+                                                           "step_00001000.pt", "step_00001000.pt.sha256"]
     assert latest_checkpoint(directory).name == "step_00001000.pt"
     assert list_checkpoints(tmp_path / "missing") == [] and latest_checkpoint(tmp_path / "missing") is None
 
@@ -37,7 +38,8 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
     save_model(tmp_path, 1)
     with pytest.raises(Exception):
         save_checkpoint({"unpicklable": lambda: 0}, checkpoint_path(tmp_path / "checkpoints", 2), keep=1)
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001.pt",
+                                                                            "step_00000001.pt.sha256"]
     assert load_checkpoint(tmp_path / "checkpoints" / "step_00000001.pt")["step"] == 1
 
 

@@ -1,0 +1,255 @@
+"""Checksummed checkpoints (issue 19, item 1): damage that keeps a checkpoint's size (4 KiB XORed in the middle of
+its largest file) is caught by the manifest written with it, skipped with a warning that names it, and the one
+before is resumed; the damaged one is set aside, so that the resumed run saves its steps again and never rotates
+out a good checkpoint for it. Checked below the training loops (which need no change for it) and through the
+PyTorch trainer's command line (a tiny model: seconds)."""
+
+import shutil
+import struct
+import subprocess
+import zipfile
+from pathlib import Path
+
+import flax
+import numpy as np
+import pytest
+import torch
+
+from gpt2_common.config import Config, ModelConfig, dumps_toml
+from gpt2_common.errors import UserError
+from gpt2_common.manifest import DamagedCheckpoint, NoManifest, verify_manifest, write_manifest
+from gpt2_jax import checkpoint as jax_checkpoint
+from gpt2_torch.checkpoint import (checkpoint_path, link_or_save, list_checkpoints, load_checkpoint, manifest_path,
+                                   newest_resumable, save_checkpoint)
+
+CONFIG = Config(name="manifest", model=ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100))
+
+
+def xor_middle(path: Path, size: int = 4096) -> None:
+    """Flips every bit of `size` bytes in the middle of a file; its size stays the same."""
+    data = bytearray(path.read_bytes())
+    assert len(data) > size, f"{path} is too small to damage in the middle"
+    start = (len(data) - size) // 2
+    data[start:start + size] = bytes(b ^ 0xFF for b in data[start:start + size])
+    before = path.stat().st_size
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == before
+
+
+def xor_largest_tensor(path: Path) -> None:
+    """XORs 4 KiB in the middle of the largest tensor of a torch.save file (a zip of uncompressed records), where
+    the zip's own headers do not notice it: what a flip in the middle of a large model's checkpoint hits."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    with path.open("rb") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+    start = record.header_offset + 30 + name_length + extra_length + (record.file_size - 4096) // 2
+    data = bytearray(path.read_bytes())
+    data[start:start + 4096] = bytes(b ^ 0xFF for b in data[start:start + 4096])
+    path.write_bytes(bytes(data))
+
+
+# --- the manifest itself ---------------------------------------------------------------------------------------------
+
+def test_manifest_catches_damage_that_keeps_the_size(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "big.bin").write_bytes(np.arange(10_000, dtype=np.int64).tobytes())
+    (tmp_path / "small.json").write_text("{}")
+    manifest = tmp_path / "manifest.sha256"
+    write_manifest(manifest, [tmp_path / "a" / "big.bin", tmp_path / "small.json"])
+    verify_manifest(manifest)
+    if shutil.which("sha256sum"):  # the format is sha256sum's: a user can check a checkpoint by hand
+        subprocess.run(["sha256sum", "--quiet", "-c", manifest.name], cwd=tmp_path, check=True)
+    xor_middle(tmp_path / "a" / "big.bin")
+    with pytest.raises(DamagedCheckpoint, match="file 'a/big.bin' does not match its SHA-256 in manifest.sha256"):
+        verify_manifest(manifest)
+    verify_manifest(manifest, only="small")  # a subset is checked alone (JAX's meta/ before its config is read)
+    (tmp_path / "small.json").unlink()
+    with pytest.raises(DamagedCheckpoint, match="file 'small.json' is missing"):
+        verify_manifest(manifest, only="small")
+    manifest.write_text("not a manifest\n")
+    with pytest.raises(DamagedCheckpoint, match="line 1 is not"):
+        verify_manifest(manifest)
+    with pytest.raises(NoManifest):
+        verify_manifest(tmp_path / "none.sha256")
+
+
+# --- PyTorch -----------------------------------------------------------------------------------------------------
+
+def torch_state(step: int) -> dict:
+    from gpt2_torch.model import GPT
+
+    torch.manual_seed(step)
+    return {"step": step, "loader_position": step, "model": GPT(CONFIG.model).state_dict(), "optimizer": {},
+            "scaler": {}, "rng": [], "config": dumps_toml(CONFIG)}
+
+
+def test_torch_damaged_checkpoint_is_skipped_and_set_aside(tmp_path, capsys):
+    directory = tmp_path / "checkpoints"
+    for step in (2, 4):
+        save_checkpoint(torch_state(step), checkpoint_path(directory, step), keep=2)
+    newest = checkpoint_path(directory, 4)
+    assert manifest_path(newest).read_text().endswith(f"  {newest.name}\n")
+    xor_largest_tensor(newest)
+    with pytest.raises(UserError, match=f"checkpoint '{newest}' is damaged: file '{newest.name}' does not match"):
+        load_checkpoint(newest)
+    capsys.readouterr()
+    path, checkpoint = newest_resumable(directory)
+    err = capsys.readouterr().err
+    assert path == checkpoint_path(directory, 2) and checkpoint["step"] == 2
+    assert f"warning: skipping checkpoint {newest}: checkpoint '{newest}' is damaged: file '{newest.name}' does " \
+           "not match its SHA-256" in err
+    assert f"warning: set checkpoint {newest} aside as {newest.name}.damaged" in err
+    # the resumed run saves step 4 again, and keeping 2 rotates out nothing it needs
+    for step in (4, 6):
+        save_checkpoint(torch_state(step), checkpoint_path(directory, step), keep=2)
+    assert [p.name for p in list_checkpoints(directory)] == ["step_00000004.pt", "step_00000006.pt"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "step_00000004.pt", "step_00000004.pt.damaged", "step_00000004.pt.sha256", "step_00000004.pt.sha256.damaged",
+        "step_00000006.pt", "step_00000006.pt.sha256"]
+    assert load_checkpoint(newest)["step"] == 4
+
+
+def test_torch_best_link_gets_its_own_checksum_and_old_files_read_unverified(tmp_path, capsys):
+    directory = tmp_path / "checkpoints"
+    step_file = checkpoint_path(directory, 3)
+    save_checkpoint(torch_state(3), step_file, keep=2)
+    link_or_save(torch_state(3), directory / "best.pt", same_as=step_file)
+    assert manifest_path(directory / "best.pt").read_text() == \
+        manifest_path(step_file).read_text().replace(step_file.name, "best.pt")
+    assert load_checkpoint(directory / "best.pt")["step"] == 3
+    manifest_path(step_file).unlink()  # as written before checksums
+    capsys.readouterr()
+    assert newest_resumable(directory)[1]["step"] == 3
+    assert "has no checksum file step_00000003.pt.sha256" in capsys.readouterr().err
+
+
+def test_torch_trainer_resumes_from_the_checkpoint_before_a_damaged_one(tmp_path, capsys, torch_one_thread):
+    """The issue's repro: XOR 4 KiB in the newest checkpoint (step 6) of a finished run and run it again with more
+    steps; it used to resume from the damaged step and train on at a loss of 8e9. Now it resumes from step 4, and
+    its losses are those of the first run."""
+    from gpt2_common.data import write_shard
+    from gpt2_common.metrics import read_metrics
+    from gpt2_torch.train import main
+
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path / "train.bin", rng.integers(0, 100, 4000))
+    write_shard(tmp_path / "val.bin", rng.integers(0, 100, 1000))
+    config = tmp_path / "c.toml"
+    config.write_text("\n".join([
+        'name = "manifest"', "[model]", "n_layer = 1", "n_head = 2", "n_embd = 32", "block_size = 16",
+        "vocab_size = 100", "[train]", "batch_size = 4", "micro_batch_size = 4", "max_steps = 6", "warmup_steps = 0",
+        "eval_interval = 0", "eval_steps = 1", "save_interval = 2", "log_interval = 1", "keep_checkpoints = 2",
+        'precision = "fp32"', "keep_best = false", "[data]", f'train = "{tmp_path / "train.bin"}"',
+        f'val = "{tmp_path / "val.bin"}"']) + "\n")
+
+    def losses(run_dir):
+        return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+    run_dir = tmp_path / "run"
+    main(["--config", str(config), "--run-dir", str(run_dir)])
+    first = losses(run_dir)
+    damaged = checkpoint_path(run_dir / "checkpoints", 6)
+    xor_largest_tensor(damaged)
+    capsys.readouterr()
+    main(["--config", str(config), "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert f"warning: skipping checkpoint {damaged}: checkpoint '{damaged}' is damaged" in err
+    assert losses(run_dir) == first and len(first) == 6
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000004.pt", "step_00000006.pt"]
+    for path in list_checkpoints(run_dir / "checkpoints"):
+        verify_manifest(manifest_path(path))
+
+
+# --- JAX ---------------------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class State:
+    step: np.ndarray
+    params: dict
+
+
+def jax_state(step: int) -> State:
+    w = np.random.default_rng(step).standard_normal(1 << 14).astype(np.float32)  # random: orbax compresses
+    return State(np.int32(step), {"w": w, "b": np.arange(8.0) + step})
+
+
+def abstract_state() -> State:
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=device),
+                        jax_state(0))
+
+
+def resume(manager, abstract):
+    """The trainer's resume loop (gpt2_jax/train.py): newest first, any exception from restore skips that step."""
+    from gpt2_common.faults import warn
+
+    for step in reversed(sorted(manager.all_steps())):
+        try:
+            return jax_checkpoint.restore(manager, abstract, step)
+        except Exception as err:
+            warn(f"skipping checkpoint {step}: it does not restore ({type(err).__name__}: {err})")
+    return None
+
+
+def largest_array_file(step_dir: Path) -> Path:
+    return max((p for p in (step_dir / "state" / "ocdbt.process_0" / "d").iterdir()), key=lambda p: p.stat().st_size)
+
+
+def test_jax_damaged_checkpoint_is_skipped_set_aside_and_saved_again(tmp_path, capsys):
+    directory = tmp_path / "checkpoints"
+    manager = jax_checkpoint.checkpoint_manager(directory, keep=2)  # async saves, as the trainer makes them
+    for step in (2, 4):
+        jax_checkpoint.save(manager, jax_state(step), CONFIG, loader_position=step)
+    manager.wait_until_finished()
+    for step in (2, 4):  # sealed before orbax renamed the folder into place
+        verify_manifest(directory / str(step) / jax_checkpoint.MANIFEST_NAME)
+    xor_middle(largest_array_file(directory / "4"))
+    abstract = abstract_state()
+    capsys.readouterr()
+    state, meta = resume(manager, abstract)
+    err = capsys.readouterr().err
+    assert int(state.step) == 2 and meta["loader_position"] == 2
+    np.testing.assert_array_equal(state.params["w"], jax_state(2).params["w"])
+    assert "warning: skipping checkpoint 4: it does not restore (DamagedCheckpoint: file 'state/ocdbt.process_0/d/" \
+           in err and "does not match its SHA-256 in manifest.sha256" in err
+    assert f"warning: set checkpoint {directory / '4'} aside as {directory / '4.damaged'}" in err
+    assert manager.all_steps() == [2]
+    # orbax saves no step at or below its newest: with the damaged 4 left in place, the resumed run's save of step 4
+    # was silently dropped, and step 6 would have rotated out the good step 2 and kept the damaged one
+    for step in (4, 6):
+        jax_checkpoint.save(manager, jax_state(step), CONFIG, loader_position=step)
+    manager.wait_until_finished()
+    assert manager.all_steps() == [4, 6]
+    state, _ = jax_checkpoint.restore(manager, abstract, 4)
+    assert int(state.step) == 4
+    manager.close()
+
+
+def test_jax_damaged_meta_and_params_are_refused_by_the_readers(tmp_path):
+    directory = tmp_path / "checkpoints"
+    manager = jax_checkpoint.checkpoint_manager(directory, keep=2, async_save=False)  # as the converter saves
+    jax_checkpoint.save(manager, jax_state(1), CONFIG, loader_position=1)
+    manager.close()
+    assert jax_checkpoint.read_meta(directory)["step"] == 1
+    meta = directory / "1" / "meta" / "metadata"
+    meta.write_bytes(meta.read_bytes().replace(b"n_layer = 1", b"n_layer = 7"))  # parses, and would mislead
+    with pytest.raises(DamagedCheckpoint, match=f"checkpoint '{directory / '1'}' is damaged: file 'meta/metadata'"):
+        jax_checkpoint.read_meta(directory)
+
+
+def test_jax_checkpoint_without_manifest_restores_with_a_warning(tmp_path, capsys):
+    directory = tmp_path / "checkpoints"
+    manager = jax_checkpoint.checkpoint_manager(directory, keep=2)
+    jax_checkpoint.save(manager, jax_state(3), CONFIG, loader_position=3)
+    manager.wait_until_finished()
+    (directory / "3" / jax_checkpoint.MANIFEST_NAME).unlink()  # as written before checksums
+    capsys.readouterr()
+    state, _ = jax_checkpoint.restore(manager, abstract_state(), 3)
+    assert int(state.step) == 3
+    assert f"checkpoint {directory / '3'} has no checksum manifest (written before checksums): restoring it " \
+           "unverified" in capsys.readouterr().err
+    manager.close()
