@@ -232,6 +232,7 @@ def validate(config: Config) -> None:
             f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}; "
             "set batch_size to a multiple of micro_batch_size (batch_size/micro_batch_size micro-steps make a step)"
         )
+    _check_optimizer_ranges(t)
     if t.min_lr > t.lr:
         raise UserError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; the schedule decays from lr to min_lr")
     if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
@@ -239,6 +240,28 @@ def validate(config: Config) -> None:
     axes = {"mesh.data": config.mesh.data, "mesh.fsdp": config.mesh.fsdp, "mesh.tensor": config.mesh.tensor}
     if any(v < 1 and v != -1 for v in axes.values()) or list(axes.values()).count(-1) > 1:
         raise UserError(f"mesh sizes must be positive, and one of them may be -1 (the devices left): got {axes}")
+
+
+# (key, lowest, whether the lowest is allowed, highest, whether the highest is allowed): what the optimizer can use.
+# A negative learning rate trains uphill and a beta of 1 never forgets, yet both run without an error.
+_RANGES = (
+    ("lr", 0.0, True, math.inf, False), ("min_lr", 0.0, True, math.inf, False),
+    ("beta1", 0.0, True, 1.0, False), ("beta2", 0.0, True, 1.0, False), ("eps", 0.0, False, math.inf, False),
+    ("grad_clip", 0.0, True, math.inf, False), ("weight_decay", 0.0, True, math.inf, False),
+)
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit (and JAX's PRNGKey takes them)
+
+
+def _check_optimizer_ranges(t: TrainConfig) -> None:
+    for key, low, low_ok, high, high_ok in _RANGES:
+        value = getattr(t, key)
+        inside = (value >= low if low_ok else value > low) and (value <= high if high_ok else value < high)
+        if not inside:  # NaN is never inside
+            valid = f"{'[' if low_ok else '('}{low:g}, {'inf' if math.isinf(high) else f'{high:g}'}" \
+                    f"{']' if high_ok else ')'}"
+            raise UserError(f"train.{key}={value} is out of range; it must be in {valid}")
+    if not 0 <= t.seed <= SEED_MAX:
+        raise UserError(f"train.seed={t.seed} is out of range; it must be in [0, {SEED_MAX}]")
 
 
 def _nearest_divisor(n: int, near: int) -> int:
@@ -273,7 +296,11 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config '{path}' is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); "
+                        "save it as UTF-8") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml

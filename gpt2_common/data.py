@@ -95,10 +95,15 @@ def find_shards(pattern: str, what: str = "data") -> list[Path]:
 
 
 def check_vocab(tokens: np.ndarray, vocab_size: int, path) -> None:
-    """Token ids at or above the model's vocabulary mean the shard came from another tokenizer."""
+    """Token ids at or above the model's vocabulary mean the shard came from another tokenizer; a negative id (a
+    signed .npy) is no token at all."""
     chunk = 1 << 24
     for start in range(0, tokens.size, chunk):
         top = int(tokens[start:start + chunk].max())
+        low = int(tokens[start:start + chunk].min()) if tokens.dtype.kind == "i" else 0
+        if low < 0:
+            raise UserError(f"shard '{path}' holds token id {low}; token ids are 0 or more: it is not a token shard "
+                            "(prepare it with scripts/prepare_data.py)")
         if top >= vocab_size:
             raise UserError(
                 f"shard '{path}' holds token id {top}, outside model.vocab_size={vocab_size}; "

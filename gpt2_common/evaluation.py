@@ -85,16 +85,29 @@ def read_hellaswag(path: str | Path) -> list[HellaSwagExample]:
         raise UserError(f"HellaSwag file '{path}' does not exist")
     enc = get_tokenizer()
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}:{number}: not UTF-8 text (byte {err.start + 1} of the line is "
+                            f"0x{raw[err.start]:02x}); HellaSwag's JSONL is UTF-8") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            ctx, endings, label = record["ctx"], record["endings"], int(record["label"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            ctx, endings, label = record["ctx"], record["endings"], record["label"]
+        except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{path}:{number}: not a HellaSwag record (needs ctx, endings, label)") from None
-        if len(endings) != 4 or not 0 <= label < 4:
-            raise UserError(f"{path}:{number}: a HellaSwag record has 4 endings and a label in 0..3")
+        # the released files hold label as an int; Hugging Face's copy as a string of one digit
+        label = int(label) if isinstance(label, str) and label in ("0", "1", "2", "3") else label
+        if not isinstance(ctx, str):
+            raise UserError(f"{path}:{number}: a HellaSwag record's ctx is text, got {json.dumps(ctx)}")
+        if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+            raise UserError(f"{path}:{number}: a HellaSwag record's endings are a list of 4 strings, got "
+                            f"{json.dumps(endings)[:80]}")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 4:
+            raise UserError(f"{path}:{number}: a HellaSwag record's label is an integer in 0..3, got "
+                            f"{json.dumps(label)[:80]}")
         ctx_tokens = enc.encode_ordinary(ctx)
         rows = [ctx_tokens + enc.encode_ordinary(" " + ending) for ending in endings]
         width = max(len(r) for r in rows)

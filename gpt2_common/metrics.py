@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_common.errors import UserError
+from gpt2_common.faults import warn
 
 
 class MetricsWriter:
@@ -36,11 +37,46 @@ class MetricsWriter:
             self._file = None
 
 
+def _records(data: bytes) -> list[tuple[int, str | None, dict | None, str]]:
+    """(line number, line, record, problem) for each non-blank line of a metrics.jsonl: the record None and the
+    problem stated when the line is not a JSON object whose step (if any) is a number; line None if not UTF-8."""
+    out = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            out.append((number, None, None, "bytes that are not UTF-8"))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            out.append((number, line, None, "not JSON"))
+            continue
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            out.append((number, line, None, "not a JSON object"))
+        elif isinstance(step, bool) or not isinstance(step, (int, float)):
+            out.append((number, line, None, f"its step is {json.dumps(step)[:40]}, not a number"))
+        else:
+            out.append((number, line, record, ""))
+    return out
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl; a line that is not one (damaged, or written by hand) is skipped with a
+    warning that names it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, _, record, problem in _records(path.read_bytes()):
+        if record is None:
+            warn(f"skipping line {number} of {path}: {problem}")
+        else:
+            records.append(record)
+    return records
 
 
 def trim_metrics(run_dir: str | os.PathLike, last_step: int) -> int:
@@ -52,17 +88,17 @@ def trim_metrics(run_dir: str | os.PathLike, last_step: int) -> int:
     if not path.exists():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            keep = isinstance(record, dict) and record.get("step", 0) <= last_step
-        except json.JSONDecodeError:
-            keep = False
-        if keep:
+    data = path.read_bytes()
+    records = _records(data)
+    torn = bool(data) and not data.endswith(b"\n")  # a kill mid-write: its last line is dropped without a word
+    for i, (number, line, record, problem) in enumerate(records):
+        if record is not None and record.get("step", 0) <= last_step:
             kept.append(line + "\n")
-        elif line.strip():
-            dropped += 1
-    if dropped:
+            continue
+        dropped += 1
+        if record is None and not (torn and i == len(records) - 1):
+            warn(f"dropping line {number} of {path}: {problem}")
+    if dropped or torn:  # (a line cut just before its newline would join the next one)
         tmp = path.with_name(f".{path.name}.tmp")
         with tmp.open("w", encoding="utf-8") as f:
             f.writelines(kept)

@@ -10,6 +10,7 @@ is greedy; --top-k 0 and --top-p 1 turn those filters off. A completion ends at 
 
 import argparse
 import importlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,11 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Below this, logits / temperature overflows float32 (or the temperature flushes to 0) and sampling draws garbage;
+# it is greedy in all but name long before. The web page (gpt2_common/webapp.py) keeps the same floor.
+MIN_TEMPERATURE = 1e-6
+
+
 def check_args(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf):  # NaN fails both
+        raise UserError(f"--temperature must be 0 (greedy) or a finite number of at least {MIN_TEMPERATURE:g}, got "
+                        f"{args.temperature}")
     if args.top_k < 0:
         raise UserError(f"--top-k must be 0 (off) or more, got {args.top_k}")
     if not 0 < args.top_p <= 1:
