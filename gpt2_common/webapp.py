@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import concurrent.futures
+import html
+import ipaddress
 import json
+import socket
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from gpt2_common.faults import warn
 from gpt2_common.tokenizer import EOT_TOKEN, get_tokenizer
 
 MAX_NEW_TOKENS = 1024
+# Generation steps run here, off the event loop; one at a time, as requests take their turn at the model.
+_WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+MIN_TEMPERATURE = 1e-6  # as scripts/sample.py: below it, logits / temperature overflows float32
 
 
 @dataclass(frozen=True)
@@ -45,9 +53,12 @@ def parse_options(query) -> SampleOptions:
             raise ValueError(f"{name} must be between {low} and {high}, got {value}")
         return value
 
+    temperature = number("temperature", float, 0.8, 0.0, 5.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature}")
     return SampleOptions(
         max_new_tokens=number("max_new_tokens", int, 100, 1, MAX_NEW_TOKENS),
-        temperature=number("temperature", float, 0.8, 0.0, 5.0),
+        temperature=temperature,
         top_k=number("top_k", int, 0, 0, 50257),
         top_p=number("top_p", float, 1.0, 0.01, 1.0),
         seed=number("seed", int, 0, 0, 2**31 - 1),
@@ -63,7 +74,7 @@ def build_app(stream: Stream, block_size: int, title: str = "GPT-2") -> Starlett
     turn = asyncio.Lock()  # one generation at a time; the others wait their turn
 
     async def page(request: Request):
-        return HTMLResponse(PAGE.replace("{{title}}", title).replace("{{block_size}}", str(block_size)))
+        return HTMLResponse(PAGE.replace("{{title}}", html.escape(title)).replace("{{block_size}}", str(block_size)))
 
     async def generate(request: Request):
         prompt = request.query_params.get("prompt", "")
@@ -83,27 +94,52 @@ def build_app(stream: Stream, block_size: int, title: str = "GPT-2") -> Starlett
             if len(tokens) > block_size:
                 yield _event({"notice": f"the prompt is {len(tokens)} tokens; it is cut to the last {block_size} "
                                         f"(the model's context)"})
-            async with turn:
+            await turn.acquire()
+            loop = asyncio.get_running_loop()
+            generator, step = None, None  # step: the next() that the worker thread runs (a concurrent Future)
+
+            def finish(_=None) -> None:
+                """Closes the generator once no step runs in it (else: ValueError: generator already executing),
+                then frees the model for the next request. Runs in the worker thread when a client left mid-step."""
+                try:
+                    if hasattr(generator, "close"):
+                        generator.close()
+                finally:
+                    try:
+                        loop.call_soon_threadsafe(turn.release)
+                    except RuntimeError:  # the event loop has closed: no request is waiting any more
+                        pass
+
+            try:
                 generator = stream(tokens[-block_size:], options)
                 # A character split over tokens waits for its last byte; bytes that can never be UTF-8 become
                 # U+FFFD, as tokenizer.decode does, so the page shows what sample.py prints.
                 utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                try:
-                    while True:
-                        if await request.is_disconnected():
-                            break  # the client left: stop generating, free the model for the next request
-                        token = await asyncio.to_thread(next, generator, None)
-                        if token is None or token == EOT_TOKEN:
-                            break
-                        text = utf8.decode(tokenizer.decode_single_token_bytes(token))
-                        if text:
-                            yield _event({"text": text})
-                    tail = utf8.decode(b"", final=True)
-                    if tail:
-                        yield _event({"text": tail})
-                finally:
-                    if hasattr(generator, "close"):
-                        generator.close()
+                while True:
+                    if await request.is_disconnected():
+                        break  # the client left: stop generating, free the model for the next request
+                    # A client that leaves cancels this await, not the step: a running thread cannot be stopped
+                    step = _WORKER.submit(next, generator, None)
+                    token = await asyncio.wrap_future(step)
+                    if token is None or token == EOT_TOKEN:
+                        break
+                    text = utf8.decode(tokenizer.decode_single_token_bytes(token))
+                    if text:
+                        yield _event({"text": text})
+                tail = utf8.decode(b"", final=True)
+                if tail:
+                    yield _event({"text": tail})
+            except Exception as err:  # the model or the sampler failed: the page says so, the server serves on
+                lines = str(err).strip().splitlines()
+                message = f"generation failed: {type(err).__name__}" + (f": {lines[0][:300]}" if lines else "")
+                warn(message)
+                yield _event({"error": message})
+                return
+            finally:
+                if step is None:
+                    finish()
+                else:
+                    step.add_done_callback(finish)  # at once if the step is over, else when it returns
             yield _event({"done": True})
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -113,6 +149,58 @@ def build_app(stream: Stream, block_size: int, title: str = "GPT-2") -> Starlett
         return JSONResponse({"ok": True, "block_size": block_size})
 
     return Starlette(routes=[Route("/", page), Route("/generate", generate), Route("/health", health)])
+
+
+def only_served_hosts(app, host: str, port: int):
+    """`app`, answering only requests whose Host header names it as it is served: 127.0.0.1, localhost or `host`,
+    with `port`; any other gets 421. Against DNS rebinding: a page on another site whose name is made to resolve to
+    127.0.0.1 reaches the server, but with its own name in the Host header. Bound to every address (0.0.0.0, ::),
+    the server also answers to the machine's name and to any IP address (a literal address cannot be rebound)."""
+    wildcard = host in ("0.0.0.0", "::")
+    names = {"127.0.0.1", "localhost"} | ({socket.gethostname().lower(), socket.getfqdn().lower()} if wildcard
+                                          else {_host_name(host)})
+
+    def served(value: str) -> bool:
+        name, value_port = _split_host(value.strip().lower())
+        if value_port != str(port) and not (value_port == "" and port == 80):
+            return False
+        return name in names or (wildcard and _is_address(name.strip("[]")))
+
+    async def guarded(scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            value = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not served(value):
+                shown = " or ".join(sorted(f"{name}:{port}" for name in names)) + \
+                    (f" or any IP address of this machine, port {port}" if wildcard else "")
+                response = PlainTextResponse(f"this server answers only as {shown}; Host '{value}' refused\n",
+                                             status_code=421)
+                await response(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+def _host_name(host: str) -> str:
+    """The address the server binds, as a Host header writes it: IPv6 in brackets, names in lower case."""
+    return f"[{host}]" if _is_address(host) and ":" in host else host.lower()
+
+
+def _split_host(value: str) -> tuple[str, str]:
+    """'localhost:8000' -> ('localhost', '8000'); '[::1]:8000' -> ('[::1]', '8000'); no port -> (name, '')."""
+    if value.startswith("["):
+        close = value.find("]")
+        return value[:close + 1], value[close + 2:] if value[close + 1:close + 2] == ":" else ""
+    name, _, port = value.partition(":")
+    return name, port
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
 
 
 PAGE = """<!doctype html>

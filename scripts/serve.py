@@ -39,7 +39,10 @@ def main() -> None:
 
     import uvicorn
 
-    app = build(args.checkpoint, args.framework)
+    from gpt2_common.webapp import only_served_hosts
+
+    # only requests addressed to this server by name (127.0.0.1, localhost, --host) are answered: no DNS rebinding
+    app = only_served_hosts(build(args.checkpoint, args.framework), args.host, args.port)
     print(f"serving {args.checkpoint} ({args.framework}) at http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -150,3 +151,109 @@ def test_tokens_are_sent_as_they_are_generated(server):
                 arrivals.append(time.perf_counter() - start)
     assert len(arrivals) > 20
     assert arrivals[0] < 0.5 * arrivals[-1]  # the first token did not wait for the last
+
+
+# --- hostile input (issue 19, item 9): the app itself, called as uvicorn calls it, with streams that misbehave ----
+
+def asgi_get(app, path, query="", host="127.0.0.1:8000", disconnect_after=None):
+    """(status, body) of a GET, sent to the ASGI app directly; the client leaves after `disconnect_after` seconds."""
+    import asyncio
+
+    sent, asked = [], []
+
+    async def receive():
+        if not asked:
+            asked.append(True)
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600 if disconnect_after is None else disconnect_after)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(),
+                 "root_path": "", "headers": [(b"host", host.encode())], "client": ("127.0.0.1", 50000),
+                 "server": ("127.0.0.1", 8000)}
+        await app(scope, receive, send)
+        await asyncio.sleep(0.5)  # a step still running when the client left ends, and its generator closes
+
+    asyncio.run(run())
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()
+
+
+def slow_stream(tokens, options):
+    for i in range(options.max_new_tokens):
+        time.sleep(0.05)
+        yield 300 + i
+
+
+def failing_stream(tokens, options):
+    yield 300
+    raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+
+def test_the_checkpoint_name_is_escaped_in_the_page():
+    from gpt2_common.webapp import build_app
+
+    status, body = asgi_get(build_app(slow_stream, 32, title="<script>alert(1)</script>"), "/")
+    assert status == 200 and "<script>alert" not in body
+    assert body.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2  # <title> and <h1>
+
+
+def test_a_client_leaving_mid_stream_is_quiet_and_frees_the_model():
+    """The Stop button: the request is cancelled while a worker thread runs a step; closing the generator then
+    raised "ValueError: generator already executing" (logged by uvicorn at every Stop)."""
+    from gpt2_common.webapp import build_app
+
+    app = build_app(slow_stream, 32)
+    status, body = asgi_get(app, "/generate", "prompt=hi&max_new_tokens=1000", disconnect_after=0.3)
+    assert status == 200 and body.startswith('data: {"text"') and '"done"' not in body
+    status, body = asgi_get(app, "/generate", "prompt=hi&max_new_tokens=3")  # the model is free again
+    assert body.endswith('data: {"done": true}\n\n') and body.count('"text"') == 3
+
+
+def test_a_failing_generation_sends_an_error_event(capsys):
+    from gpt2_common.webapp import build_app
+
+    status, body = asgi_get(build_app(failing_stream, 32), "/generate", "prompt=hi")
+    assert status == 200
+    assert body.endswith('data: {"error": "generation failed: RuntimeError: probability tensor contains either '
+                         '`inf`, `nan` or element < 0"}\n\n')
+    assert "warning: generation failed: RuntimeError" in capsys.readouterr().err
+    assert asgi_get(build_app(failing_stream, 32), "/generate", "prompt=hi&temperature=1e-45")[1] == \
+        'data: {"error": "temperature must be 0 (greedy) or at least 1e-06, got 1e-45"}\n\n'
+
+
+@pytest.mark.parametrize("bound, host, answered", [
+    ("127.0.0.1", "127.0.0.1:8000", True), ("127.0.0.1", "localhost:8000", True),
+    ("127.0.0.1", "LOCALHOST:8000", True), ("127.0.0.1", "evil.example:8000", False),
+    ("127.0.0.1", "127.0.0.1:9000", False), ("127.0.0.1", "127.0.0.1", False), ("127.0.0.1", "", False),
+    ("127.0.0.1", "127.0.0.1.nip.io:8000", False), ("::1", "[::1]:8000", True), ("::1", "evil.example:8000", False),
+    ("0.0.0.0", "192.168.1.5:8000", True), ("0.0.0.0", "[fe80::1]:8000", True),
+    ("0.0.0.0", "evil.example:8000", False), ("0.0.0.0", "192.168.1.5:80", False),
+])
+def test_only_the_host_it_is_served_under_is_answered(bound, host, answered):
+    """Against DNS rebinding: another site's page whose name resolves to 127.0.0.1 sends its own name as Host."""
+    from gpt2_common.webapp import build_app, only_served_hosts
+
+    status, body = asgi_get(only_served_hosts(build_app(slow_stream, 32), bound, 8000), "/health", host=host)
+    if answered:
+        assert status == 200 and json.loads(body)["ok"]
+    else:
+        assert status == 421 and body.startswith("this server answers only as 127.0.0.1:8000 or ")
+        assert f"Host '{host}' refused" in body
+
+
+def test_the_server_refuses_a_rebound_host(server):
+    port = urllib.parse.urlsplit(server).port
+    for host, status in ((f"localhost:{port}", 200), (f"evil.example:{port}", 421)):
+        request = urllib.request.Request(server + "/health", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.status == status
+        except urllib.error.HTTPError as err:
+            assert err.code == status
+            assert err.read().decode().startswith(f"this server answers only as 127.0.0.1:{port} or ")
