@@ -3,10 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all
+.PHONY: train test test-all lock
 
-$(STAMP): pyproject.toml scripts/install.sh
-	scripts/install.sh $(VENV) test
+$(STAMP): pyproject.toml constraints.txt scripts/install.sh
+	scripts/install.sh $(VENV) test constraints.txt
 	touch $(STAMP)
 
 train: $(STAMP)  ## train the shakespeare config with the JAX trainer (CPU minutes), then print a sample
@@ -18,3 +18,11 @@ test: $(STAMP)  ## the whole default test suite: unit tests and the JAX/PyTorch/
 
 test-all: $(STAMP)  ## also the tests marked slow
 	$(PY) -m pytest -q -m ""
+
+lock:  ## upgrade on purpose: the newest versions pyproject.toml allows, into .venv-lock, recorded in constraints.txt
+	rm -rf .venv-lock
+	scripts/install.sh .venv-lock test none
+	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | grep -v '^-e' \
+	  | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	@echo "constraints.txt updated; run make test (it reinstalls .venv from it) before committing it"

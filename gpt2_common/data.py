@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_common.errors import UserError
+from gpt2_common.files import share_like_open
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -39,6 +40,7 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(header.tobytes())
             f.write(tokens.astype(np.uint16).tobytes())
+        share_like_open(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -78,10 +80,13 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-def find_shards(pattern: str, what: str = "data") -> list[Path]:
-    """Shard files from a glob or a directory, sorted so that every process sees the same order."""
+def find_shards(pattern: str, what: str = "data", setting: str | None = None) -> list[Path]:
+    """Shard files from a glob or a directory, sorted so that every process sees the same order. `setting`: what
+    the user set the pattern with, for the messages (default data.<what>)."""
+    setting = setting or f"data.{what}"
+    pattern = os.path.expanduser(pattern)
     if not pattern:
-        raise UserError(f"no {what} shards are configured; set data.{what} to a glob or directory of .bin/.npy shards")
+        raise UserError(f"no {what} shards are configured; set {setting} to a glob or directory of .bin/.npy shards")
     if os.path.isdir(pattern):
         paths = [p for p in Path(pattern).iterdir() if p.suffix in (".bin", ".npy")]
     else:
@@ -89,7 +94,7 @@ def find_shards(pattern: str, what: str = "data") -> list[Path]:
     paths = sorted(p for p in paths if p.is_file())
     if not paths:
         raise UserError(
-            f"no {what} shards match '{pattern}'; run scripts/prepare_data.py --out DIR and point data.{what} at DIR"
+            f"no {what} shards match '{pattern}'; run scripts/prepare_data.py --out DIR and point {setting} at DIR"
         )
     return paths
 

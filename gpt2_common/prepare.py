@@ -24,6 +24,8 @@ from gpt2_common.errors import UserError
 from gpt2_common.tokenizer import encode_document
 
 EMBEDDED_SOURCES = ("shakespeare",)
+# Where each embedded corpus is prepared on first use (relative to the working directory, as the presets say).
+EMBEDDED_HOMES = {"shakespeare": "data/shakespeare"}
 DEFAULT_SHARD_TOKENS = 100_000_000  # build-nanogpt's shard size: 200 MB of uint16
 
 
@@ -241,12 +243,15 @@ def documents_for(sources: list[str], text_field: str = "text") -> Iterator[str]
 
 
 def ensure_embedded_prepared(source: str, train_pattern: str, progress: bool = True) -> None:
-    """Prepares the embedded corpus a config names into the directory its `data.train` points at, once."""
+    """Prepares the embedded corpus a config names into its home (EMBEDDED_HOMES), once, when `data.train` points
+    there. A `data.train` elsewhere is the user's own data: nothing is prepared, and shards that do not exist are
+    the missing-data error, whatever data.source says."""
     if source not in EMBEDDED_SOURCES:
         raise UserError(f"data.source '{source}' is not an embedded corpus ({', '.join(EMBEDDED_SOURCES)})")
     if glob.glob(train_pattern) or (os.path.isdir(train_pattern) and any(Path(train_pattern).glob("*.bin"))):
         return
     out_dir = Path(train_pattern) if os.path.isdir(train_pattern) or not any(c in train_pattern for c in "*?[") \
         else Path(os.path.dirname(train_pattern))
+    if os.path.abspath(out_dir) != os.path.abspath(EMBEDDED_HOMES[source]):
+        return
     print(f"preparing the embedded '{source}' corpus into {out_dir} (once)", file=sys.stderr)
-    prepare(documents_for([source]), out_dir, val_fraction=0.1, workers=1, progress=progress, source=source)

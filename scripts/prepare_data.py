@@ -12,16 +12,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpt2_common.cli import path_arg, source_arg  # noqa: E402
 from gpt2_common.errors import run_cli  # noqa: E402
 from gpt2_common.prepare import DEFAULT_SHARD_TOKENS, documents_for, prepare  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", nargs="+", required=True, metavar="SRC",
+    parser.add_argument("--source", nargs="+", required=True, type=source_arg, metavar="SRC",
                         help="'shakespeare' (the embedded corpus), or text files, directories, globs, .jsonl "
                              "(one JSON object a line) and .parquet files")
-    parser.add_argument("--out", required=True, help="directory for train_*.bin, val_*.bin and meta.json")
+    parser.add_argument("--out", required=True, type=path_arg, help="directory for train_*.bin, val_*.bin and meta.json")
     parser.add_argument("--text-field", default="text", help="the text field of JSONL records / Parquet column "
                         "(default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.05,
