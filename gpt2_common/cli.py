@@ -6,16 +6,28 @@ import argparse
 import os
 from pathlib import Path
 
-from gpt2_common.config import Config, dumps_toml, load_config
-from gpt2_common.data import find_shards
+from gpt2_common.config import CONFIG_DIR, Config, dumps_toml, load_config
 from gpt2_common.errors import UserError
-from gpt2_common.prepare import EMBEDDED_SOURCES, ensure_embedded_prepared
+from gpt2_common.prepare import EMBEDDED_SOURCES
+
+
+def path_arg(text: str) -> str:
+    """An argparse `type` for every file or directory argument: `~` expanded and made absolute here, at the edge,
+    so that no library deeper down (orbax refuses relative paths) ever sees a path relative to the working
+    directory. Messages show paths under the working directory relative again (gpt2_common.errors.run_cli)."""
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def source_arg(text: str) -> str:
+    """prepare_data.py's --source: the name of an embedded corpus as it is, anything else a path or glob (path_arg)."""
+    return text if text in EMBEDDED_SOURCES else path_arg(text)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config and --set, as the trainers and the benchmark scripts take them (args.config, args.overrides)."""
-    parser.add_argument("--config", default="shakespeare", help="a preset in configs/ (tiny, shakespeare, small, "
-                        "medium, large, xl) or a path to a .toml/.yaml file (default: %(default)s)")
+    presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    parser.add_argument("--config", default="shakespeare", help=f"a preset in configs/ ({presets}) or a path to a "
+                        ".toml/.yaml file (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.lr=3e-4 model.n_layer=6")
 
@@ -23,27 +35,48 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def train_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--run-dir", default=None, help="where config.toml, metrics.jsonl and checkpoints/ go "
-                        "(default: runs/<config name>); running again with the same run dir resumes")
-    parser.add_argument("--init-from", default=None, help="start from these weights: a JAX or PyTorch checkpoint "
-                        "or a Hugging Face GPT-2 directory")
+    parser.add_argument("--run-dir", default=None, type=path_arg,
+                        help="where config.toml, metrics.jsonl and checkpoints/ go (default: runs/<config name>; "
+                        "runs/<config name>-torch for PyTorch); running again with the same run dir resumes")
+    parser.add_argument("--init-from", default=None, type=path_arg,
+                        help="start from these weights: a JAX or PyTorch checkpoint or a Hugging Face GPT-2 directory")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a run directory's checkpoints even though they were trained with another "
                         "config (keys beyond run control such as train.max_steps, train.eval_interval, logging.*)")
+    parser.add_argument("--resume-from", default=None, type=path_arg, metavar="CHECKPOINT",
+                        help="resume from this checkpoint of the run (a step folder of checkpoints/ for JAX, a "
+                        "step_XXXXXXXX.pt for PyTorch) instead of the newest; the newer ones are set aside, not "
+                        "deleted (e.g. to restart from before a loss spike)")
+    add_run_arguments(parser)
     return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the run policy (gpt2_common/run.py) that both trainers take."""
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="stop with a checkpoint once STEP optimizer steps are done (e.g. to fit a job's time "
+                        "limit); the schedule still runs to train.max_steps, and running again resumes")
+    parser.add_argument("--sample-tokens", type=int, default=200,
+                        help="tokens of text to sample at the end of training (0: no sample)")
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, does: str) -> None:
     """--checkpoint and --framework, as every script that loads weights takes them; `does`: what the model does."""
-    parser.add_argument("--checkpoint", required=True, help="a JAX or PyTorch checkpoint (or run directory), or a "
+    parser.add_argument("--checkpoint", required=True, type=path_arg, help="a JAX or PyTorch checkpoint (or run directory), or a "
                         "Hugging Face GPT-2 directory")
     parser.add_argument("--framework", choices=("jax", "torch"), default="jax",
                         help=f"which model {does} (default: %(default)s)")
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
+def default_run_dir(config_name: str, framework: str) -> Path:
+    """runs/<config name> for the JAX trainer, runs/<config name>-torch for the PyTorch one: the quickstart's two
+    runs of one preset live side by side instead of the second refusing the first's checkpoints."""
+    return Path(path_arg(os.path.join("runs", config_name if framework == "jax" else f"{config_name}-{framework}")))
+
+
+def resolve_run(args: argparse.Namespace, framework: str) -> tuple[Config, Path]:
     config = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or os.path.join("runs", config.name))
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config.name, framework)
     if args.init_from is not None and not os.path.exists(args.init_from):
         raise UserError(f"--init-from '{args.init_from}' does not exist; give a checkpoint or Hugging Face directory")
     return config, run_dir
@@ -54,16 +87,3 @@ def write_run_config(config: Config, run_dir: Path) -> None:
     tmp = run_dir / ".config.toml.tmp"
     tmp.write_text(dumps_toml(config))
     os.replace(tmp, run_dir / "config.toml")
-
-
-def data_paths(config: Config, progress: bool = True) -> tuple[list[Path], list[Path]]:
-    """The train and validation shards a config names, preparing an embedded corpus on first use."""
-    data = config.data
-    if data.source in EMBEDDED_SOURCES:
-        ensure_embedded_prepared(data.source, data.train, progress=progress)
-    elif data.source:
-        raise UserError(
-            f"data.source '{data.source}' is not an embedded corpus ({', '.join(EMBEDDED_SOURCES)}); "
-            "for your own text, run scripts/prepare_data.py and set data.train/data.val"
-        )
-    return find_shards(data.train, "train"), find_shards(data.val, "val")

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from gpt2_common.cli import data_paths
+from pathlib import Path
+
 from gpt2_common.config import Config
-from gpt2_common.data import TokenLoader
+from gpt2_common.data import TokenLoader, find_shards
 from gpt2_common.errors import UserError
 from gpt2_common.instruct import InstructLoader, read_records
+from gpt2_common.prepare import EMBEDDED_SOURCES, ensure_embedded_prepared
 
 VAL_HOLDOUT = 0.02  # alpaca without a validation file: this share of the records (at least one) is held out
 
@@ -37,3 +39,16 @@ def open_loaders(config: Config, process_index: int = 0, process_count: int = 1,
     vocab = config.model.vocab_size
     return (TokenLoader(train_paths, micro, seq_len, seed=seed, shuffle=True, vocab_size=vocab, **where),
             TokenLoader(val_paths, micro, seq_len, seed=seed, shuffle=False, vocab_size=vocab, **where))
+
+
+def data_paths(config: Config, progress: bool = True) -> tuple[list[Path], list[Path]]:
+    """The train and validation shards a config names, preparing an embedded corpus into its home on first use."""
+    data = config.data
+    if data.source in EMBEDDED_SOURCES:
+        ensure_embedded_prepared(data.source, data.train, progress=progress)
+    elif data.source:
+        raise UserError(
+            f"data.source '{data.source}' is not an embedded corpus ({', '.join(EMBEDDED_SOURCES)}); "
+            "for your own text, run scripts/prepare_data.py and set data.train/data.val"
+        )
+    return find_shards(data.train, "train"), find_shards(data.val, "val")

@@ -101,6 +101,14 @@ def grad_norm(opt_state: Any) -> jax.Array:
     return optax.tree_utils.tree_get(opt_state, "grad_norm")
 
 
+def learning_rate(opt_state: Any, train: TrainConfig) -> jax.Array:
+    """The learning rate of the last update, from the optimizer's own schedule count (the step index after it),
+    so that what the run logs is what the optimizer applied."""
+    count = optax.tree_utils.tree_get(opt_state, "count", filtering=lambda path, value: any(
+        getattr(key, "tuple_name", None) == "ScaleByScheduleState" for key in path))
+    return learning_rate_schedule(train)(count - 1)
+
+
 def last_update_finite(opt_state: Any) -> jax.Array:
     """Whether the last update's gradient was finite (True for an optimizer that does not check)."""
     return optax.tree_utils.tree_get(opt_state, "last_finite", default=jnp.array(True))

@@ -23,11 +23,11 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
-from gpt2_common.config import Config, check_divides
+from gpt2_common.config import Config, TrainConfig, check_divides
 from gpt2_common.errors import UserError
 from gpt2_jax import sharding
 from gpt2_jax.model import GPT, build_model
-from gpt2_jax.optim import LossScale, build_optimizer, grad_norm, last_update_finite, uses_multisteps
+from gpt2_jax.optim import LossScale, build_optimizer, grad_norm, last_update_finite, learning_rate, uses_multisteps
 
 
 class TrainState(struct.PyTreeNode):
@@ -74,16 +74,16 @@ def _apply(state: TrainState, grads: Any, optimizer: optax.GradientTransformatio
     return optax.apply_updates(state.params, updates), opt_state
 
 
-def _step_metrics(loss: jax.Array, state: TrainState) -> dict[str, jax.Array]:
-    metrics = {"loss": loss, "grad_norm": grad_norm(state.opt_state)}
+def _step_metrics(loss: jax.Array, state: TrainState, train: TrainConfig) -> dict[str, jax.Array]:
+    metrics = {"loss": loss, "grad_norm": grad_norm(state.opt_state), "lr": learning_rate(state.opt_state, train)}
     if state.loss_scale is not None:
         metrics["loss_scale"] = state.loss_scale.scale
     return metrics
 
 
 def train_step_scan(state: TrainState, batch: tuple[jax.Array, jax.Array], *, model: GPT,
-                    optimizer: optax.GradientTransformation, mesh: Mesh,
-                    grad_shardings: Any) -> tuple[TrainState, dict]:
+                    optimizer: optax.GradientTransformation, mesh: Mesh, grad_shardings: Any,
+                    train: TrainConfig) -> tuple[TrainState, dict]:
     """One optimizer step over batch = (inputs, targets), each [accum, micro_batch, T].
 
     Gradients cross the data axis once a step, as DDP's no_sync has them: each data-parallel replica sums its own
@@ -124,11 +124,12 @@ def train_step_scan(state: TrainState, batch: tuple[jax.Array, jax.Array], *, mo
         params, opt_state = _apply(state, grads, optimizer)
         loss_scale = None if state.loss_scale is None else state.loss_scale.adjust(last_update_finite(opt_state))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale)
-        return new_state, _step_metrics(jnp.sum(losses) / accum, new_state)
+        return new_state, _step_metrics(jnp.sum(losses) / accum, new_state, train)
 
 
 def train_step_multisteps(state: TrainState, batch: tuple[jax.Array, jax.Array], *, model: GPT,
-                          optimizer: optax.GradientTransformation, mesh: Mesh, accum: int) -> tuple[TrainState, dict]:
+                          optimizer: optax.GradientTransformation, mesh: Mesh, accum: int,
+                          train: TrainConfig) -> tuple[TrainState, dict]:
     """One micro-batch (inputs, targets), each [micro_batch, T]; every accum-th call updates the parameters."""
     with sharding.activation_sharding(mesh):
         inputs, targets = batch
@@ -145,28 +146,13 @@ def train_step_multisteps(state: TrainState, batch: tuple[jax.Array, jax.Array],
             loss_scale = jax.tree.map(functools.partial(jnp.where, updated), adjusted, loss_scale)
         new_state = state.replace(step=state.step + updated.astype(jnp.int32), params=params, opt_state=opt_state,
                                   loss_scale=loss_scale)
-        return new_state, _step_metrics(loss, new_state)
+        return new_state, _step_metrics(loss, new_state, train)
 
 
 def eval_step(params: Any, batch: tuple[jax.Array, jax.Array], *, model: GPT, mesh: Mesh) -> jax.Array:
     with sharding.activation_sharding(mesh):
         inputs, targets = batch
         return model.apply({"params": params}, inputs, targets=targets)
-
-
-@dataclasses.dataclass(frozen=True)
-class _NanModel:
-    """The NaN test hook's model (GPT2_INJECT_NAN_AT_STEP): the real one with a NaN loss. Its step function is
-    compiled only when a run asks for it, so the normal step carries nothing of it."""
-
-    model: GPT
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def apply(self, *args, **kwargs):
-        return self.model.apply(*args, **kwargs) * jnp.nan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +169,6 @@ class Trainer:
     init: Callable  # (rng, params or None) -> TrainState, placed on the mesh
     train_step: Callable  # (state, batch) -> (state, metrics); state is donated
     eval_step: Callable  # (params, batch) -> loss
-    nan_train_step: Callable  # train_step with NaN logits, for the NaN test hook (compiled on first use)
 
     def put(self, batch: tuple[np.ndarray, np.ndarray], leading_dims: int = 0) -> tuple[jax.Array, jax.Array]:
         """This process's rows of a batch -> global arrays on the mesh."""
@@ -192,12 +177,11 @@ class Trainer:
         return tuple(sharding.put_batch(a, dest, a.shape[:leading_dims] + (rows,) + a.shape[leading_dims + 1:])
                      for a in batch)
 
-    def step(self, state: TrainState, loader, position: int, poison: bool = False) -> tuple[TrainState, dict]:
+    def step(self, state: TrainState, loader, position: int) -> tuple[TrainState, dict]:
         """One optimizer step on the micro-batches at loader positions position, position+1, ... (host side:
-        fetch, place, call; the positions are counted on the host so as not to wait for the device).
-        `poison`: the NaN test hook's step, whose loss is NaN."""
+        fetch, place, call; the positions are counted on the host so as not to wait for the device)."""
         accum = self.config.train.grad_accum_steps
-        train_step = self.nan_train_step if poison else self.train_step
+        train_step = self.train_step
         batches = self.step_batches([loader.batch(position + k) for k in range(accum)])
         if len(batches) == 1:
             return train_step(state, batches[0])
@@ -241,17 +225,14 @@ def build_trainer(config: Config, mesh: Mesh) -> Trainer:
 
     rows = sharding.batch_sharding(mesh, leading_dims=0 if uses_multisteps(t) else 1)
 
-    def jit_step(step_model) -> Callable:
-        if not uses_multisteps(t):
-            step_fn = functools.partial(train_step_scan, model=step_model, optimizer=optimizer, mesh=mesh,
-                                        grad_shardings=sharding.replica_shardings(param_shardings))
-        else:
-            step_fn = functools.partial(train_step_multisteps, model=step_model, optimizer=optimizer, mesh=mesh,
-                                        accum=t.grad_accum_steps)
-        return jax.jit(step_fn, in_shardings=(state_shardings, (rows, rows)), out_shardings=(state_shardings, rep),
-                       donate_argnums=0)
-
-    train_step = jit_step(model)
+    if not uses_multisteps(t):
+        step_fn = functools.partial(train_step_scan, model=model, optimizer=optimizer, mesh=mesh,
+                                    grad_shardings=sharding.replica_shardings(param_shardings), train=t)
+    else:
+        step_fn = functools.partial(train_step_multisteps, model=model, optimizer=optimizer, mesh=mesh,
+                                    accum=t.grad_accum_steps, train=t)
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, (rows, rows)), out_shardings=(state_shardings, rep),
+                         donate_argnums=0)
     micro = sharding.batch_sharding(mesh)
     eval_fn = jax.jit(functools.partial(eval_step, model=model, mesh=mesh),
                       in_shardings=(param_shardings, (micro, micro)), out_shardings=rep)
@@ -263,5 +244,4 @@ def build_trainer(config: Config, mesh: Mesh) -> Trainer:
             return init_random(rng)
         return init_given(rng, jax.device_put(params, param_shardings))
 
-    return Trainer(config, mesh, model, optimizer, abstract_state, state_shardings, micro, init, train_step, eval_fn,
-                   nan_train_step=jit_step(_NanModel(model)))
+    return Trainer(config, mesh, model, optimizer, abstract_state, state_shardings, micro, init, train_step, eval_fn)

@@ -1,5 +1,8 @@
+import argparse
+
 import pytest
 
+from gpt2_common.cli import add_config_arguments
 from gpt2_common.config import CONFIG_DIR, check_divides, dumps_toml, load_config, loads_toml
 from gpt2_common.errors import UserError
 
@@ -86,5 +89,13 @@ def test_batch_must_divide_over_devices():
         check_divides(12, 8)
 
 
-def test_every_preset_file_is_a_toml_preset():
-    assert sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) >= sorted(PRESETS)
+def test_every_preset_file_is_a_toml_preset_listed_in_the_readme_and_the_help():
+    assert {p.stem for p in CONFIG_DIR.glob("*.toml")} == set(PRESETS)
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    table = readme.split("### Configs", 1)[1].split("\n\n", 2)[1]
+    for name in PRESETS:
+        assert f"`{name}`" in table, f"preset {name} is missing from the README's presets table"
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    assert all(name in help_text for name in PRESETS), help_text

@@ -22,6 +22,7 @@ from gpt2_common.errors import UserError, run_cli
 from gpt2_common.metrics import read_metrics
 from gpt2_jax.checkpoint import load_checkpoint_params, read_meta
 from gpt2_jax.train import train
+from nan_injection import train_with_nan_at
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_jax.py"
@@ -194,7 +195,7 @@ def test_a_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(reference, tm
     config, _ = reference
     stop = write_config(config.parent, log_interval=4)  # the check runs a step late: step 6 saves nothing
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: run(stop, tmp_path / "run", inject_nan_at=5))
+        run_cli(lambda: train_with_nan_at("jax", load_config(str(stop)), tmp_path / "run", 5, log=print))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: training diverged at step 5: loss nan") and err.count("\n") == 1, err
@@ -206,7 +207,7 @@ def test_a_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(reference, tm
 def test_a_nan_loss_is_skipped_and_counted_with_nan_policy_skip(reference, tmp_path, capsys):
     config, _ = reference
     skip = write_config(config.parent, nan_policy="skip", save_interval=1)
-    run(skip, tmp_path / "run", inject_nan_at=5)
+    train_with_nan_at("jax", load_config(str(skip)), tmp_path / "run", 5, log=print)
     assert "step 5: loss nan, grad norm nan: update skipped" in capsys.readouterr().out
     lines = {r["step"]: r for r in read_metrics(tmp_path / "run") if "loss" in r}
     assert lines[5]["loss"] is None and [lines[s]["skipped_steps"] for s in (4, 5, 12)] == [0, 1, 1]

@@ -21,7 +21,7 @@ from gpt2_torch.checkpoint import list_checkpoints, load_checkpoint
 from gpt2_torch.model import GPT
 from gpt2_torch.optim import make_optimizer
 from gpt2_torch.step import train_step
-from gpt2_torch.train import Distributed, _train, main, to_device
+from gpt2_torch.train import Distributed, TorchBackend, main, to_device
 
 
 
@@ -144,7 +144,7 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path, capsys):
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     torch.manual_seed(12345)  # the resumed run must not depend on the RNG it starts with
     main(["--config", str(config), "--run-dir", str(resumed)])
-    assert "resuming from" in capsys.readouterr().out
+    assert "resumed from step" in capsys.readouterr().out
 
     assert read_metrics(resumed)[len(kept):] and train_losses(resumed) == train_losses(full)
     a, b = load_checkpoint(list_checkpoints(full / "checkpoints")[-1]), \
@@ -213,7 +213,7 @@ def test_bad_inputs_raise_user_errors(tmp_path, args, message):
 def test_a_micro_batch_that_does_not_divide_over_the_processes_is_a_user_error(tmp_path):
     config = load_config(str(write_config(tmp_path)), ["train.micro_batch_size=4", "train.batch_size=8"])
     with pytest.raises(UserError, match="does not divide over 3 processes"):
-        _train(config, tmp_path / "run", None, Distributed(0, 3, torch.device("cpu")))
+        TorchBackend(config, tmp_path / "run", Distributed(0, 3, torch.device("cpu")))
 
 
 def test_resuming_another_model_or_starting_from_no_weights_are_user_errors(tmp_path):
