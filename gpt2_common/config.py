@@ -28,6 +28,9 @@ class ModelConfig:
     vocab_size: int = GPT2_VOCAB_SIZE  # the tokenizer's vocabulary; the embedding is padded beyond it
     pad_vocab_multiple: int = 64  # 50257 -> 50304: a multiple of 64 keeps the logits matmul on fast kernels
     dropout: float = 0.0
+    # gelu_tanh: GPT-2's own tanh approximation (HF "gelu_new", llm.c); gelu: the exact erf GELU of nanoGPT and HF
+    # configs with activation_function "gelu". Weights trained with one are off by ~1e-3 in the logits with the other.
+    activation: str = "gelu_tanh"
     attention: str = "auto"  # auto | cudnn | xla (JAX); torch always uses SDPA, which picks flash on GPU
     # The loss goes through the output head this many sequence positions at a time, so the [B, T, V] logits are
     # never materialised (gpt2_jax/loss.py, gpt2_torch/loss.py); 0 computes the whole logits, then the loss.
@@ -126,6 +129,7 @@ _SECTION_CLASSES = {
     "logging": LoggingConfig,
 }
 CHOICES = {
+    ("model", "activation"): ("gelu_tanh", "gelu"),
     ("model", "attention"): ("auto", "cudnn", "xla"),
     ("model", "loss_exp"): ("auto", "keep", "recompute"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),

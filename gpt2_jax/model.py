@@ -175,7 +175,8 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         C = self.config.n_embd
         h = _dense(4 * C, ("embed", "mlp"), self.dtype, "c_fc")(x)
-        h = nn.gelu(h, approximate=True)  # GPT-2's tanh GELU; the exact erf one breaks parity with released weights
+        # model.activation: GPT-2's tanh GELU ("gelu_new") by default; the exact erf GELU for nanoGPT's weights
+        h = nn.gelu(h, approximate=self.config.activation == "gelu_tanh")
         h = nn.with_logical_constraint(h, ("batch", "seq", "act_mlp"))
         y = _dense(C, ("mlp", "embed"), self.dtype, "c_proj", std=_residual_std(self.config))(h)
         return nn.Dropout(self.config.dropout)(y, deterministic=deterministic)

@@ -7,21 +7,17 @@ transposed. Only the names differ (`h_3/attn/c_attn/kernel` is `transformer.h.3.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from flax import struct, traverse_util
+from flax import traverse_util
 from flax.linen import meta
 
 from gpt2_common import weights as canonical
-from gpt2_common.config import Config, ModelConfig
-from gpt2_common.errors import UserError
+from gpt2_common.config import ModelConfig
+from gpt2_common.files import share_like_open
 
 Params = dict[str, Any]
 _LEAF_NAMES = {"embedding", "scale", "kernel"}  # Flax's names for what GPT-2 calls `weight`
@@ -70,49 +66,3 @@ def from_canonical(weights: Mapping[str, np.ndarray], model: ModelConfig) -> Par
         array = np.array(weights[name], dtype=np.float32)
         flat[flax_path(name)] = canonical.pad_vocab(array, model) if name == "transformer.wte.weight" else array
     return traverse_util.unflatten_dict(flat)
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[Config, canonical.Weights]:
-    """The config and canonical weights of a gpt2_jax (orbax) checkpoint."""
-    from gpt2_jax.checkpoint import load_checkpoint_params
-
-    config, params = load_checkpoint_params(path)
-    return config, to_canonical(params, config.model)
-
-
-class WeightsOnlyState(struct.PyTreeNode):
-    """The part of a TrainState that a weights-only checkpoint holds: load_checkpoint_params reads `params` alone,
-    so a converted checkpoint carries no optimizer state (it would be a fresh one anyway)."""
-
-    step: Any
-    params: Params
-
-
-def write_checkpoint(weights: canonical.Weights, config: Config, path: str | os.PathLike) -> None:
-    """A weights-only gpt2_jax checkpoint at `path` (a checkpoints folder holding step 0), which --init-from,
-    load_checkpoint_params, sampling and evaluation read. Written by the trainer's own orbax save into a temporary
-    folder that is renamed into place, so that a failed conversion leaves nothing behind."""
-    from gpt2_jax import checkpoint
-
-    path = Path(path)
-    if path.exists():
-        raise UserError(f"'{path}' already exists; remove it or choose another destination")
-    state = WeightsOnlyState(step=np.zeros([], np.int32), params=from_canonical(weights, config.model))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        manager = checkpoint.checkpoint_manager(tmp, keep=1, async_save=False)
-        checkpoint.save(manager, state, config, loader_position=0)
-        manager.close()
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def init_params(path: str | os.PathLike, model: ModelConfig) -> Params:
-    """--init-from: the weights at `path` (a JAX or PyTorch checkpoint, or a Hugging Face directory) as params for
-    GPT(model); one UserError line if they are of another shape."""
-    source, weights = canonical.read_canonical(path)
-    return from_canonical(canonical.fit_to_model(weights, source.model, model, f"--init-from '{path}'"), model)

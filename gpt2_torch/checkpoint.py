@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,29 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2_common.config import Config, loads_toml
+from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
 from gpt2_common.faults import warn
 from gpt2_common.manifest import (MANIFEST_SUFFIX, DamagedCheckpoint, NoManifest, file_digest, read_manifest,
                                   verify_manifest, write_manifest)
 
-FORMAT = "gpt2_torch/1"
-_STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
-BEST_NAME = "best.pt"
+from gpt2_common.weights import Weights
+from gpt2_torch.layout import BEST_NAME, FORMAT, checkpoint_path, list_checkpoints  # noqa: F401 (the layout)
+from gpt2_torch.weights import from_canonical, to_canonical
+
 RESUME_KEYS = ("step", "loader_position", "model", "optimizer", "scaler", "rng", "config")
-
-
-def checkpoint_path(checkpoint_dir: str | os.PathLike, step: int) -> Path:
-    return Path(checkpoint_dir) / f"step_{step:08d}.pt"
-
-
-def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
-    """The step_XXXXXXXX.pt files of a directory, oldest first."""
-    directory = Path(checkpoint_dir)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
@@ -211,6 +198,27 @@ def load_checkpoint_model(path: str | os.PathLike) -> tuple[Config, dict[str, to
     file = resolve_checkpoint(path)
     checkpoint = load_checkpoint(file, mmap=True)
     return loads_toml(checkpoint["config"]), checkpoint["model"]
+
+
+# --- weights-only checkpoints (gpt2_formats' "torch" form) ------------------------------------------------------------
+
+def read_weights(path: str | os.PathLike) -> tuple[Config, Weights]:
+    """The config and canonical weights of a checkpoint (a .pt file, or a run or checkpoints directory: its newest)."""
+    config, state = load_checkpoint_model(path)
+    return config, to_canonical(state, config.model)
+
+
+def write_weights(weights: Weights, config: Config, path: str | os.PathLike) -> None:
+    """A weights-only checkpoint (model and config, no optimizer state): what --init-from, sampling and evaluation
+    read. Written atomically by the trainer's own save; nothing is written if the weights do not fit."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        raise UserError(f"a PyTorch checkpoint is a .pt file; name the destination like '{path.name}.pt'")
+    if path.exists():
+        raise UserError(f"'{path}' already exists; remove it or choose another destination")
+    state = from_canonical(weights, config.model)
+    keep_all = len(list_checkpoints(path.parent)) + 1  # save_checkpoint prunes old step files; a conversion must not
+    save_checkpoint({"model": state, "config": dumps_toml(config)}, path, keep=keep_all)
 
 
 # --- random number generators ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gpt2_common import weights as canonical
-from gpt2_common.config import Config, ModelConfig, dumps_toml
+from gpt2_common.config import ModelConfig
 from gpt2_common.errors import UserError
 
 # torch.compile wraps the model as `_orig_mod`, DDP as `module`: a state dict saved from either carries the prefix.
@@ -61,32 +61,21 @@ def from_canonical(weights: Mapping[str, np.ndarray], model: ModelConfig) -> dic
     return state
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[Config, canonical.Weights]:
-    """The config and canonical weights of a gpt2_torch checkpoint (a .pt file, or a run or checkpoints directory:
-    its newest)."""
-    from gpt2_torch.checkpoint import load_checkpoint_model
+def read_state_dict_file(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a torch.save'd state dict (a Hugging Face pytorch_model.bin shard), as float32 numpy arrays:
+    the reader that gpt2_common.weights.load_hf is handed for that form."""
+    from gpt2_torch.nanogpt import load_torch_file, numpy_tensors
 
-    config, state = load_checkpoint_model(path)
-    return config, to_canonical(state, config.model)
-
-
-def write_checkpoint(weights: canonical.Weights, config: Config, path: str | os.PathLike) -> None:
-    """A weights-only gpt2_torch checkpoint (model and config, no optimizer state): what --init-from, sampling and
-    evaluation read. Written atomically by the trainer's own save; nothing is written if the weights do not fit."""
-    from gpt2_torch.checkpoint import list_checkpoints, save_checkpoint
-
-    path = Path(path)
-    if path.suffix != ".pt":
-        raise UserError(f"a PyTorch checkpoint is a .pt file; name the destination like '{path.name}.pt'")
-    if path.exists():
-        raise UserError(f"'{path}' already exists; remove it or choose another destination")
-    state = from_canonical(weights, config.model)
-    keep_all = len(list_checkpoints(path.parent)) + 1  # save_checkpoint prunes old step files; a conversion must not
-    save_checkpoint({"model": state, "config": dumps_toml(config)}, path, keep=keep_all)
+    state = load_torch_file(path)
+    if not isinstance(state, Mapping):
+        raise UserError(f"'{path}' holds a {type(state).__name__}, not a state dict")
+    return numpy_tensors(state)
 
 
 def init_state_dict(path: str | os.PathLike, model: ModelConfig) -> dict[str, torch.Tensor]:
-    """--init-from: the weights at `path` (a PyTorch or JAX checkpoint, or a Hugging Face directory) as a state dict
-    for GPT(model); one UserError line if they are of another shape."""
-    source, weights = canonical.read_canonical(path)
-    return from_canonical(canonical.fit_to_model(weights, source.model, model, f"--init-from '{path}'"), model)
+    """--init-from: the weights at `path`, in any form gpt2_formats reads, as a state dict for GPT(model); one
+    UserError line if they are of another shape. The trainer's entry point may call gpt2_formats.init_weights and
+    from_canonical itself; this keeps the name gpt2_torch/train.py imports."""
+    from gpt2_formats import init_weights
+
+    return from_canonical(init_weights(path, model), model)

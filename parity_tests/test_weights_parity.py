@@ -10,7 +10,9 @@ from flax import traverse_util
 from flax.linen import meta
 
 from gpt2_common import weights as cw
+from gpt2_common.config import Config
 from gpt2_jax import weights as jw
+from gpt2_jax.checkpoint import init_params_from
 from gpt2_jax.model import GPT as JaxGPT
 from gpt2_torch import weights as tw
 from gpt2_torch.model import GPT as TorchGPT
@@ -58,7 +60,7 @@ def test_directory_transformers_writes_starts_both_trainers(case, tmp_path):
     expected = {k: v.numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
 
     # through the --init-from entry points, as the trainers call them
-    jax_params = jw.init_params(tmp_path / "hf", m)
+    jax_params = init_params_from(tmp_path / "hf", Config(model=m))
     torch_state = tw.init_state_dict(tmp_path / "hf", m)
     for got in (jw.to_canonical(jax_params, m), tw.to_canonical(torch_state, m)):
         assert got.keys() == expected.keys()

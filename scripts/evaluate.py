@@ -74,7 +74,7 @@ def shards_loss(pattern: str, block_size: int, vocab_size: int, batch_size: int,
 
 def evaluate(args: argparse.Namespace) -> dict:
     from gpt2_common import evaluation
-    from gpt2_common.weights import read_canonical
+    from gpt2_formats import read_canonical
 
     config, weights = read_canonical(args.checkpoint)
     model = config.model

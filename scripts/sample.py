@@ -63,7 +63,7 @@ def check_args(args: argparse.Namespace) -> None:
 def completions(args: argparse.Namespace) -> list[str]:
     """The prompt followed by each completion, as text."""
     from gpt2_common.tokenizer import EOT_TOKEN, decode, get_tokenizer
-    from gpt2_common.weights import read_canonical
+    from gpt2_formats import read_canonical
 
     check_args(args)
     config, weights = read_canonical(args.checkpoint)

@@ -19,7 +19,7 @@ from gpt2_common.errors import run_cli  # noqa: E402
 def build(checkpoint: str, framework: str):
     """The page's app for a checkpoint of any form (JAX, PyTorch or Hugging Face), sampled by `framework`."""
     from gpt2_common.webapp import SampleOptions, build_app
-    from gpt2_common.weights import read_canonical
+    from gpt2_formats import read_canonical
 
     config, weights = read_canonical(checkpoint)
     sample = importlib.import_module(f"gpt2_{framework}.sample")

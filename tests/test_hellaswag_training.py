@@ -17,7 +17,7 @@ from gpt2_common.data import write_shard
 from gpt2_common.errors import UserError
 from gpt2_common.evaluation import hellaswag_accuracy, read_hellaswag
 from gpt2_common.metrics import read_metrics
-from gpt2_common.weights import read_canonical
+from gpt2_formats import read_canonical
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = [

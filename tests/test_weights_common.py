@@ -8,9 +8,11 @@ import pytest
 import torch
 import transformers
 
+import gpt2_formats
 from gpt2_common import weights as cw
 from gpt2_common.config import ModelConfig
 from gpt2_common.errors import UserError
+from gpt2_torch.weights import read_state_dict_file
 
 MODEL = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=100, pad_vocab_multiple=64)
 
@@ -90,7 +92,9 @@ def test_reads_pytorch_model_bin_with_mask_buffers_and_half_precision(tmp_path):
     (tmp_path / "hf").mkdir()
     torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
     (tmp_path / "hf" / "config.json").write_text(hf.config.to_json_string())
-    _, weights = cw.load_hf(tmp_path / "hf")
+    with pytest.raises(UserError, match="holds its weights as pytorch_model.bin, which only PyTorch reads"):
+        cw.load_hf(tmp_path / "hf")  # gpt2_common reads no torch file by itself
+    _, weights = gpt2_formats.read_canonical(tmp_path / "hf")  # the registry hands it gpt2_torch's reader
     assert weights["transformer.wte.weight"].dtype == np.float32
     np.testing.assert_array_equal(weights["transformer.wte.weight"], state["wte.weight"].float().numpy())
 
@@ -216,29 +220,6 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_detect_format(tmp_path):
-    cw.save_hf(random_weights(MODEL), MODEL, tmp_path / "hf")
-    assert cw.detect_format(tmp_path / "hf") == "hf"
-    (tmp_path / "a.pt").write_bytes(b"")
-    assert cw.detect_format(tmp_path / "a.pt") == "torch"
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoints" / "step_00000010.pt").write_bytes(b"")
-    assert cw.detect_format(tmp_path / "run") == cw.detect_format(tmp_path / "run" / "checkpoints") == "torch"
-    for part in ("state", "meta"):
-        (tmp_path / "jrun" / "checkpoints" / "20" / part).mkdir(parents=True)
-    for path in ("jrun", "jrun/checkpoints", "jrun/checkpoints/20"):
-        assert cw.detect_format(tmp_path / path) == "jax", path
-    (tmp_path / "run" / "checkpoints" / "20" / "state").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoints" / "20" / "meta").mkdir()
-    with pytest.raises(UserError, match="holds both PyTorch and JAX checkpoints"):
-        cw.detect_format(tmp_path / "run")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="not a weights source"):
-        cw.detect_format(tmp_path / "empty")
-    with pytest.raises(UserError, match="does not exist"):
-        cw.detect_format(tmp_path / "nothing")
-
-
 def test_reads_sharded_pytorch_model_bin(tmp_path):
     """transformers 4.x's sharded form: pytorch_model.bin.index.json naming the shard of every tensor."""
     hf = hf_model()
@@ -251,9 +232,9 @@ def test_reads_sharded_pytorch_model_bin(tmp_path):
     index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
     (tmp_path / "hf" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     (tmp_path / "hf" / "config.json").write_text(hf.config.to_json_string())
-    _, weights = cw.load_hf(tmp_path / "hf")
+    _, weights = cw.load_hf(tmp_path / "hf", read_torch_file=read_state_dict_file)
     same = [np.array_equal(weights[k], v.numpy()) for k, v in state.items() if k != "lm_head.weight"]
     assert len(same) == 28 and all(same)
     (tmp_path / "hf" / "pytorch_model-00002-of-00002.bin").unlink()
     with pytest.raises(UserError, match="names the shard pytorch_model-00002-of-00002.bin, which is missing"):
-        cw.load_hf(tmp_path / "hf")
+        cw.load_hf(tmp_path / "hf", read_torch_file=read_state_dict_file)

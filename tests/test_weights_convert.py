@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import gpt2_formats
 from gpt2_common import weights as cw
-from gpt2_common.config import ModelConfig
+from gpt2_common.config import Config, ModelConfig
 from gpt2_common.errors import UserError
 from gpt2_jax import weights as jw
-from gpt2_jax.checkpoint import load_checkpoint_params
+from gpt2_jax.checkpoint import init_params_from, load_checkpoint_params
 from gpt2_torch import weights as tw
 from gpt2_torch.checkpoint import load_checkpoint_model
 from gpt2_torch.model import GPT as TorchGPT
@@ -62,7 +63,7 @@ def test_round_trip_through_every_form_is_exact(tmp_path):
     TorchGPT(config.model).load_state_dict(state)  # strict
     config, params = load_checkpoint_params(tmp_path / "jax")
     assert config.model == model and params["wte"]["embedding"].shape == (128, 32)
-    assert_same(jw.to_canonical(jw.init_params(tmp_path / "b.pt", MODEL), MODEL), start)
+    assert_same(jw.to_canonical(init_params_from(tmp_path / "b.pt", Config(model=MODEL)), MODEL), start)
     assert_same(tw.to_canonical(tw.init_state_dict(tmp_path / "jax", MODEL), MODEL), start)
 
 
@@ -71,7 +72,7 @@ def test_a_trainer_run_directory_is_a_source(tmp_path):
     start = random_weights()
     cw.save_hf(start, MODEL, tmp_path / "hf")
     convert.main([str(tmp_path / "hf"), str(tmp_path / "run" / "checkpoints" / "step_00000007.pt"), "--to", "torch"])
-    assert cw.detect_format(tmp_path / "run") == "torch"
+    assert gpt2_formats.detect(tmp_path / "run") == "torch"
     convert.main([str(tmp_path / "run"), str(tmp_path / "out"), "--to", "hf"])
     assert_same(cw.load_hf(tmp_path / "out")[1], start)
 
@@ -97,8 +98,8 @@ def test_an_unknown_format(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"\x00" * 16)
     refused(tmp_path, [str(tmp_path / "weights.bin"), str(tmp_path / "out.pt"), "--to", "torch"],
             "file of unknown format")
-    (tmp_path / "broken.pt").write_bytes(b"not a pickle")
-    refused(tmp_path, [str(tmp_path / "broken.pt"), str(tmp_path / "out"), "--to", "hf"], "cannot read checkpoint")
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 but no zip after it")
+    refused(tmp_path, [str(tmp_path / "broken.pt"), str(tmp_path / "out"), "--to", "hf"], "cannot read .* as a PyTorch file")
 
 
 def test_a_checkpoint_whose_tensors_do_not_match_its_config(tmp_path):
@@ -128,7 +129,7 @@ def test_init_from_weights_of_another_shape(tmp_path):
         tw.init_state_dict(tmp_path / "hf", bigger)
     smaller_vocab = ModelConfig(**{**MODEL.__dict__, "vocab_size": 50})
     with pytest.raises(UserError, match=r"100-token vocabulary does not fit the config's embedding of 64 rows"):
-        jw.init_params(tmp_path / "hf", smaller_vocab)
+        init_params_from(tmp_path / "hf", Config(model=smaller_vocab))
 
 
 def test_an_existing_destination_is_left_alone(tmp_path):
