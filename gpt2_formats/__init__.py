@@ -55,7 +55,7 @@ def detect(path: str | os.PathLike) -> str:
                         "mean (a step_*.pt file, an orbax step folder or ckpt.pt)")
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     found = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "") or "nothing"
-    raise UserError(f"'{path}' holds no weights this reads (found: {found}); it reads {READS}")
+    raise UserError(f"'{path}' is not a weights source this reads (found: {found}); it reads {READS}")
 
 
 def _detect_file(path: Path) -> str:

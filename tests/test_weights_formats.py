@@ -55,7 +55,7 @@ def test_detect_refuses_in_one_line_naming_what_it_found(tmp_path):
 
     refused("nothing", "does not exist")
     (tmp_path / "empty").mkdir()
-    assert refused("empty", r"holds no weights this reads \(found: nothing\)").endswith(f"it reads {gpt2_formats.READS}")
+    assert refused("empty", r"is not a weights source this reads \(found: nothing\)").endswith(f"it reads {gpt2_formats.READS}")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     (tmp_path / "notes" / "sub").mkdir()
