@@ -253,3 +253,45 @@ def test_jax_checkpoint_without_manifest_restores_with_a_warning(tmp_path, capsy
     assert f"checkpoint {directory / '3'} has no checksum manifest (written before checksums): restoring it " \
            "unverified" in capsys.readouterr().err
     manager.close()
+
+
+def test_jax_trainer_resumes_from_the_checkpoint_before_a_damaged_one(tmp_path, capsys):
+    """The issue's repro: XOR 4 KiB in the largest file under checkpoints/<newest>/state/ocdbt.process_0/d/ of a
+    finished run, and run it again with more steps. It used to resume from the damaged state (and report divergence,
+    or train on). Now it resumes from the step before, saves the damaged step again, and its losses are the first
+    run's (one CPU device, the smallest model: one compile a run)."""
+    import jax
+
+    from gpt2_common.config import load_config
+    from gpt2_common.data import write_shard
+    from gpt2_common.metrics import read_metrics
+    from gpt2_jax.train import train
+
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path / "train.bin", rng.integers(0, 100, 4000))
+    write_shard(tmp_path / "val.bin", rng.integers(0, 100, 1000))
+    (tmp_path / "c.toml").write_text("\n".join([
+        'name = "manifest"', "[model]", "n_layer = 1", "n_head = 2", "n_embd = 32", "block_size = 16",
+        "vocab_size = 100", "[train]", "batch_size = 4", "micro_batch_size = 4", "max_steps = 6", "warmup_steps = 0",
+        "eval_interval = 0", "eval_steps = 1", "save_interval = 2", "log_interval = 1", "keep_checkpoints = 2",
+        'precision = "fp32"', "keep_best = false", "[data]", f'train = "{tmp_path / "train.bin"}"',
+        f'val = "{tmp_path / "val.bin"}"']) + "\n")
+    config, run_dir = load_config(str(tmp_path / "c.toml")), tmp_path / "run"
+
+    def losses():
+        return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+    train(config, run_dir, sample_tokens=0, devices=jax.devices()[:1], log=print)
+    first = losses()
+    checkpoints = run_dir / "checkpoints"
+    xor_middle(largest_array_file(checkpoints / "6"))
+    capsys.readouterr()
+    train(config, run_dir, sample_tokens=0, devices=jax.devices()[:1], log=print)
+    err = capsys.readouterr().err
+    assert f"warning: skipping checkpoint {checkpoints / '6'}: it does not restore (DamagedCheckpoint: file " \
+           "'state/ocdbt.process_0/d/" in err
+    assert f"warning: set checkpoint {checkpoints / '6'} aside as {checkpoints / '6.damaged'}" in err
+    assert losses() == first and len(first) == 6
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name[0].isdigit()) == ["4", "6", "6.damaged"]
+    for step in (4, 6):
+        verify_manifest(checkpoints / str(step) / jax_checkpoint.MANIFEST_NAME)
