@@ -1,0 +1,214 @@
+"""Runs in a hostile world, through both trainers: stepping back on purpose (--resume-from), a second trainer on the
+same run directory, a save that fails, and (slow) all of it in turn with random kills and a flipped byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2_common.config import load_config
+from gpt2_common.data import write_shard
+from gpt2_common.metrics import read_metrics
+from gpt2_common.runlock import lock_holder
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+FRAMEWORKS = ["jax", "torch"]
+
+
+def write_config(root: Path, **train) -> Path:
+    """8 steps of 2 micro-batches with dropout, a checkpoint every 2 (so that RNG and loader position matter)."""
+    if not (root / "data" / "train.bin").exists():
+        rng = np.random.default_rng(0)
+        write_shard(root / "data" / "train.bin", rng.integers(0, 100, 6_000))
+        write_shard(root / "data" / "val.bin", rng.integers(0, 100, 1_000))
+    settings = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "lr": 1e-3, "min_lr": 1e-4,
+                "warmup_steps": 2, "eval_interval": 4, "eval_steps": 1, "save_interval": 2, "log_interval": 1,
+                "keep_checkpoints": 10, "precision": "fp32", "seed": 5, **train}
+    text = ['name = "hostile"', "[model]", "n_layer = 2", "n_head = 2", "n_embd = 32", "block_size = 16",
+            "vocab_size = 100", "dropout = 0.1", "loss_chunk_size = 0", "[train]"]
+    text += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    text += ["[data]", f'train = "{root / "data" / "train.bin"}"', f'val = "{root / "data" / "val.bin"}"']
+    path = root / "config.toml"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def command(framework: str, config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / f"train_{framework}.py"), "--config", str(config), "--run-dir",
+            str(run_dir), "--sample-tokens", "0", *extra]
+
+
+def train_in_process(framework: str, config: Path, run_dir: Path, **kwargs):
+    import importlib
+
+    train = importlib.import_module(f"gpt2_{framework}.train").train
+    extra = {"devices": __import__("jax").devices()[:1]} if framework == "jax" else {}
+    return train(load_config(str(config)), run_dir, sample_tokens=0, log=lambda _: None, **extra, **kwargs)
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(run_dir)]
+
+
+def step_checkpoint(framework: str, run_dir: Path, step: int) -> Path:
+    name = str(step) if framework == "jax" else f"step_{step:08d}.pt"
+    return run_dir / "checkpoints" / name
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resume_from_an_earlier_checkpoint_replays_the_steps_after_it_exactly(framework, tmp_path, torch_one_thread):
+    config = write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    train_in_process(framework, config, run_dir)
+    expected = losses(run_dir)
+    assert [s for s, loss, _ in expected if loss is not None] == list(range(1, 9))
+    train_in_process(framework, config, run_dir, resume_from=str(step_checkpoint(framework, run_dir, 4)))
+    assert losses(run_dir) == expected  # steps 5-8 again, bit for bit, and each once
+    aside = list((run_dir / "set_aside").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith("after_step_4_")
+    assert {p.name for p in aside[0].iterdir()} >= {step_checkpoint(framework, run_dir, s).name for s in (6, 8)}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resume_from_must_name_a_checkpoint_of_the_run(framework, tmp_path, torch_one_thread):
+    from gpt2_common.errors import UserError
+
+    config = write_config(tmp_path, max_steps=2)
+    train_in_process(framework, config, tmp_path / "run")
+    with pytest.raises(UserError, match="is not a checkpoint of this run"):
+        train_in_process(framework, config, tmp_path / "run", resume_from=str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_second_trainer_on_the_same_run_directory_gets_one_line(framework, tmp_path):
+    config = write_config(tmp_path, max_steps=100_000, save_interval=0)  # it must still be training at the end
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(command(framework, config, run_dir), env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "metrics.jsonl").exists():  # the first holds the directory once it writes there
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        second = subprocess.run(command(framework, config, run_dir), env=ENV, capture_output=True, text=True,
+                                timeout=600)
+        assert second.returncode == 2
+        assert second.stderr == (f"error: run directory '{run_dir}' is in use by process {first.pid}; wait for it "
+                                 "to finish, stop it, or give another --run-dir\n")
+        assert first.poll() is None  # the first trains on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=600)
+    assert first.returncode == 0
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == sorted(set(steps))  # each line once
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    """chattr +i (root on ext4, tmpfs and most Linux filesystems): not even root can add files to it."""
+    return subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_save_that_fails_ends_the_run_with_one_line_and_keeps_the_last_good_checkpoint(framework, tmp_path):
+    config = write_config(tmp_path, max_steps=100_000, eval_interval=0, log_interval=1)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(framework, config, run_dir), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    checkpoints = run_dir / "checkpoints"
+    try:
+        deadline = time.monotonic() + 600
+        while not step_checkpoint(framework, run_dir, 2).exists():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        if not _immutable(checkpoints, True):
+            proc.kill()
+            pytest.skip("chattr +i is not available here (it needs root on a Linux filesystem)")
+        out, err = proc.communicate(timeout=600)
+    finally:
+        _immutable(checkpoints, False)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    assert err.count("\n") == 1 and err.startswith("error: could not write checkpoint "), err[-3000:]
+    assert "Operation not permitted" in err and "; the last good checkpoint (" in err
+    kept = err.split("; the last good checkpoint (")[1].split(")")[0]
+    assert Path(kept).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_kills_a_flipped_byte_a_failing_save_and_a_second_trainer_lose_nothing(framework, tmp_path):
+    """In turn: three SIGKILLs at random moments, one flipped byte in the newest checkpoint, one save that fails
+    (the checkpoints made immutable mid-run), and one second trainer on the directory; then the run to its end has
+    the losses of an uninterrupted run."""
+    config = write_config(tmp_path, max_steps=16, eval_interval=4)
+    subprocess.run(command(framework, config, tmp_path / "reference"), env=ENV, check=True, capture_output=True,
+                   timeout=900)
+    expected = losses(tmp_path / "reference")
+    run_dir, rng = tmp_path / "run", random.Random()
+
+    def start():
+        proc = subprocess.Popen(command(framework, config, run_dir), env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        proc.started_at = time.time()
+        return proc
+
+    def logged_steps():
+        return len([r for r in read_metrics(run_dir) if "loss" in r]) if (run_dir / "metrics.jsonl").exists() else 0
+
+    def started(proc) -> bool:
+        """It holds the run directory and has written metrics since: restored, and training."""
+        metrics = run_dir / "metrics.jsonl"
+        return lock_holder(run_dir / ".lock") == f"process {proc.pid}" and metrics.stat().st_mtime > proc.started_at
+
+    def wait(proc, predicate):
+        deadline = time.monotonic() + 900
+        while not predicate():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    for _ in range(3):  # SIGKILL at a random moment
+        proc = start()
+        target = min(logged_steps() + rng.randint(1, 4), 15)
+        wait(proc, lambda: logged_steps() >= target)
+        time.sleep(rng.uniform(0, 0.2))
+        proc.kill()
+        proc.communicate()
+    newest = max((p for p in (run_dir / "checkpoints").iterdir() if p.name[0].isdigit() or p.suffix == ".pt"),
+                 key=lambda p: p.stat().st_mtime)
+    files = [p for p in ([newest] if newest.is_file() else newest.rglob("*")) if p.is_file()]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, the size unchanged
+    victim.write_bytes(bytes(data))
+    proc = start()  # a save that fails: resumes from the one before the damaged, then meets immutable checkpoints
+    wait(proc, lambda: started(proc))
+    if _immutable(run_dir / "checkpoints", True):
+        out, err = proc.communicate(timeout=900)
+        _immutable(run_dir / "checkpoints", False)
+        assert proc.returncode == 2 and err.strip().splitlines()[-1].startswith("error: could not write"), err
+    else:
+        proc.kill()
+        proc.communicate()
+    proc = start()  # and a second trainer beside it
+    wait(proc, lambda: started(proc))
+    second = subprocess.run(command(framework, config, run_dir), env=ENV, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 2 and "is in use by process" in second.stderr
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    assert losses(run_dir) == expected
