@@ -16,25 +16,22 @@ from gpt2_common.faults import warn
 
 
 class MetricsWriter:
+    """Appends one JSON line per record, opening the file for each: a metrics.jsonl deleted or rotated mid-run comes
+    back with the next record instead of every later line going to a file no one can see."""
+
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
-        self._file = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self._file:
+        if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        with self.path.open("a", encoding="utf-8") as f:  # a record is small: one write, flushed at close
+            f.write(json.dumps(clean) + "\n")
 
     def close(self) -> None:
-        if self._file:
-            self._file.close()
-            self._file = None
+        pass
 
 
 def _records(data: bytes) -> list[tuple[int, str | None, dict | None, str]]:

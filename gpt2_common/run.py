@@ -88,6 +88,15 @@ class Backend(Protocol):
     def close(self) -> None: ...  # finishes saves in flight
 
 
+class SaveFailed(Exception):
+    """A backend's save that did not complete; `path`: the checkpoint it was writing (for an asynchronous save, the
+    failure may surface at the next save or at close, and it names its own checkpoint, not the current step's)."""
+
+    def __init__(self, path: str, cause: BaseException):
+        super().__init__(f"{path}: {cause}")
+        self.path, self.cause = path, cause
+
+
 @dataclass(frozen=True)
 class RunEnd:
     step: int
@@ -110,12 +119,14 @@ class _Run:
         self.say = log if backend.is_main else (lambda _: None)
         self.print_to_terminal = log is print
         self.skipped, self.best_val, self.last_saved, self.best_saved = 0, math.inf, None, None
+        self.saved: list[str] = []  # the step checkpoints of this run's life, oldest first
 
     def go(self, stop_at: int | None, sample_tokens: int) -> RunEnd:
         backend, config, t = self.backend, self.config, self.config.train
         start = backend.start()
         step, position = start.step, start.position
         self.skipped, self.best_val, self.last_saved = start.skipped_steps, start.best_val_loss, start.resumed_from
+        self.saved = [start.resumed_from] if start.resumed_from else []
         if start.set_aside:
             self.say(f"--resume-from: the newer checkpoints were set aside in {as_typed(start.set_aside)}")
         if start.resumed_from:
@@ -266,19 +277,25 @@ class _Run:
         """backend.save, whose failure (a full disk, a read-only or vanished directory) ends the run with one line
         that names the cause; the last good checkpoint stays where it is."""
         with self.failed_saves_end_the_run(step):
-            return self.backend.save(step, position, self.meta(), **kind)
+            path = self.backend.save(step, position, self.meta(), **kind)
+        if not kind.get("best"):
+            self.saved.append(path)
+        return path
 
     @contextlib.contextmanager
-    def failed_saves_end_the_run(self, step: int):
+    def failed_saves_end_the_run(self, step):
         try:
             yield
         except UserError:
             raise
         except Exception as err:
-            kept = f"the last good checkpoint ({as_typed(str(self.last_saved))}) is kept" if self.last_saved else \
+            failed = err.path if isinstance(err, SaveFailed) else None
+            good = self.saved[:self.saved.index(failed)] if failed in self.saved else self.saved
+            kept = f"the last good checkpoint ({as_typed(good[-1])}) is kept" if good else \
                 "no checkpoint of this run was saved"
-            raise UserError(f"could not write the checkpoint of step {step} in "
-                            f"{as_typed(str(self.run_dir / 'checkpoints'))}: {_cause(err)}; {kept}") from err
+            what = f"checkpoint {as_typed(failed)}" if failed else \
+                f"the checkpoint of step {step} in {as_typed(str(self.run_dir / 'checkpoints'))}"
+            raise UserError(f"could not write {what}: {_cause(err)}; {kept}") from err
 
     def meta(self) -> dict:
         return {"skipped_steps": self.skipped, "best_val_loss": None if math.isinf(self.best_val) else self.best_val}
@@ -304,8 +321,10 @@ class _Run:
 def _cause(err: BaseException) -> str:
     """What went wrong, in one line: an OSError's own words and file (No space left on device: '/x/y'), or the first
     line of whatever a checkpoint library raised around it."""
-    while not isinstance(err, OSError) and err.__cause__ is not None:
-        err = err.__cause__
+    if isinstance(err, SaveFailed):
+        err = err.cause
+    while not isinstance(err, OSError) and (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
     if isinstance(err, OSError) and err.strerror:
         return err.strerror + (f": '{as_typed(str(err.filename))}'" if err.filename else "")
     lines = str(err).strip().splitlines()

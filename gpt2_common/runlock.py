@@ -51,7 +51,7 @@ class RunLock:
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(lock)
+            holder = lock_holder(lock)
             self._file.close()
             self._file = None
             raise UserError(f"run directory '{self.run_dir}' is in use by {holder}; wait for it to finish, stop it, "
@@ -80,12 +80,12 @@ def check_not_in_use(path: str | os.PathLike) -> None:
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UserError(f"run directory '{directory}' is in use by {_holder(lock)}; write somewhere else, "
+                raise UserError(f"run directory '{directory}' is in use by {lock_holder(lock)}; write somewhere else, "
                                 "or wait for the run to finish") from None
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _holder(lock: Path) -> str:
+def lock_holder(lock: Path) -> str:
     """'process P' that holds the flock on `lock`, from the kernel's table (Linux); else 'another process'."""
     inode = os.stat(lock).st_ino
     try:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +73,10 @@ class JaxBackend:
         peak = peak_flops(jax.devices()[0].device_kind, config.train.precision)
         self.peak_flops = peak * jax.device_count() if peak else None
         self.state, self.manager, self.best_manager = None, None, None
+        self.pending: dict[int, str] = {}  # the checkpoint each manager last started writing
+        # A failed background save is reported once, as a line that names it (gpt2_common.run), not also as
+        # orbax's logged traceback.
+        logging.getLogger("absl").addFilter(_quiet_orbax_background_errors)
 
     def describe(self) -> str:
         return f"{jax.device_count()} {jax.devices()[0].device_kind} devices as {dict(self.mesh.shape)}"
@@ -177,8 +183,17 @@ class JaxBackend:
             if self.manager is None:
                 self.manager = self._manager(self.checkpoint_dir, self.config.train.keep_checkpoints)
             manager, directory = self.manager, self.checkpoint_dir
-        checkpoint.save(manager, self.state, self.config, position, meta)
-        return str(directory / str(step))
+        try:  # orbax waits for the previous save first: its failure surfaces here, and names its own checkpoint
+            manager.wait_until_finished()
+        except Exception as err:
+            raise run.SaveFailed(self.pending.get(id(manager), str(directory)), err) from err
+        path = str(directory / str(step))
+        try:
+            checkpoint.save(manager, self.state, self.config, position, meta)
+        except Exception as err:
+            raise run.SaveFailed(path, err) from err
+        self.pending[id(manager)] = path
+        return path
 
     def sample(self, max_new_tokens: int, seed: int) -> str:
         """Every process joins the generation (the parameters may span them all)."""
@@ -200,11 +215,18 @@ class JaxBackend:
         return stats.get("bytes_in_use") if stats else None
 
     def close(self) -> None:
-        for manager in (self.manager, self.best_manager):
-            if manager is not None:
+        managers, self.manager, self.best_manager = [m for m in (self.manager, self.best_manager) if m], None, None
+        failure = None
+        for manager in managers:
+            try:
                 manager.wait_until_finished()
+            except Exception as err:  # keep closing the other; report the first failure
+                failure = failure or run.SaveFailed(self.pending.get(id(manager), str(self.checkpoint_dir)), err)
+            finally:
                 manager.close()
-        self.manager = self.best_manager = None
+        logging.getLogger("absl").removeFilter(_quiet_orbax_background_errors)
+        if failure is not None:
+            raise failure
 
     @staticmethod
     def _manager(directory: Path, keep: int):
@@ -222,6 +244,12 @@ def train(config: Config, run_dir: str | Path, *, init_from: str | None = None, 
 
 
 # --- helpers of the backend -----------------------------------------------------------------------------------------
+
+def _quiet_orbax_background_errors(record: logging.LogRecord) -> bool:
+    """Drops orbax's own error records (with their tracebacks) while a run is on: every failure of a save reaches
+    the backend as an exception too, at the next save or at close, and the run reports it as one line."""
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
 
 def _drop_partial_saves(checkpoint_dir: Path, main_process: bool) -> None:
     """Names, then deletes, the temporary folders of saves that a kill cut short (orbax never reads them)."""

@@ -28,6 +28,7 @@ import torch
 
 from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
+from gpt2_common.files import share_like_open
 from gpt2_common.faults import warn
 from gpt2_common.manifest import (MANIFEST_SUFFIX, DamagedCheckpoint, NoManifest, file_digest, read_manifest,
                                   verify_manifest, write_manifest)
@@ -60,6 +61,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: i
             torch.save({"format": FORMAT, **checkpoint}, f)
             f.flush()
             os.fsync(f.fileno())
+        share_like_open(tmp)
         digest = file_digest(tmp)
         manifest_path(path).unlink(missing_ok=True)  # a kill before the new one leaves the file unverified, not wrong
         os.replace(tmp, path)
@@ -117,10 +119,13 @@ def remove_partial_saves(checkpoint_dir: str | os.PathLike) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def newest_resumable(checkpoint_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+def newest_resumable(checkpoint_dir: str | os.PathLike, strict: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """(path, checkpoint) of the newest step checkpoint that reads back whole; each damaged one after it is skipped
-    with a warning that names it. None if there are no checkpoints; a UserError if none of them reads."""
+    with a warning that names it. None if there are no checkpoints; a UserError if none of them reads, or with
+    `strict` (the checkpoint --resume-from chose) if the newest does not."""
     found = list_checkpoints(checkpoint_dir)
+    if strict and found:
+        found = found[-1:]
     for newer, path in enumerate(reversed(found)):
         try:
             if not manifest_path(path).exists():

@@ -256,10 +256,14 @@ class TorchBackend:
             state = {"step": step, "loader_position": position, "model": self.raw_model.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
                      "config": dumps_toml(self.config), **meta}
-            if best:
-                link_or_save(state, self.checkpoint_dir / BEST_NAME, path if same_as_last else None)
-            else:
-                save_checkpoint(state, path, self.config.train.keep_checkpoints)
+            target = self.checkpoint_dir / BEST_NAME if best else path
+            try:
+                if best:
+                    link_or_save(state, target, path if same_as_last else None)
+                else:
+                    save_checkpoint(state, path, self.config.train.keep_checkpoints)
+            except Exception as err:
+                raise run.SaveFailed(str(target), err) from err
         return str(self.checkpoint_dir / BEST_NAME if best else path)
 
     def sample(self, max_new_tokens: int, seed: int) -> str:
