@@ -235,7 +235,8 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str) -> ModelConfig:
     for key, differs in unsupported.items():
         if differs:
             raise UserError(f"{source}: config.json sets {key}={hf.get(key)!r}, a GPT-2 variant this model does not "
-                            "implement (it has gelu_new or gelu, a 4*n_embd MLP, eps 1e-5, scaled attention and a tied head)")
+                            "implement (it has gelu_new or gelu, a 4*n_embd MLP, eps 1e-5, scaled attention and a "
+                            "tied head)")
     validate(Config(model=model))
     return model
 

@@ -17,7 +17,6 @@ from flax.linen import meta
 
 from gpt2_common import weights as canonical
 from gpt2_common.config import ModelConfig
-from gpt2_common.files import share_like_open
 
 Params = dict[str, Any]
 _LEAF_NAMES = {"embedding", "scale", "kernel"}  # Flax's names for what GPT-2 calls `weight`

@@ -17,9 +17,7 @@ import torch
 from gpt2_common import weights as canonical
 from gpt2_common.config import ModelConfig
 from gpt2_common.errors import UserError
-
-# torch.compile wraps the model as `_orig_mod`, DDP as `module`: a state dict saved from either carries the prefix.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+from gpt2_common.nanogpt import WRAPPER_PREFIXES
 
 
 def to_canonical(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) -> canonical.Weights:
@@ -28,7 +26,7 @@ def to_canonical(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) -> 
     weights = {}
     for key, value in state_dict.items():
         name = key
-        while name.startswith(_WRAPPER_PREFIXES):
+        while name.startswith(WRAPPER_PREFIXES):  # torch.compile's `_orig_mod.`, DDP's `module.`
             name = name.split(".", 1)[1]
         if name == "lm_head.weight":  # tied: the same tensor as transformer.wte.weight
             continue

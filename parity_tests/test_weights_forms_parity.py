@@ -217,7 +217,8 @@ def test_exact_gelu_hf_models_round_trip_bit_exact_with_transformers_logits(tmp_
     convert.main([str(tmp_path / "jax"), str(tmp_path / "t.pt"), "--to", "torch"])
     convert.main([str(tmp_path / "t.pt"), str(tmp_path / "hf2"), "--to", "hf"])
     assert transformers.GPT2Config.from_pretrained(tmp_path / "hf2").activation_function == "gelu"
-    original, returned = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    returned = load_file(tmp_path / "hf2" / "model.safetensors")
     for name, value in returned.items():
         assert value.dtype == np.float32 and np.array_equal(value, original[name]), name
     assert_within(hf_logits(tmp_path / "hf2"), expected, "transformers after the round trip")

@@ -99,7 +99,8 @@ def test_an_unknown_format(tmp_path):
     refused(tmp_path, [str(tmp_path / "weights.bin"), str(tmp_path / "out.pt"), "--to", "torch"],
             "file of unknown format")
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 but no zip after it")
-    refused(tmp_path, [str(tmp_path / "broken.pt"), str(tmp_path / "out"), "--to", "hf"], "cannot read .* as a PyTorch file")
+    refused(tmp_path, [str(tmp_path / "broken.pt"), str(tmp_path / "out"), "--to", "hf"],
+            "cannot read .* as a PyTorch file")
 
 
 def test_a_checkpoint_whose_tensors_do_not_match_its_config(tmp_path):

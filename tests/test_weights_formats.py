@@ -55,7 +55,8 @@ def test_detect_refuses_in_one_line_naming_what_it_found(tmp_path):
 
     refused("nothing", "does not exist")
     (tmp_path / "empty").mkdir()
-    assert refused("empty", r"is not a weights source this reads \(found: nothing\)").endswith(f"it reads {gpt2_formats.READS}")
+    line = refused("empty", r"is not a weights source this reads \(found: nothing\)")
+    assert line.endswith(f"it reads {gpt2_formats.READS}")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     (tmp_path / "notes" / "sub").mkdir()
@@ -124,7 +125,8 @@ def test_jax_checkpoint_and_weights_do_not_import_each_other():
     assert "gpt2_torch.checkpoint" not in imported(ROOT / "gpt2_torch" / "weights.py")
     for name in ("weights", "llmc", "nanogpt", "tokenizer", "faults", "config"):  # the weights' side of gpt2_common
         module = ROOT / "gpt2_common" / f"{name}.py"
-        assert not {m for m in imported(module) if m.split(".")[0] in ("gpt2_jax", "gpt2_torch", "torch", "jax")}, module
+        frameworks = {m for m in imported(module) if m.split(".")[0] in ("gpt2_jax", "gpt2_torch", "torch", "jax")}
+        assert not frameworks, module
 
 
 def test_check_framework_keeps_a_run_directory_to_one_trainer(tmp_path):
