@@ -184,3 +184,21 @@ def test_a_config_json_claiming_ten_million_layers_is_refused_before_allocating(
     finally:
         tracemalloc.stop()
     assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a 0.1 MB model"
+
+
+def test_nanogpt_s_padded_gpt2_vocabulary_reads_as_gpt2_s(tmp_path, capsys):
+    """nanoGPT pads GPT-2's 50257 tokens to 50304 rows; read here they are GPT-2's vocabulary again, padded and masked
+    as this project pads it, so the 50257 tokens' logits are nanoGPT's."""
+    model = ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=50257, activation="gelu")
+    weights = random_weights(model)
+    rows = np.random.default_rng(1).standard_normal((50304 - 50257, 8)).astype(np.float32)
+    state = {k: torch.from_numpy(v.T.copy() if cw.is_linear_weight(k) else v) for k, v in weights.items()}
+    state["transformer.wte.weight"] = torch.from_numpy(np.concatenate([weights["transformer.wte.weight"], rows]))
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    args = dict(n_layer=1, n_head=2, n_embd=8, block_size=4, bias=True, vocab_size=50304, dropout=0.0)
+    torch.save({"model": state, "model_args": args, "iter_num": 3}, tmp_path / "ckpt.pt")
+    config, read = gpt2_formats.read_canonical(tmp_path / "ckpt.pt")
+    assert config.model == model
+    for name, value in weights.items():
+        np.testing.assert_array_equal(read[name], value, err_msg=name)
+    assert "50304-row embedding is GPT-2's 50257 tokens padded" in capsys.readouterr().err
