@@ -39,7 +39,8 @@ def train_parser(description: str) -> argparse.ArgumentParser:
                         help="where config.toml, metrics.jsonl and checkpoints/ go (default: runs/<config name>; "
                         "runs/<config name>-torch for PyTorch); running again with the same run dir resumes")
     parser.add_argument("--init-from", default=None, type=path_arg,
-                        help="start from these weights: a JAX or PyTorch checkpoint or a Hugging Face GPT-2 directory")
+                        help="start from these weights: a JAX or PyTorch run or checkpoint, a Hugging Face GPT-2 "
+                        "directory, a nanoGPT ckpt.pt or an llm.c model .bin")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a run directory's checkpoints even though they were trained with another "
                         "config (keys beyond run control such as train.max_steps, train.eval_interval, logging.*)")
@@ -62,8 +63,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, does: str) -> None:
     """--checkpoint and --framework, as every script that loads weights takes them; `does`: what the model does."""
-    parser.add_argument("--checkpoint", required=True, type=path_arg, help="a JAX or PyTorch checkpoint (or run directory), or a "
-                        "Hugging Face GPT-2 directory")
+    parser.add_argument("--checkpoint", required=True, type=path_arg,
+                        help="weights in any form: a JAX or PyTorch run or checkpoint, a Hugging Face GPT-2 "
+                        "directory, a nanoGPT ckpt.pt or an llm.c model .bin")
     parser.add_argument("--framework", choices=("jax", "torch"), default="jax",
                         help=f"which model {does} (default: %(default)s)")
 
@@ -78,7 +80,8 @@ def resolve_run(args: argparse.Namespace, framework: str) -> tuple[Config, Path]
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config.name, framework)
     if args.init_from is not None and not os.path.exists(args.init_from):
-        raise UserError(f"--init-from '{args.init_from}' does not exist; give a checkpoint or Hugging Face directory")
+        raise UserError(f"--init-from '{args.init_from}' does not exist; give a checkpoint, run directory or Hugging "
+                        "Face directory")
     return config, run_dir
 
 

@@ -6,7 +6,12 @@ from typing import Callable
 
 
 class UserError(Exception):
-    """A problem the user can fix (a config key, a missing file, a wrong shape); the message says how."""
+    """A problem the user can fix (a config key, a missing file, a wrong shape); the message says how.
+
+    `exit_at_once`: the process ends right after the line, without waiting for its other threads (a failed
+    asynchronous checkpoint save leaves orbax threads that wait forever for the save's other half)."""
+
+    exit_at_once = False
 
 
 def as_typed(message: str) -> str:
@@ -25,6 +30,10 @@ def run_cli(main: Callable[[], object]) -> None:
         main()
     except UserError as err:
         print(f"error: {as_typed(str(err))}", file=sys.stderr)
+        if err.exit_at_once:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

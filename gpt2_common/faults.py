@@ -1,5 +1,5 @@
 """What both trainers share to survive faults and bad input: stop signals that end a run cleanly, the divergence
-error, the NaN test hook, and the checks that keep a run directory to one framework and one config."""
+error, and the checks that keep a run directory to one framework and one config."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import os
 import signal
 import sys
 import threading
-from typing import Mapping
 
 from gpt2_common.config import Config, config_changes
 from gpt2_common.errors import UserError
-
-INJECT_NAN_ENV = "GPT2_INJECT_NAN_AT_STEP"
 
 
 class Diverged(UserError):
@@ -57,18 +54,6 @@ class StopSignals:
         self._previous.clear()
 
 
-def nan_injection_step(env: Mapping[str, str] = os.environ) -> int | None:
-    """The test hook: GPT2_INJECT_NAN_AT_STEP=k makes optimizer step k (1-based) see a NaN loss. Read by the scripts'
-    main() and passed down, so the training code never looks at the environment."""
-    text = env.get(INJECT_NAN_ENV)
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{INJECT_NAN_ENV}={text!r} must be a step number") from None
-
-
 def divergence_message(step: int, loss: float, norm: float, last_checkpoint: str | None) -> str:
     kept = f"the last good checkpoint ({last_checkpoint}) is kept" if last_checkpoint else "no checkpoint was saved"
     return (f"training diverged at step {step}: loss {loss}, gradient norm {norm}; stopped without saving, "
@@ -76,16 +61,6 @@ def divergence_message(step: int, loss: float, norm: float, last_checkpoint: str
 
 
 # --- run directories ------------------------------------------------------------------------------------------------
-
-def check_framework(checkpoint_dir: str | os.PathLike, framework: str) -> None:
-    """A run directory holds one trainer's checkpoints: resuming the other's, or writing beside them, is refused.
-
-    Each framework's layout is its own (gpt2_jax.layout, gpt2_torch.layout), and telling them apart is
-    gpt2_formats'; this name stays for the trainers' loops until they import gpt2_formats.check_framework."""
-    from gpt2_formats import check_framework as check  # imports no framework: the layouts are plain pathlib
-
-    check(checkpoint_dir, framework)
-
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")
 

@@ -97,6 +97,13 @@ class SaveFailed(Exception):
         self.path, self.cause = path, cause
 
 
+class SaveError(UserError):
+    """A run ended by a save that failed. The process exits at once after the line: a failed asynchronous save can
+    leave a library's threads waiting forever for the rest of it."""
+
+    exit_at_once = True
+
+
 @dataclass(frozen=True)
 class RunEnd:
     step: int
@@ -295,7 +302,7 @@ class _Run:
                 "no checkpoint of this run was saved"
             what = f"checkpoint {as_typed(failed)}" if failed else \
                 f"the checkpoint of step {step} in {as_typed(str(self.run_dir / 'checkpoints'))}"
-            raise UserError(f"could not write {what}: {_cause(err)}; {kept}") from err
+            raise SaveError(f"could not write {what}: {_cause(err)}; {kept}") from err
 
     def meta(self) -> dict:
         return {"skipped_steps": self.skipped, "best_val_loss": None if math.isinf(self.best_val) else self.best_val}

@@ -171,21 +171,6 @@ def load_checkpoint_params(path: str | Path, shardings: Any = None) -> tuple[Con
     return config, restored["params"]
 
 
-def same_architecture(a: Config, b: Config) -> bool:
-    """Whether two configs build parameters of the same shapes (dropout and the attention kernel may differ)."""
-    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple")
-    return all(getattr(a.model, k) == getattr(b.model, k) for k in keys)
-
-
-def init_params_from(path: str | Path, config: Config) -> Any:
-    """--init-from: the weights at `path`, in any form gpt2_formats reads, as a params pytree of numpy arrays for
-    GPT(config.model). The trainer's entry point may call gpt2_formats.init_weights and from_canonical itself; this
-    keeps the name gpt2_jax/train.py calls."""
-    from gpt2_formats import init_weights
-
-    return from_canonical(init_weights(path, config.model), config.model)
-
-
 # --- weights-only checkpoints (gpt2_formats' "jax" form) --------------------------------------------------------------
 
 def read_weights(path: str | Path) -> tuple[Config, Weights]:

@@ -26,16 +26,18 @@ from gpt2_common.cli import resolve_run, train_parser
 from gpt2_common.config import Config, DataConfig, LoggingConfig, loads_toml
 from gpt2_common.errors import UserError
 from gpt2_common.evaluation import hellaswag_correct, training_hellaswag
-from gpt2_common.faults import check_framework, check_same_config, check_same_model, warn
+from gpt2_common.faults import check_same_config, check_same_model, warn
 from gpt2_common.flops import peak_flops
 from gpt2_common.loaders import data_paths, open_loaders
 from gpt2_common.metrics import check_logging_packages
 from gpt2_common.runlock import set_aside
+from gpt2_formats import check_framework, init_weights
 from gpt2_jax import checkpoint, distributed, sharding
 from gpt2_jax.evaluate import model_token_nll
 from gpt2_jax.optim import uses_multisteps
 from gpt2_jax.sample import sample_text
 from gpt2_jax.step import Trainer, build_trainer
+from gpt2_jax.weights import from_canonical
 
 
 _compiled_trainer = functools.lru_cache(maxsize=4)(build_trainer)
@@ -98,7 +100,8 @@ class JaxBackend:
             start = self._restore(steps[-1:] if self.resume_from else steps)
             start = dataclasses.replace(start, set_aside=set_aside_in)
         else:
-            params = checkpoint.init_params_from(self.init_from, self.config) if self.init_from else None
+            params = from_canonical(init_weights(self.init_from, self.config.model), self.config.model) \
+                if self.init_from else None
             self.state = self.trainer.init(jax.random.PRNGKey(self.config.train.seed), params)
             start = run.Start(initialised_from=self.init_from)
         self.val_batches = [self.trainer.put(self.val_loader.batch(i)) for i in range(self.config.train.eval_steps)]

@@ -23,14 +23,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2_common import run
 from gpt2_common.cli import resolve_run, train_parser
-from gpt2_common.config import Config, ModelConfig, check_divides, dumps_toml, loads_toml
+from gpt2_common.config import Config, check_divides, dumps_toml, loads_toml
 from gpt2_common.evaluation import hellaswag_correct, training_hellaswag
-from gpt2_common.faults import check_framework, check_same_config, check_same_model, warn
+from gpt2_common.faults import check_same_config, check_same_model, warn
 from gpt2_common.flops import peak_flops
 from gpt2_common.loaders import data_paths, open_loaders
 from gpt2_common.errors import UserError
 from gpt2_common.metrics import check_logging_packages
 from gpt2_common.runlock import set_aside
+from gpt2_formats import check_framework, init_weights
 from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save, list_checkpoints,
                                    load_checkpoint, newest_resumable, remove_partial_saves, restore_rng_state,
                                    save_checkpoint)
@@ -39,6 +40,7 @@ from gpt2_torch.model import GPT
 from gpt2_torch.optim import load_optimizer_state, make_optimizer, set_lr
 from gpt2_torch.sample import sample_text
 from gpt2_torch.step import apply_update, autocast, forward_backward
+from gpt2_torch.weights import from_canonical
 
 
 # --- processes and devices ------------------------------------------------------------------------------------------
@@ -155,7 +157,8 @@ class TorchBackend:
             start = dataclasses.replace(self._restore(choice[0], state), set_aside=set_aside_in)
         else:
             if self.init_from is not None:
-                self.raw_model.load_state_dict(init_from(self.init_from, self.config.model))
+                model = self.config.model
+                self.raw_model.load_state_dict(from_canonical(init_weights(self.init_from, model), model))
                 start = run.Start(initialised_from=self.init_from)
             torch.manual_seed(t.seed + 1 + env.rank)  # each rank its own dropout masks
         self.compiled = torch.compile(self.raw_model) if t.compile else self.raw_model  # what evaluation runs
@@ -284,14 +287,6 @@ class TorchBackend:
 
     def close(self) -> None:
         pass  # saves are synchronous
-
-
-def init_from(path: str, model_config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The weights that --init-from names (a PyTorch or JAX checkpoint, or a Hugging Face GPT-2 directory), as a
-    state dict for GPT(model_config). A fresh run starts from them; a run that resumes ignores them."""
-    from gpt2_torch.weights import init_state_dict
-
-    return init_state_dict(path, model_config)
 
 
 def train(config: Config, run_dir: str | os.PathLike, *, init_from: str | None = None, resume_from: str | None = None,

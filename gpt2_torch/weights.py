@@ -68,12 +68,3 @@ def read_state_dict_file(path: Path) -> dict[str, np.ndarray]:
     if not isinstance(state, Mapping):
         raise UserError(f"'{path}' holds a {type(state).__name__}, not a state dict")
     return numpy_tensors(state)
-
-
-def init_state_dict(path: str | os.PathLike, model: ModelConfig) -> dict[str, torch.Tensor]:
-    """--init-from: the weights at `path`, in any form gpt2_formats reads, as a state dict for GPT(model); one
-    UserError line if they are of another shape. The trainer's entry point may call gpt2_formats.init_weights and
-    from_canonical itself; this keeps the name gpt2_torch/train.py imports."""
-    from gpt2_formats import init_weights
-
-    return from_canonical(init_weights(path, model), model)

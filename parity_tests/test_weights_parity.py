@@ -9,14 +9,24 @@ import transformers
 from flax import traverse_util
 from flax.linen import meta
 
+from gpt2_formats import init_weights
 from gpt2_common import weights as cw
 from gpt2_common.config import Config
 from gpt2_jax import weights as jw
-from gpt2_jax.checkpoint import init_params_from
 from gpt2_jax.model import GPT as JaxGPT
 from gpt2_torch import weights as tw
 from gpt2_torch.model import GPT as TorchGPT
 from parity_tests.conftest import CASES, random_weights
+
+
+def jax_init_weights(path, model):
+    """--init-from as the JAX trainer reads it: any form, through gpt2_formats, as params."""
+    return jw.from_canonical(init_weights(path, model), model)
+
+
+def torch_init_weights(path, model):
+    """--init-from as the PyTorch trainer reads it: any form, through gpt2_formats, as a state dict."""
+    return tw.from_canonical(init_weights(path, model), model)
 
 
 def test_jax_to_torch_and_back_is_bit_exact(case):
@@ -60,8 +70,8 @@ def test_directory_transformers_writes_starts_both_trainers(case, tmp_path):
     expected = {k: v.numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
 
     # through the --init-from entry points, as the trainers call them
-    jax_params = init_params_from(tmp_path / "hf", Config(model=m))
-    torch_state = tw.init_state_dict(tmp_path / "hf", m)
+    jax_params = jax_init_weights(tmp_path / "hf", m)
+    torch_state = torch_init_weights(tmp_path / "hf", m)
     for got in (jw.to_canonical(jax_params, m), tw.to_canonical(torch_state, m)):
         assert got.keys() == expected.keys()
         for name, value in expected.items():

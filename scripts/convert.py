@@ -27,6 +27,7 @@ import gpt2_formats  # noqa: E402
 from gpt2_common.cli import path_arg  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 from gpt2_common.flops import num_params  # noqa: E402
+from gpt2_common.runlock import check_not_in_use  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,7 @@ def convert(src: str, dst: str, to: str, dtype: str = "fp32") -> str:
     """Reads src in whatever form it is, writes dst in form `to`; returns what it did, in words."""
     if Path(dst).exists():
         raise UserError(f"'{dst}' already exists; remove it or choose another destination")
+    check_not_in_use(dst)  # not into a run directory that a trainer holds
     form = gpt2_formats.detect(src)
     config, canonical = gpt2_formats.read_canonical(src)
     gpt2_formats.write(canonical, config, dst, to, dtype)  # only the frameworks these two forms need are imported

@@ -15,19 +15,26 @@ import jax
 import numpy as np
 import pytest
 
+from gpt2_formats import init_weights
+from gpt2_jax import weights as jw
 from gpt2_common.config import load_config
 from gpt2_common.data import TokenLoader, write_shard
 from gpt2_common.errors import UserError, run_cli
 from gpt2_common.metrics import read_metrics
 from gpt2_common.schedule import lr_at
 from gpt2_jax import distributed
-from gpt2_jax.checkpoint import init_params_from, load_checkpoint_params
+from gpt2_jax.checkpoint import load_checkpoint_params
 from gpt2_jax.model import build_model, cross_entropy
 from gpt2_jax.train import main
 from test_jax_optim import trained
 
+def jax_init_weights(path, model):
+    """--init-from as the JAX trainer reads it: any form, through gpt2_formats, as params."""
+    return jw.from_canonical(init_weights(path, model), model)
+
+
 REPO = Path(__file__).resolve().parent.parent
-TWO_PROCESS_TIMEOUT = int(os.environ.get("TWO_PROCESS_TIMEOUT", 150))
+TWO_PROCESS_TIMEOUT = int(os.environ.get("TWO_PROCESS_TIMEOUT", 600))
 CONFIG = """
 name = "jax-train-test"
 [model]
@@ -128,7 +135,7 @@ def test_checkpoint_params_and_config_load_for_other_tools(reference, config_pat
 
     val_loss = np.mean([loss(params, *val.batch(i)) for i in range(2)])
     assert val_loss == pytest.approx(metrics[-1]["val_loss"], rel=1e-5)
-    fresh = init_params_from(run_dir / "checkpoints" / "3", config)  # the --init-from hook, from a step folder
+    fresh = jax_init_weights(run_dir / "checkpoints" / "3", config.model)  # the --init-from hook, from a step folder
     assert fresh["h_1"]["mlp"]["c_fc"]["kernel"].shape == (64, 256)
     assert not np.array_equal(fresh["h_1"]["mlp"]["c_fc"]["kernel"], params["h_1"]["mlp"]["c_fc"]["kernel"])
 

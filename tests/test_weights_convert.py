@@ -12,14 +12,25 @@ import pytest
 import torch
 
 import gpt2_formats
+from gpt2_formats import init_weights
 from gpt2_common import weights as cw
 from gpt2_common.config import Config, ModelConfig
 from gpt2_common.errors import UserError
 from gpt2_jax import weights as jw
-from gpt2_jax.checkpoint import init_params_from, load_checkpoint_params
+from gpt2_jax.checkpoint import load_checkpoint_params
 from gpt2_torch import weights as tw
 from gpt2_torch.checkpoint import load_checkpoint_model
 from gpt2_torch.model import GPT as TorchGPT
+
+def jax_init_weights(path, model):
+    """--init-from as the JAX trainer reads it: any form, through gpt2_formats, as params."""
+    return jw.from_canonical(init_weights(path, model), model)
+
+
+def torch_init_weights(path, model):
+    """--init-from as the PyTorch trainer reads it: any form, through gpt2_formats, as a state dict."""
+    return tw.from_canonical(init_weights(path, model), model)
+
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=100)
@@ -63,8 +74,8 @@ def test_round_trip_through_every_form_is_exact(tmp_path):
     TorchGPT(config.model).load_state_dict(state)  # strict
     config, params = load_checkpoint_params(tmp_path / "jax")
     assert config.model == model and params["wte"]["embedding"].shape == (128, 32)
-    assert_same(jw.to_canonical(init_params_from(tmp_path / "b.pt", Config(model=MODEL)), MODEL), start)
-    assert_same(tw.to_canonical(tw.init_state_dict(tmp_path / "jax", MODEL), MODEL), start)
+    assert_same(jw.to_canonical(jax_init_weights(tmp_path / "b.pt", MODEL), MODEL), start)
+    assert_same(tw.to_canonical(torch_init_weights(tmp_path / "jax", MODEL), MODEL), start)
 
 
 def test_a_trainer_run_directory_is_a_source(tmp_path):
@@ -127,10 +138,10 @@ def test_init_from_weights_of_another_shape(tmp_path):
     cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
     bigger = ModelConfig(**{**MODEL.__dict__, "n_layer": 4})
     with pytest.raises(UserError, match=r"--init-from .* is a different GPT-2 than the config: set model.n_layer=2"):
-        tw.init_state_dict(tmp_path / "hf", bigger)
+        torch_init_weights(tmp_path / "hf", bigger)
     smaller_vocab = ModelConfig(**{**MODEL.__dict__, "vocab_size": 50})
     with pytest.raises(UserError, match=r"100-token vocabulary does not fit the config's embedding of 64 rows"):
-        init_params_from(tmp_path / "hf", Config(model=smaller_vocab))
+        jax_init_weights(tmp_path / "hf", smaller_vocab)
 
 
 def test_an_existing_destination_is_left_alone(tmp_path):

@@ -100,7 +100,7 @@ import gpt2_common.weights, gpt2_common.llmc, gpt2_common.nanogpt, gpt2_common.t
 import gpt2_formats
 assert gpt2_formats.detect({str(tmp_path / 'hf')!r}) == 'hf'
 assert gpt2_formats.detect({str(tmp_path / 'jax')!r}) == 'jax'
-gpt2_common.faults.check_framework({str(tmp_path / 'jax' / 'checkpoints')!r}, 'jax')
+gpt2_formats.check_framework({str(tmp_path / 'jax' / 'checkpoints')!r}, 'jax')
 gpt2_formats.read_canonical({str(tmp_path / 'hf')!r})
 """
     assert _imports_after(code) == set()
