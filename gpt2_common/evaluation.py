@@ -1,6 +1,11 @@
 """Evaluation that is the same for both frameworks: validation loss on shards, sliding-window perplexity of a text,
 and HellaSwag accuracy. Each takes `token_nll(inputs, targets) -> nll`, the model's per-token negative
 log-likelihood ([B, T] float, 0 where the target is -1), which each framework provides from its own model.
+
+Speed without changing a bit of the results: each batch, window or example goes to the model in the shape it always
+had (JAX's numbers depend, in the last bits, on the shapes of its matmuls), but `token_nll` may return an array that
+is still being computed (JAX dispatches asynchronously): each result is read only after the next call has been
+handed to the model, so the model does not wait for the host between calls.
 """
 
 from __future__ import annotations
@@ -14,20 +19,38 @@ from typing import Callable
 import numpy as np
 
 from gpt2_common.config import Config
+from gpt2_common.data import IGNORE_INDEX as IGNORE  # the one ignore index; gpt2_*/evaluate.py import this name
 from gpt2_common.errors import UserError
 from gpt2_common.tokenizer import get_tokenizer
 
 TokenNLL = Callable[[np.ndarray, np.ndarray], np.ndarray]
-IGNORE = -1
+
+
+def _one_behind(calls):
+    """Yield (result, payload) of `calls` (pairs of a zero-argument function and a payload), each call made before
+    the previous result is handed out: with asynchronous dispatch the next batch runs while the host reads one."""
+    pending = None
+    for call, payload in calls:
+        result = (call(), payload)
+        if pending is not None:
+            yield pending
+        pending = result
+    if pending is not None:
+        yield pending
 
 
 def loader_loss(token_nll: TokenNLL, loader, steps: int) -> float:
     """Mean loss over the loader's first `steps` batches (all of them when steps <= 0), token-weighted."""
     steps = loader.batches_per_epoch if steps <= 0 else min(steps, loader.batches_per_epoch)
     total, count = 0.0, 0
-    for position in range(steps):
-        inputs, targets = loader.batch(position)
-        total += float(np.sum(token_nll(inputs, targets), dtype=np.float64))
+
+    def batches():
+        for position in range(steps):
+            inputs, targets = loader.batch(position)
+            yield (lambda inputs=inputs, targets=targets: token_nll(inputs, targets)), targets
+
+    for nll, targets in _one_behind(batches()):
+        total += float(np.sum(np.asarray(nll), dtype=np.float64))
         count += int(np.sum(targets != IGNORE))
     return total / count
 
@@ -38,19 +61,26 @@ def sliding_window_nll(tokens: np.ndarray, context: int, stride: int, token_nll:
     if not 0 < stride <= context:
         raise UserError(f"--stride must be in [1, {context}] (the model's context), got {stride}")
     tokens = np.asarray(tokens, dtype=np.int32)
-    total, count, scored_until = 0.0, 0, 1  # the first token has no context and is not scored
+    windows = []  # (inputs, targets) of each window, in order
+    scored_until = 1  # the first token has no context and is not scored
     for begin in range(0, len(tokens) - 1, stride):
         end = min(begin + context + 1, len(tokens))
         window = tokens[begin:end]
         targets = window[1:].copy()
         new_from = max(scored_until, begin + 1) - (begin + 1)  # targets[i] is token begin+1+i
         targets[:new_from] = IGNORE
-        nll = token_nll(window[None, :-1], targets[None, :])
-        total += float(np.sum(nll, dtype=np.float64))
-        count += int(np.sum(targets != IGNORE))
+        windows.append((window[:-1], targets))
         scored_until = end
         if end == len(tokens):
             break
+    # One window a call, the shape it always had: JAX's numbers depend (in the last bits) on how many rows share a
+    # matmul, so stacking windows would change the results; dispatching them one behind the other keeps the model
+    # busy all the same.
+    calls = [((lambda w=window: token_nll(w[0][None, :], w[1][None, :])), window[1]) for window in windows]
+    total, count = 0.0, 0
+    for nll, targets in _one_behind(calls):
+        total += float(np.sum(np.asarray(nll), dtype=np.float64))
+        count += int(np.sum(targets != IGNORE))
     return total, count
 
 
@@ -125,12 +155,15 @@ def read_hellaswag(path: str | Path) -> list[HellaSwagExample]:
 def hellaswag_correct(examples: list[HellaSwagExample], context: int, token_nll: TokenNLL) -> tuple[int, int]:
     """(examples whose ending of lowest total loss is the right one, the same by lowest mean loss per ending token):
     counts, so that processes that each score a share of the examples can add them up."""
+    def calls():
+        for ex in examples:  # the four endings of an example as one batch
+            tokens, mask = ex.tokens[:, -(context + 1):], ex.mask[:, -(context + 1):]
+            targets = np.where(mask[:, 1:], tokens[:, 1:], IGNORE)
+            yield (lambda t=tokens, y=targets: token_nll(t[:, :-1], y)), (ex, mask)
+
     correct = correct_norm = 0
-    for ex in examples:
-        tokens, mask = ex.tokens[:, -(context + 1):], ex.mask[:, -(context + 1):]
-        targets = np.where(mask[:, 1:], tokens[:, 1:], IGNORE)
-        nll = token_nll(tokens[:, :-1], targets).astype(np.float64)
-        total = nll.sum(axis=1)
+    for nll, (ex, mask) in _one_behind(calls()):
+        total = np.asarray(nll).astype(np.float64).sum(axis=1)
         correct += int(np.argmin(total) == ex.label)
         correct_norm += int(np.argmin(total / np.maximum(mask[:, 1:].sum(axis=1), 1)) == ex.label)
     return correct, correct_norm

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gpt2_common.evaluation import IGNORE, TokenNLL
-from gpt2_jax.model import GPT, build_model, mask_padded_vocab
+from gpt2_jax.model import GPT, mask_padded_vocab
 
 MIN_WIDTH = 16
 
@@ -41,24 +41,27 @@ def model_token_nll(model: GPT, params: Any, mesh: Mesh | None = None) -> TokenN
     """`token_nll(inputs, targets) -> nll` over numpy arrays [B, T], T <= block_size. Sequences are padded (with
     ignored targets) to the next power of two, so that the windows and endings of varying length that evaluation
     scores compile a handful of shapes, not one per length; causal attention keeps the padding out of the scores.
-    With the training mesh of `params`, every process computes the same and gets the whole result."""
+    The rows are not padded: XLA's results depend in the last bits on the shapes of the matmuls, and evaluation's
+    batches keep one row count (the loader's last partial batch is dropped). The result is a device array, returned
+    before it is computed (gpt2_common.evaluation reads it after dispatching the next call). With the training mesh
+    of `params`, every process computes the same and gets the whole result."""
     block_size = model.config.block_size
     compiled = _token_nll if mesh is None else _replicated_token_nll(mesh)
 
-    def nll(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    def nll(inputs: np.ndarray, targets: np.ndarray) -> jax.Array:
         rows, length = inputs.shape
         width = min(block_size, max(MIN_WIDTH, 1 << (length - 1).bit_length()))
         padded_inputs = np.zeros((rows, width), np.int32)
         padded_targets = np.full((rows, width), IGNORE, np.int32)
         padded_inputs[:, :length], padded_targets[:, :length] = inputs, targets
-        return np.asarray(compiled(model, params, padded_inputs, padded_targets))[:, :length]
+        return compiled(model, params, padded_inputs, padded_targets)[:, :length]
 
     return nll
 
 
 def token_nll_fn(config, weights, precision: str = "fp32") -> TokenNLL:
-    """The TokenNLL of a Config and canonical weights (gpt2_common.weights.read_canonical gives both)."""
-    from gpt2_jax.weights import from_canonical
+    """The TokenNLL of a Config and canonical weights (gpt2_formats.read_canonical gives both); precision "bf16"
+    computes in bfloat16 from bfloat16 parameters (the NLL stays fp32)."""
+    from gpt2_jax.sample import load_model
 
-    params = jax.device_put(from_canonical(weights, config.model))
-    return model_token_nll(build_model(config.model, precision), params)
+    return model_token_nll(*load_model(config, weights, precision))

@@ -70,13 +70,17 @@ class QKVDense(nn.Module):
 
     The one [B, T, 3C] matmul and a split would give the same numbers, but cuDNN's attention takes q, k and v as
     separate dense arrays: the split copies all three out of the [B, T, 3C] output, and the backward pass
-    concatenates their gradients back. On an H100 those copies took 3.6 ms of a 68.5 ms step of `small`, and the
-    three matmuls were 1.01x faster in two runs (docs/benchmarks.md). torch's split is free (views), so
+    concatenates their gradients back; the three matmuls remove those copies (measured in docs/benchmarks.md,
+    "Where the step's time goes on one H100"). torch's split is free (views), so
     gpt2_torch keeps its plain Linear; the parameters here are the same arrays under the same names.
     """
 
     features: int  # C: the width of each of q, k and v
     dtype: Any = jnp.float32
+    # Decoding: one matmul, then a split of its small output. The column blocks of the kernel are strided, so each
+    # matmul on one would first copy its block out of the kernel: for one token a step that copy costs more than the
+    # matmul (on a CPU, 1.7 MB a layer of GPT-2 small read and written again every token).
+    one_matmul: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -84,6 +88,9 @@ class QKVDense(nn.Module):
         kernel = self.param("kernel", _kernel_init(axes), (x.shape[-1], 3 * C), jnp.float32)
         bias = self.param("bias", _bias_init(axes), (3 * C,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.one_matmul:
+            qkv = jnp.dot(x, kernel) + bias
+            return tuple(qkv[..., i * C:(i + 1) * C] for i in range(3))
         return tuple(jnp.dot(x, kernel[:, i * C:(i + 1) * C]) + bias[i * C:(i + 1) * C] for i in range(3))
 
 
@@ -147,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         at `positions` [B, T], and (output, cache) comes back."""
         cfg = self.config
         B, T, C = x.shape
-        q, k, v = QKVDense(C, self.dtype, name="c_attn")(x)
+        q, k, v = QKVDense(C, self.dtype, one_matmul=cache is not None, name="c_attn")(x)
         # [B, T, n_head, head_dim] is the layout dot_product_attention takes (no transpose, unlike torch's SDPA).
         q, k, v = (
             nn.with_logical_constraint(t.reshape(B, T, cfg.n_head, cfg.head_dim),
@@ -239,7 +246,13 @@ class GPT(nn.Module):
         if targets is not None and cfg.loss_chunk_size:
             return fused_cross_entropy(x, wte.embedding, targets, cfg.vocab_size, cfg.loss_chunk_size, self.dtype,
                                        keep_exp=self.keep_loss_exp)
-        logits = wte.attend(x)  # the output head is the token embedding, transposed
+        if cache is None:
+            logits = wte.attend(x)  # the output head is the token embedding, transposed
+        else:
+            # Decoding: E x rather than x E^T. XLA on a CPU wants a dot's right operand as [K, N], so x E^T copies the
+            # whole transposed embedding every step (154 MB for GPT-2 small); as the left operand E is read in place.
+            x, embedding = nn.dtypes.promote_dtype(x, wte.embedding, dtype=self.dtype)
+            logits = jnp.einsum("vc,btc->btv", embedding, x)
         logits = nn.with_logical_constraint(logits, ("batch", "seq", "act_vocab")).astype(jnp.float32)
         if targets is not None:
             return cross_entropy(logits, targets, cfg.vocab_size)

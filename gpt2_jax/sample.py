@@ -1,12 +1,16 @@
-"""Text generation with a KV cache, step for step the sampler of gpt2_torch/sample.py.
+"""Text generation with a KV cache, step for step the sampler of gpt2_torch/sample.py, with the same contract:
+`generate(model, params, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_token=None)`
+takes a list of prompts (token id lists of any lengths) and returns the new tokens only, int32 [B, max_new_tokens].
 
-Decoding is explicit state (DecodeState) and one step is a pure function of it, so the same step runs inside one
-compiled while_loop (`generate`, `generate_batch`) and as one jitted call per token (`token_stream`, for the web page).
+Decoding is explicit state (DecodeState) and one step is a pure function of it, so the same step runs inside
+compiled while_loops (`generate`) and as one jitted call per token (`token_stream`, for the web page).
 
 - Prompts: a batch holds each row's context left-aligned in a [B, block_size] window with its own length, so prompts
-  of different lengths decode together, each row at its own position. The window's shape never changes, so one
-  compile serves any prompt; the prompt enters the cache PREFILL_CHUNK tokens at a time (work in proportion to the
-  prompt, not to block_size).
+  of different lengths decode together, each row at its own position; the prompt enters the cache PREFILL_CHUNK
+  tokens at a time (work in proportion to the prompt, not to block_size).
+- The cache holds `span` positions, a power of two that grows with the longest row (cache_span), so that a step
+  reads what the rows wrote rather than block_size positions; one compiled loop runs each span (`plan`), a handful
+  per generation, and new prompts or settings reuse them.
 - Past block_size: positions are learned only up to block_size, so a full cache cannot slide. Like nanoGPT we crop
   the context to its last block_size tokens and run the whole window for each further token; cached and uncached
   generation then give the same tokens.
@@ -24,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gpt2_common.tokenizer import EOT_TOKEN
-from gpt2_jax.model import GPT, KVCache, init_cache, mask_padded_vocab
+from gpt2_common.tokenizer import EOT_TOKEN, decode, get_tokenizer
+from gpt2_jax.model import GPT, KVCache, mask_padded_vocab
 
 PREFILL_CHUNK = 64
 NO_STOP = -1  # a stop token that is never drawn
@@ -43,8 +47,8 @@ class Settings(NamedTuple):
 class DecodeState(NamedTuple):
     window: jax.Array  # int32 [B, block_size]: each row's context (its last <= block_size tokens), left-aligned
     length: jax.Array  # int32 [B]: tokens in each row's window
-    cache: KVCache  # keys and values of each row's window positions < length - 1 (valid while not slid)
-    slid: jax.Array  # bool []: a window has slid past block_size, so the cache no longer matches its positions
+    cache: KVCache | None  # keys and values [n_layer, B, span, ...] of each row's positions < length - 1; None
+    # once the context has slid past block_size (or without the cache)
     done: jax.Array  # bool [B]: the row has drawn the stop token
     step: jax.Array  # int32 []: tokens drawn so far
 
@@ -90,54 +94,103 @@ def sample_next(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k
 
 # --- the decoding state ----------------------------------------------------------------------------------------------
 
-def prefill(model: GPT, params: Any, window: jax.Array, length: jax.Array) -> DecodeState:
-    """The start of decoding: each row's prompt but its last token into a fresh cache (the first step feeds the last
-    one and draws from its logits), PREFILL_CHUNK positions at a time up to the longest prompt."""
-    batch, size = window.shape
-    chunk = min(PREFILL_CHUNK, size)
+def cache_span(length: int, block_size: int) -> int:
+    """The cache positions a step reads (and the width of the uncached step's window) while the longest row holds
+    `length` tokens: the next power of two, at least PREFILL_CHUNK, at most block_size. A step then reads about as
+    much of the cache as the rows have written, not all block_size positions (at GPT-2 small's 1024 and a short
+    prompt, the full cache was most of the attention's work), and a generation compiles one step per span it passes
+    through (a handful), not one per length."""
+    span = max(PREFILL_CHUNK, 1 << max(length - 1, 0).bit_length())
+    return min(span, block_size)
+
+
+class Segment(NamedTuple):
+    """A run of decoding steps that one compiled loop takes: steps [begin, end) read `span` positions, with the cache
+    (`cached`) or through the whole window."""
+
+    begin: int
+    end: int
+    span: int
+    cached: bool
+
+
+def plan(longest: int, block_size: int, max_new_tokens: int, use_cache: bool = True) -> list[Segment]:
+    """The segments of a generation whose longest prompt has `longest` tokens. Every row grows by one token a step,
+    so the host knows each step's span without reading anything back from the device.
+
+    Past block_size the cache cannot slide (positions are learned only up to block_size): like nanoGPT, the context
+    is cropped to its last block_size tokens and the whole window runs for each further token. The step that fills
+    the longest row's window (length block_size) is the last cached one."""
+    segments: list[Segment] = []
+    for step in range(max_new_tokens):
+        cached = use_cache and longest + step <= block_size
+        span = cache_span(min(longest + step, block_size), block_size)
+        if segments and segments[-1].span == span and segments[-1].cached == cached:
+            segments[-1] = segments[-1]._replace(end=step + 1)
+        else:
+            segments.append(Segment(step, step + 1, span, cached))
+    return segments
+
+
+def prefill(model: GPT, params: Any, window: jax.Array, length: jax.Array, span: int) -> DecodeState:
+    """The start of decoding: each row's prompt but its last token into a fresh cache of `span` positions (the first
+    step feeds the last one and draws from its logits), PREFILL_CHUNK positions at a time up to the longest prompt."""
+    batch = window.shape[0]
+    chunk = min(PREFILL_CHUNK, span)
 
     def fill(i, cache):
-        start = jnp.minimum(i * chunk, size - chunk)  # the last chunk steps back to fit; recomputing is harmless
+        start = jnp.minimum(i * chunk, span - chunk)  # the last chunk steps back to fit; recomputing is harmless
         ids = jax.lax.dynamic_slice_in_dim(window, start, chunk, axis=1)
         positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), ids.shape)
         # Positions past a row's prompt get keys of padding: each is overwritten by the step that feeds a token there
         # before any query can see it. The logits are dropped, so XLA never computes the head here.
         return model.apply({"params": params}, ids, positions, cache, method=GPT.decode)[1]
 
-    cache = init_cache(model.config, batch, model.dtype)
+    cfg = model.config
+    shape = (cfg.n_layer, batch, span, cfg.n_head, cfg.head_dim)
+    cache = KVCache(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
     chunks = (jnp.max(length) - 1 + chunk - 1) // chunk
     cache = jax.lax.fori_loop(0, chunks, fill, cache)
-    return DecodeState(window, length, cache, jnp.array(False), jnp.zeros(batch, bool), jnp.array(0, jnp.int32))
+    return DecodeState(window, length, cache, jnp.zeros(batch, bool), jnp.array(0, jnp.int32))
 
 
-def decode_step(model: GPT, params: Any, state: DecodeState, rng: jax.Array, how: Settings,
-                use_cache: bool = True) -> tuple[DecodeState, jax.Array]:
-    """One token for every row: (the next state, the tokens [B]). Rows that are done draw the stop token again."""
+def grow_cache(cache: KVCache, span: int) -> KVCache:
+    """The cache with room for `span` positions (zeros after the old ones, which no query sees before they are
+    written)."""
+    more = span - cache.k.shape[2]
+    if more <= 0:
+        return cache
+    pad = [(0, 0), (0, 0), (0, more), (0, 0), (0, 0)]
+    return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad))
+
+
+def decode_step(model: GPT, params: Any, state: DecodeState, rng: jax.Array, how: Settings, span: int,
+                cached: bool = True) -> tuple[DecodeState, jax.Array]:
+    """One token for every row: (the next state, the tokens [B]). Rows that are done draw the stop token again.
+
+    Cached: each row's last token through the model over the cache (which must hold `span` positions). Else the
+    first `span` positions of each row's window through the model, nanoGPT's step (causal: the padding after a
+    shorter row's tokens does not reach them); past block_size, span is block_size and the window the cropped
+    context."""
     batch, size = state.window.shape
     rows = jnp.arange(batch)
-
-    def cached(state):
+    if cached:
+        cache = grow_cache(state.cache, span)
         position = state.length - 1  # feed each row's last token; the cache holds those before it
         token = state.window[rows, position][:, None]
-        logits, cache = model.apply({"params": params}, token, position[:, None], state.cache, method=GPT.decode)
-        return logits[:, 0], cache
-
-    def whole_window(state):  # nanoGPT's step: the (cropped) context through the model
-        logits = model.apply({"params": params}, state.window)
-        return logits[rows, state.length - 1], state.cache
-
-    if use_cache:
-        logits, cache = jax.lax.cond(state.slid, whole_window, cached, state)
+        logits, cache = model.apply({"params": params}, token, position[:, None], cache, method=GPT.decode)
+        logits = logits[:, 0]
     else:
-        logits, cache = whole_window(state)
+        cache = None
+        logits = model.apply({"params": params}, state.window[:, :span])[rows, state.length - 1]
     token = sample_next(logits, jax.random.fold_in(rng, state.step), how.temperature, how.top_k,
                         model.config.vocab_size, how.top_p)
     token = jnp.where(state.done, how.stop_token, token)
     full = state.length == size
     window = jnp.where(full[:, None], jnp.roll(state.window, -1, axis=1), state.window)  # crop to the last size
     window = window.at[rows, jnp.where(full, size - 1, state.length)].set(token)
-    return DecodeState(window, jnp.minimum(state.length + 1, size), cache, state.slid | jnp.any(full),
-                       state.done | (token == how.stop_token), state.step + 1), token
+    return DecodeState(window, jnp.minimum(state.length + 1, size), cache, state.done | (token == how.stop_token),
+                       state.step + 1), token
 
 
 # --- generation -------------------------------------------------------------------------------------------------------
@@ -155,99 +208,131 @@ def prompt_window(prompts: Sequence[Sequence[int]], block_size: int) -> tuple[np
     return window, length
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "use_cache"))
-def _generate(model: GPT, params: Any, window: jax.Array, length: jax.Array, rng: jax.Array, how: Settings, *,
-              max_new_tokens: int, use_cache: bool = True) -> jax.Array:
-    """The tokens drawn [B, max_new_tokens] (the stop token after a row stops): one compiled loop that ends early
-    once every row has stopped."""
-    if use_cache:
-        state = prefill(model, params, window, length)
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "span", "cached"))
+def _start(model: GPT, params: Any, window: jax.Array, length: jax.Array, how: Settings, *, max_new_tokens: int,
+           span: int, cached: bool) -> tuple[DecodeState, jax.Array]:
+    """The first state (prefilled when cached) and the output [B, max_new_tokens], filled with the stop token."""
+    if cached:
+        state = prefill(model, params, window, length, span)
     else:
-        state = DecodeState(window, length, init_cache(model.config, 0, model.dtype), jnp.array(False),
-                            jnp.zeros(window.shape[0], bool), jnp.array(0, jnp.int32))
-    out = jnp.full((window.shape[0], max_new_tokens), jnp.maximum(how.stop_token, 0), jnp.int32)
+        state = DecodeState(window, length, None, jnp.zeros(window.shape[0], bool), jnp.array(0, jnp.int32))
+    return state, jnp.full((window.shape[0], max_new_tokens), jnp.maximum(how.stop_token, 0), jnp.int32)
+
+
+# The state and output are donated: the cache and the output are updated in place, not copied.
+@functools.partial(jax.jit, static_argnames=("model", "span", "cached"), donate_argnames=("state", "out"))
+def _decode_loop(model: GPT, params: Any, state: DecodeState, out: jax.Array, rng: jax.Array, how: Settings,
+                 end: jax.Array, *, span: int, cached: bool) -> tuple[DecodeState, jax.Array]:
+    """Steps up to `end` (one Segment) in one compiled loop, which ends early once every row has stopped."""
+    if cached:
+        state = state._replace(cache=grow_cache(state.cache, span))  # the loop carries one shape
+    else:
+        state = state._replace(cache=None)
 
     def running(carry):
         state, _ = carry
-        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+        return (state.step < end) & ~jnp.all(state.done)
 
     def step(carry):
         state, out = carry
-        state, token = decode_step(model, params, state, rng, how, use_cache)
+        state, token = decode_step(model, params, state, rng, how, span, cached)
         return state, out.at[:, state.step - 1].set(token)
 
-    return jax.lax.while_loop(running, step, (state, out))[1]
+    return jax.lax.while_loop(running, step, (state, out))
 
 
-def generate_batch(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                   stop_token: int | None = None, use_cache: bool = True, sharding: Any = None) -> np.ndarray:
-    """Continuations of prompts of any lengths: int32 [len(prompts), max_new_tokens]; a row that draws `stop_token`
-    is filled with it from there on.
+def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_token: int | None = None, use_cache: bool = True, sharding: Any = None) -> np.ndarray:
+    """The continuations of prompts (lists of token ids, of any lengths): int32 [len(prompts), max_new_tokens], the
+    new tokens only; a row that draws `stop_token` is filled with it from there on. Temperature 0 is greedy; top_k 0
+    and top_p 1 are off. Reproducible for a seed. The contract of gpt2_torch.sample.generate, which takes the same
+    arguments (less `params` and `sharding`) and returns the same.
 
-    `sharding`: where the inputs go when params live on a mesh (a replicated NamedSharding of it), so that every
-    process of a multi-host job runs the same computation.
+    A few compiled loops (one per Segment of `plan`) run one after another without reading anything back, so the
+    only wait for the device is for the result. `sharding`: where the inputs go when params live on a mesh (a
+    replicated NamedSharding of it), so that every process of a multi-host job runs the same computation.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     window, length = prompt_window(prompts, model.config.block_size)
+    segments = plan(int(length.max()), model.config.block_size, max_new_tokens, use_cache)
     inputs = (window, length, jax.random.PRNGKey(seed), settings(temperature, top_k, top_p, stop_token))
     if sharding is not None:
         inputs = jax.device_put(inputs, sharding)
-    out = _generate(model, params, *inputs, max_new_tokens=max_new_tokens, use_cache=use_cache)
+    window, length, rng, how = inputs
+    first = segments[0]
+    state, out = _start(model, params, window, length, how, max_new_tokens=max_new_tokens, span=first.span,
+                        cached=first.cached)
+    for segment in segments:
+        state, out = _decode_loop(model, params, state, out, rng, how, np.int32(segment.end), span=segment.span,
+                                  cached=segment.cached)
     if sharding is not None:  # the result may span processes: give every process all of it
         return np.asarray(multihost_utils.process_allgather(out, tiled=True))
     return np.asarray(jax.device_get(out))
 
 
-def generate(model: GPT, params: Any, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.8,
-             top_k: int = 200, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
-             stop_token: int | None = None, use_cache: bool = True, sharding: Any = None) -> np.ndarray:
-    """`num_samples` continuations of the token ids `prompt`: int32 [num_samples, max_new_tokens]."""
-    return generate_batch(model, params, [prompt] * num_samples, max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, stop_token=stop_token, use_cache=use_cache,
-                          sharding=sharding)
+def sample_text(model: GPT, params: Any, prompt: str = "\n", max_new_tokens: int = 200, *,
+                temperature: float = 0.8, top_k: int = 200, top_p: float = 1.0, seed: int = 0,
+                sharding: Any = None) -> str:
+    """A completion of `prompt` as text (the prompt included), reproducible for a seed: what a trainer prints at the
+    end of a run. A model whose vocabulary is smaller than GPT-2's (a toy one) starts from token 0 instead."""
+    prompt_ids = get_tokenizer().encode_ordinary(prompt) or [0]
+    if max(prompt_ids) >= model.config.vocab_size:
+        prompt_ids = [0]
+    out = generate(model, params, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, sharding=sharding)
+    return decode(prompt_ids + out[0].tolist())
 
 
 # --- one token at a time ---------------------------------------------------------------------------------------------
 
-_prefill = jax.jit(prefill, static_argnums=0)
+_prefill = jax.jit(prefill, static_argnums=(0, 4))
 # The state is donated: the cache is updated in place instead of copied every token.
-_decode_step = jax.jit(decode_step, static_argnums=(0, 5), donate_argnums=2)
+_decode_step = jax.jit(decode_step, static_argnums=(0, 5, 6), donate_argnums=2)
 
 
-def token_stream(model: GPT, params: Any, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.8,
+def token_stream(model: GPT, params: Any, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_token: int | None = EOT_TOKEN,
                  use_cache: bool = True) -> Iterator[int]:
     """The continuation of one prompt, token by token as each is drawn (the stop token ends it and is not
-    yielded): the same tokens as generate() for the same arguments, from two compiled functions (the prefill and
-    one step) whatever the prompt, settings or length."""
+    yielded): the same tokens as generate() for the same arguments, from one compiled prefill and one compiled
+    step per span whatever the prompt or settings."""
     window, length = prompt_window([prompt], model.config.block_size)
-    if use_cache:
-        state = _prefill(model, params, window, length)
+    segments = plan(int(length.max()), model.config.block_size, max_new_tokens, use_cache)
+    if segments[0].cached:
+        state = _prefill(model, params, window, length, segments[0].span)
     else:
-        state = DecodeState(window, length, init_cache(model.config, 0, model.dtype), np.bool_(False),
-                            np.zeros(1, bool), np.int32(0))
+        state = DecodeState(window, length, None, np.zeros(1, bool), np.int32(0))
     rng, how = jax.random.PRNGKey(seed), settings(temperature, top_k, top_p, stop_token)
-    for _ in range(max_new_tokens):
-        state, token = _decode_step(model, params, state, rng, how, use_cache)
-        token = int(token[0])
-        if token == stop_token:
-            return
-        yield token
+    for segment in segments:
+        for _ in range(segment.begin, segment.end):
+            state, token = _decode_step(model, params, state, rng, how, segment.span, segment.cached)
+            token = int(token[0])
+            if token == stop_token:
+                return
+            yield token
 
 
 def load_model(config, weights, precision: str = "fp32") -> tuple[GPT, Any]:
-    """(model, params on the default device) for a Config and canonical weights (gpt2_common.weights)."""
-    from gpt2_jax.model import build_model
+    """(model, params on the default device) for a Config and canonical weights (gpt2_common.weights). precision
+    "bf16" stores the parameters in bfloat16 too, not only the compute: decoding reads every weight once a token,
+    so half the bytes is most of the gain, and fp32 parameters would be converted again at every step."""
+    from gpt2_jax.model import build_model, compute_dtype
     from gpt2_jax.weights import from_canonical
 
-    return build_model(config.model, precision), jax.device_put(from_canonical(weights, config.model))
+    params = from_canonical(weights, config.model)
+    if precision != "fp32":
+        params = jax.tree.map(lambda a: np.asarray(a).astype(compute_dtype(precision)), params)
+    return build_model(config.model, precision), jax.device_put(params)
 
 
 def make_generate(config, weights, precision: str = "fp32"):
-    """`generate(prompts, max_new_tokens, **options) -> int32 [len(prompts), max_new_tokens]` (generate_batch's
-    options) for a Config and canonical weights: what scripts/sample.py runs."""
+    """`generate(prompts, max_new_tokens, **options) -> int32 [len(prompts), max_new_tokens]` (generate's options)
+    for a Config and canonical weights: what scripts/sample.py runs. precision "bf16" computes in bfloat16 (the
+    weights stay fp32): faster where the hardware has it, no longer token-identical to fp32."""
     model, params = load_model(config, weights, precision)
-    return functools.partial(generate_batch, model, params)
+    return functools.partial(generate, model, params)
 
 
 def make_stream(config, weights, precision: str = "fp32"):

@@ -11,7 +11,7 @@ from gpt2_common.evaluation import IGNORE, TokenNLL
 from gpt2_torch.model import GPT, mask_padded_vocab
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def token_nll(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """fp32 NLL [B, T] of each target under the model (0 where the target is -1): the terms of model.cross_entropy,
     before it averages them."""
@@ -32,8 +32,9 @@ def model_token_nll(model: GPT) -> TokenNLL:
     return nll
 
 
-def token_nll_fn(config, weights, device: str | None = None) -> TokenNLL:
-    """The TokenNLL of a Config and canonical weights (gpt2_common.weights.read_canonical gives both)."""
+def token_nll_fn(config, weights, device: str | None = None, precision: str = "fp32") -> TokenNLL:
+    """The TokenNLL of a Config and canonical weights (gpt2_formats.read_canonical gives both); precision "bf16"
+    runs the model in bfloat16 (the NLL stays fp32)."""
     from gpt2_torch.sample import load_model
 
-    return model_token_nll(load_model(config, weights, device))
+    return model_token_nll(load_model(config, weights, device, precision))

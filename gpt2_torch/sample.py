@@ -1,11 +1,15 @@
-"""Text generation with a KV cache, step for step the sampler of gpt2_jax/sample.py.
+"""Text generation with a KV cache, step for step the sampler of gpt2_jax/sample.py, with the same contract:
+`generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=0, stop_token=None)` takes a
+list of prompts (token id lists of any lengths) and returns the new tokens only, int32 [B, max_new_tokens].
 
 Decoding is explicit state (DecodeState) and one step is a function of it, so the same step runs in the loop of
-`generate`/`generate_batch` and one call per token in `token_stream` (for the web page). As on the JAX side:
+`generate` and one call per token in `token_stream` (for the web page). As on the JAX side:
 
 - Prompts: a batch holds each row's context left-aligned in a [B, block_size] window with its own length, so prompts
   of different lengths decode together, each row at its own position; the prompt enters the cache PREFILL_CHUNK
   tokens at a time.
+- A step reads only the cache positions written so far (a view of them), not all block_size: at GPT-2 small's 1024
+  and a short prompt, attention over the full cache took as long as all the matmuls of the step.
 - Past block_size: positions are learned only up to block_size, so a full cache cannot slide. Like nanoGPT we crop
   the context to its last block_size tokens and run the whole window for each further token; cached and uncached
   generation then give the same tokens.
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 from gpt2_common.tokenizer import EOT_TOKEN, decode, get_tokenizer
-from gpt2_torch.model import GPT, KVCache, init_cache, mask_padded_vocab
+from gpt2_torch.model import GPT, KVCache, mask_padded_vocab
 
 PREFILL_CHUNK = 64
 NO_STOP = -1  # a stop token that is never drawn
@@ -43,8 +47,9 @@ class Settings(NamedTuple):
 class DecodeState(NamedTuple):
     window: torch.Tensor  # long [B, block_size]: each row's context (its last <= block_size tokens), left-aligned
     length: torch.Tensor  # long [B]: tokens in each row's window
-    cache: KVCache  # keys and values of each row's window positions < length - 1 (valid while not slid)
-    slid: bool  # a window has slid past block_size, so the cache no longer matches its positions
+    longest: int  # the longest row's length, uncropped (every row grows by one a step): known without a device read
+    cache: KVCache | None  # keys and values [n_layer, B, span, ...] of each row's positions < length - 1; None once
+    # the context has slid past block_size (or without the cache)
     done: torch.Tensor  # bool [B]: the row has drawn the stop token
     step: int  # tokens drawn so far
 
@@ -78,29 +83,52 @@ def filter_logits(logits: torch.Tensor, vocab_size: int, temperature: float = 1.
 def sample_next(logits: torch.Tensor, generator: torch.Generator | None, temperature: float, top_k: int,
                 vocab_size: int, top_p: float = 1.0) -> torch.Tensor:
     """Next ids [B] from logits [B, V]: padded ids never; greedy (argmax) at temperature 0."""
-    if temperature == 0:  # greedy skips the sort
-        return mask_padded_vocab(logits.float(), vocab_size).argmax(dim=-1)
+    if temperature == 0:  # greedy skips the sort; the padded ids are left out rather than masked
+        return logits[:, :vocab_size].argmax(dim=-1)
     probs = filter_logits(logits, vocab_size, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
 # --- the decoding state ----------------------------------------------------------------------------------------------
 
-def prefill(model: GPT, window: torch.Tensor, length: torch.Tensor) -> DecodeState:
+def cache_span(length: int, block_size: int) -> int:
+    """The positions the cache holds while the longest row holds `length` tokens: the next power of two, at least
+    PREFILL_CHUNK, at most block_size (as gpt2_jax.sample.cache_span), so that memory follows the rows' lengths and
+    the cache is reallocated a handful of times per generation. A step reads only the positions written so far."""
+    span = max(PREFILL_CHUNK, 1 << max(length - 1, 0).bit_length())
+    return min(span, block_size)
+
+
+def prefill(model: GPT, window: torch.Tensor, length: torch.Tensor, longest: int) -> DecodeState:
     """The start of decoding: each row's prompt but its last token into a fresh cache (the first step feeds the last
-    one and draws from its logits), PREFILL_CHUNK positions at a time up to the longest prompt."""
+    one and draws from its logits), PREFILL_CHUNK positions at a time up to the longest prompt (`longest` tokens,
+    known to the caller, so that nothing is read back from the device)."""
     batch, size = window.shape
-    chunk = min(PREFILL_CHUNK, size)
-    cache = init_cache(model.config, batch, next(model.parameters()).dtype, window.device)
-    chunks = (int(length.max()) - 1 + chunk - 1) // chunk
-    for i in range(chunks):
-        start = min(i * chunk, size - chunk)  # the last chunk steps back to fit; recomputing is harmless
+    span = cache_span(longest, size)
+    chunk = min(PREFILL_CHUNK, span)
+    cfg = model.config
+    shape = (cfg.n_layer, batch, span, cfg.n_head, cfg.head_dim)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(torch.zeros(shape, dtype=dtype, device=window.device),
+                    torch.zeros(shape, dtype=dtype, device=window.device))
+    for i in range((longest - 1 + chunk - 1) // chunk):
+        start = min(i * chunk, span - chunk)  # the last chunk steps back to fit; recomputing is harmless
         ids = window[:, start:start + chunk]
         positions = (start + torch.arange(chunk, device=window.device)).expand(batch, chunk)
         # Positions past a row's prompt get keys of padding: each is overwritten by the step that feeds a token there
         # before any query can see it.
         model.decode(ids, positions, cache)
-    return DecodeState(window, length, cache, False, torch.zeros(batch, dtype=torch.bool, device=window.device), 0)
+    return DecodeState(window, length, longest, cache, torch.zeros(batch, dtype=torch.bool, device=window.device), 0)
+
+
+def grow_cache(cache: KVCache, span: int) -> KVCache:
+    """The cache with room for `span` positions: reallocated and copied when it is smaller."""
+    if cache.k.size(2) >= span:
+        return cache
+    grown = KVCache(*(t.new_zeros(t.shape[:2] + (span,) + t.shape[3:]) for t in cache))
+    for new, old in zip(grown, cache):
+        new[:, :, :old.size(2)] = old
+    return grown
 
 
 def decode_step(model: GPT, state: DecodeState, generator: torch.Generator | None, how: Settings,
@@ -108,28 +136,36 @@ def decode_step(model: GPT, state: DecodeState, generator: torch.Generator | Non
     """One token for every row: (the next state, the tokens [B]). Rows that are done draw the stop token again."""
     batch, size = state.window.shape
     rows = torch.arange(batch, device=state.window.device)
-    if use_cache and not state.slid:
+    cache = state.cache  # None without the cache, and once the context has slid past block_size
+    if cache is not None:
+        # Each row's last token over the cache's first `longest` positions: the keys written so far (a view, so
+        # the model writes the new keys into the cache itself).
+        cache = grow_cache(cache, cache_span(state.longest, size))
         position = state.length - 1  # feed each row's last token; the cache holds those before it
         token = state.window[rows, position][:, None]
-        logits = model.decode(token, position[:, None], state.cache)[:, 0]
+        visible = KVCache(cache.k[:, :, :state.longest], cache.v[:, :, :state.longest])
+        logits = model.decode(token, position[:, None], visible)[:, 0]
     else:  # nanoGPT's step: the (cropped) context through the model, as far as the longest row (causal: the
         # padding after a shorter row's tokens does not reach them)
-        logits = model(state.window[:, :int(state.length.max())])[rows, state.length - 1]
+        logits = model(state.window[:, :min(state.longest, size)])[rows, state.length - 1]
     token = sample_next(logits, generator, how.temperature, how.top_k, model.config.vocab_size, how.top_p)
     token = torch.where(state.done, torch.full_like(token, how.stop_token), token)
     full = state.length == size
     window = torch.where(full[:, None], torch.roll(state.window, -1, dims=1), state.window)  # crop to the last size
     window[rows, torch.where(full, size - 1, state.length)] = token
-    return DecodeState(window, torch.clamp(state.length + 1, max=size), state.cache, state.slid or bool(full.any()),
-                       state.done | (token == how.stop_token), state.step + 1), token
+    # Past block_size the cache cannot slide (positions are learned only up to block_size): `longest` passes size
+    # after the step that fills the longest window, and from then on the whole window runs, as in nanoGPT.
+    return DecodeState(window, torch.clamp(state.length + 1, max=size), state.longest + 1,
+                       cache if state.longest < size else None, state.done | (token == how.stop_token),
+                       state.step + 1), token
 
 
 # --- generation -------------------------------------------------------------------------------------------------------
 
 def prompt_window(prompts: Sequence[Sequence[int]], block_size: int,
-                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(window long [B, block_size], length long [B]): each prompt cropped to its last block_size tokens, as nanoGPT
-    crops, and left-aligned."""
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(window long [B, block_size], length long [B], the longest length): each prompt cropped to its last
+    block_size tokens, as nanoGPT crops, and left-aligned."""
     if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. the tokens of '\\n')")
     window = torch.zeros((len(prompts), block_size), dtype=torch.long)
@@ -137,69 +173,67 @@ def prompt_window(prompts: Sequence[Sequence[int]], block_size: int,
     for row, prompt in enumerate(prompts):
         cropped = [int(t) for t in prompt][-block_size:]
         window[row, :len(cropped)], length[row] = torch.tensor(cropped), len(cropped)
-    return window.to(device), length.to(device)
+    return window.to(device), length.to(device), int(length.max())
 
 
-@torch.no_grad()
-def _generate(model: GPT, window: torch.Tensor, length: torch.Tensor, generator: torch.Generator | None,
-              how: Settings, max_new_tokens: int, use_cache: bool = True) -> torch.Tensor:
-    """The tokens drawn [B, max_new_tokens] (the stop token after a row stops); ends early once every row has
-    stopped."""
-    was_training = model.training
-    model.eval()
+def start(model: GPT, prompts: Sequence[Sequence[int]], use_cache: bool) -> DecodeState:
+    """The first decoding state of prompts: prefilled with the cache, else the bare windows."""
+    device = next(model.parameters()).device
+    window, length, longest = prompt_window(prompts, model.config.block_size, device)
     if use_cache:
-        state = prefill(model, window, length)
-    else:
-        state = DecodeState(window, length, init_cache(model.config, 0, device=window.device), False,
-                            torch.zeros(window.size(0), dtype=torch.bool, device=window.device), 0)
-    out = torch.full((window.size(0), max_new_tokens), max(how.stop_token, 0), dtype=torch.long,
-                     device=window.device)
-    while state.step < max_new_tokens and not bool(state.done.all()):
-        state, token = decode_step(model, state, generator, how, use_cache)
-        out[:, state.step - 1] = token
-    model.train(was_training)
-    return out
+        return prefill(model, window, length, longest)
+    return DecodeState(window, length, longest, None, torch.zeros(len(prompts), dtype=torch.bool, device=device), 0)
 
 
 def _generator(model: GPT, seed: int) -> torch.Generator:
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
-def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.8,
-                   top_k: int | None = 0, top_p: float | None = 1.0, seed: int = 0, stop_token: int | None = None,
-                   use_cache: bool = True) -> np.ndarray:
-    """Continuations of prompts of any lengths: int64 [len(prompts), max_new_tokens]; a row that draws `stop_token`
-    is filled with it from there on. Reproducible for a seed."""
-    device = next(model.parameters()).device
-    window, length = prompt_window(prompts, model.config.block_size, device)
-    how = settings(temperature, top_k, top_p, stop_token)
-    return _generate(model, window, length, _generator(model, seed), how, max_new_tokens, use_cache).cpu().numpy()
+@torch.inference_mode()
+def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = 0, top_p: float | None = 1.0, seed: int = 0, stop_token: int | None = None,
+             use_cache: bool = True) -> np.ndarray:
+    """The continuations of prompts (lists of token ids, of any lengths): int32 [len(prompts), max_new_tokens], the
+    new tokens only; a row that draws `stop_token` is filled with it from there on. Temperature 0 is greedy; top_k 0
+    and top_p 1 are off. Reproducible for a seed. The contract of gpt2_jax.sample.generate (which also takes the
+    params). The model runs in eval mode and is put back in the mode it was in."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    try:
+        state = start(model, prompts, use_cache)
+        generator, how = _generator(model, seed), settings(temperature, top_k, top_p, stop_token)
+        out = torch.full((len(prompts), max_new_tokens), max(how.stop_token, 0), dtype=torch.long,
+                         device=state.window.device)
+        # Without a stop token no row ends early, and the loop never waits to read `done` back from the device.
+        while state.step < max_new_tokens and (how.stop_token == NO_STOP or not bool(state.done.all())):
+            state, token = decode_step(model, state, generator, how, use_cache)
+            out[:, state.step - 1] = token
+    finally:
+        model.train(was_training)
+    return out.cpu().numpy().astype(np.int32)
 
 
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             stop_token: int | None = None, use_cache: bool = True) -> torch.Tensor:
-    """Extends token ids idx [B, T] by max_new_tokens (nanoGPT's interface); temperature 0 is greedy. Ids are always
-    < vocab_size."""
-    window, length = prompt_window(idx.tolist(), model.config.block_size, idx.device)
-    out = _generate(model, window, length, generator, settings(temperature, top_k, top_p, stop_token),
-                    max_new_tokens, use_cache)
-    return torch.cat((idx, out), dim=1)
+def sample_text(model: GPT, prompt: str = "\n", max_new_tokens: int = 200, *, temperature: float = 0.8,
+                top_k: int = 200, top_p: float = 1.0, seed: int = 0) -> str:
+    """A completion of `prompt` as text (the prompt included), reproducible for a seed: what a trainer prints at the
+    end of a run. A model whose vocabulary is smaller than GPT-2's (a toy one) starts from token 0 instead."""
+    prompt_ids = get_tokenizer().encode_ordinary(prompt) or [0]
+    if max(prompt_ids) >= model.config.vocab_size:
+        prompt_ids = [0]
+    out = generate(model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed)
+    return decode(prompt_ids + out[0].tolist())
 
 
-@torch.no_grad()
-def token_stream(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.8,
+@torch.inference_mode()
+def token_stream(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = 0, top_p: float | None = 1.0, seed: int = 0,
                  stop_token: int | None = EOT_TOKEN, use_cache: bool = True) -> Iterator[int]:
     """The continuation of one prompt, token by token as each is drawn (the stop token ends it and is not
-    yielded): the same tokens as generate_batch() for the same arguments. The model must be in eval mode."""
-    device = next(model.parameters()).device
-    window, length = prompt_window([prompt], model.config.block_size, device)
-    if use_cache:
-        state = prefill(model, window, length)
-    else:
-        state = DecodeState(window, length, init_cache(model.config, 0, device=device), False,
-                            torch.zeros(1, dtype=torch.bool, device=device), 0)
+    yielded): the same tokens as generate() for the same arguments. The model must be in eval mode."""
+    state = start(model, [prompt], use_cache)
     generator, how = _generator(model, seed), settings(temperature, top_k, top_p, stop_token)
     for _ in range(max_new_tokens):
         state, token = decode_step(model, state, generator, how, use_cache)
@@ -209,28 +243,34 @@ def token_stream(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temp
         yield token
 
 
-def load_model(config, weights, device: str | None = None) -> GPT:
+INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_model(config, weights, device: str | None = None, precision: str = "fp32") -> GPT:
     """The model in eval mode, on `device` (default: CUDA where there is one), for a Config and canonical weights
-    (gpt2_common.weights)."""
+    (gpt2_common.weights). precision "bf16" stores the weights in bfloat16 too, not only the compute as autocast
+    would: decoding reads every weight once a token, so half the bytes is most of the gain (and autocast would
+    convert each weight again at every call)."""
     from gpt2_torch.weights import from_canonical
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = GPT(config.model)
     model.load_state_dict(from_canonical(weights, config.model))
-    return model.to(device).eval()
+    return model.to(device=device, dtype=INFERENCE_DTYPES[precision]).eval()
 
 
-def make_generate(config, weights, device: str | None = None):
-    """`generate(prompts, max_new_tokens, **options) -> int64 [len(prompts), max_new_tokens]` (generate_batch's
-    options) for a Config and canonical weights: what scripts/sample.py runs."""
-    return functools.partial(generate_batch, load_model(config, weights, device))
+def make_generate(config, weights, device: str | None = None, precision: str = "fp32"):
+    """`generate(prompts, max_new_tokens, **options) -> int32 [len(prompts), max_new_tokens]` (generate's options)
+    for a Config and canonical weights: what scripts/sample.py runs. precision "bf16" runs the model in bfloat16:
+    faster where the hardware has it, no longer token-identical to fp32."""
+    return functools.partial(generate, load_model(config, weights, device, precision))
 
 
-def make_stream(config, weights, device: str | None = None):
+def make_stream(config, weights, device: str | None = None, precision: str = "fp32"):
     """`stream(prompt_tokens, options) -> iterator of token ids` for gpt2_common.webapp, from a Config and canonical
     weights; `options` has max_new_tokens, temperature, top_k (0: off), top_p (1: off) and seed. The stream ends at
     <|endoftext|>."""
-    model = load_model(config, weights, device)
+    model = load_model(config, weights, device, precision)
     stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
 
     def stream(prompt_tokens: list[int], options) -> Iterator[int]:
@@ -239,13 +279,3 @@ def make_stream(config, weights, device: str | None = None):
 
     return stream
 
-
-def sample_text(model: GPT, prompt: str = "\n", max_new_tokens: int = 200, *, temperature: float = 0.8,
-                top_k: int | None = 200, top_p: float | None = None, seed: int = 0) -> str:
-    """A completion of `prompt` as text (the prompt included), reproducible for a seed."""
-    prompt_ids = get_tokenizer().encode_ordinary(prompt) or [0]
-    if max(prompt_ids) >= model.config.vocab_size:  # a toy vocabulary smaller than GPT-2's: start from id 0
-        prompt_ids = [0]
-    out = generate_batch(model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=seed)
-    return decode(prompt_ids + out[0].tolist())

@@ -20,10 +20,10 @@ def test_greedy_generation_agrees_across_frameworks_and_caches():
     jax_model, params = JaxGPT(MODEL), jax_params(weights, MODEL)
     torch_gpt = torch_model(weights, MODEL)
     runs = {
-        "jax cached": jax_sample.generate_batch(jax_model, params, PROMPTS, NEW, temperature=0.0),
-        "jax uncached": jax_sample.generate_batch(jax_model, params, PROMPTS, NEW, temperature=0.0, use_cache=False),
-        "torch cached": torch_sample.generate_batch(torch_gpt, PROMPTS, NEW, temperature=0.0),
-        "torch uncached": torch_sample.generate_batch(torch_gpt, PROMPTS, NEW, temperature=0.0, use_cache=False),
+        "jax cached": jax_sample.generate(jax_model, params, PROMPTS, NEW, temperature=0.0),
+        "jax uncached": jax_sample.generate(jax_model, params, PROMPTS, NEW, temperature=0.0, use_cache=False),
+        "torch cached": torch_sample.generate(torch_gpt, PROMPTS, NEW, temperature=0.0),
+        "torch uncached": torch_sample.generate(torch_gpt, PROMPTS, NEW, temperature=0.0, use_cache=False),
     }
     reference = runs["torch uncached"].tolist()
     for name, out in runs.items():

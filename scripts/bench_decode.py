@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Decoding speed with and without the KV cache, in JAX and PyTorch, from the same random weights.
+"""Decoding speed of both generators beside transformers' generate(), from the same random weights, in one process.
 
-  python scripts/bench_decode.py --config small --prompt-tokens 16 --new-tokens 64
+  python scripts/bench_decode.py --config small --batch-sizes 1,4,16 --prompt-tokens 16 --new-tokens 48
 
-Each measurement is the second of two identical runs (the first compiles or warms up), greedy, batch 1. Without the
-cache, PyTorch runs nanoGPT's loop (the context so far through the model for every token), while JAX runs its
-fixed-shape loop (the whole block_size window for every token: one compile for any prompt), so the JAX figure
-without the cache falls with block_size; --uncached-new-tokens keeps that run short.
+Greedy, KV-cached, every prompt --prompt-tokens long and every row --new-tokens long (no early stop). Each framework
+first runs once untimed (JAX compiles, the others warm up); then the frameworks take turns, --repeats rounds, so that
+a change in the machine's load touches all of them alike; the ratio to transformers is taken within each round.
+The tokens of each framework are compared with transformers' (fp32: they must be the same; bf16: the share that
+agrees is reported). The load average is printed with each batch size: on a shared machine read the ratios, not the
+absolute figures.
 """
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,76 +23,115 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpt2_common.errors import run_cli  # noqa: E402
 
 
-def timed(run) -> tuple[float, object]:
-    run()  # compile / warm up
-    start = time.perf_counter()
-    out = run()
-    return time.perf_counter() - start, out
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--config", default="small", help="preset or path (default: %(default)s)")
+    parser.add_argument("--frameworks", default="jax,torch,hf", help="any of jax, torch, hf (transformers) "
+                        "(default: %(default)s)")
+    parser.add_argument("--batch-sizes", default="1,4,16", help="(default: %(default)s)")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="(default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=48, help="(default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default: %(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads for torch and transformers (default: torch's own choice)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    return parser
+
+
+def generators(names, config, weights, precision):
+    """{name: run(prompts, new_tokens) -> int [B, new_tokens]} for the same canonical weights."""
+    import numpy as np
+    import torch
+
+    runs = {}
+    for name in names:
+        if name == "jax":
+            from gpt2_jax import sample as jax_sample
+
+            model, params = jax_sample.load_model(config, weights, precision)
+            runs[name] = lambda prompts, n, model=model, params=params: jax_sample.generate(
+                model, params, prompts, n, temperature=0.0)
+        elif name == "torch":
+            from gpt2_torch import sample as torch_sample
+
+            model = torch_sample.load_model(config, weights, "cpu", precision)
+            runs[name] = lambda prompts, n, model=model: torch_sample.generate(model, prompts, n, temperature=0.0)
+        elif name == "hf":
+            import transformers
+
+            from gpt2_common.weights import hf_config
+
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config(config.model))).eval()
+            state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+            hf.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
+            hf = hf.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+
+            @torch.inference_mode()
+            def run_hf(prompts, n, hf=hf):
+                ids = torch.tensor(prompts)
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0)
+                return out[:, ids.shape[1]:].numpy()
+
+            runs[name] = run_hf
+        else:
+            raise SystemExit(f"unknown framework {name!r}; choose among jax, torch, hf")
+    return runs
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="small", help="preset or path (default: %(default)s)")
-    parser.add_argument("--frameworks", default="jax,torch", help="(default: %(default)s)")
-    parser.add_argument("--prompt-tokens", type=int, default=16, help="(default: %(default)s)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="(default: %(default)s)")
-    parser.add_argument("--uncached-new-tokens", type=int, default=None,
-                        help="new tokens for the runs without the cache (default: --new-tokens)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's own choice); on a CPU shared with other work, "
-                        "1 can be many times faster than a thread team that waits for a busy core")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     import numpy as np
     import torch
 
-    from gpt2_common.config import load_config
+    from gpt2_common.config import Config, load_config
     from gpt2_torch.model import GPT as TorchGPT
     from gpt2_torch.weights import to_canonical
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    config = load_config(args.config).model
+    model_config = load_config(args.config).model
     torch.manual_seed(args.seed)
-    weights = to_canonical(TorchGPT(config).state_dict(), config)  # one random init, GPT-2's, for both frameworks
-    prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, args.prompt_tokens).tolist()
-    uncached_tokens = args.uncached_new_tokens or args.new_tokens
-    print(f"{args.config}: {config.n_layer} layers, {config.n_embd} wide, block {config.block_size}, fp32; "
-          f"prompt {args.prompt_tokens} tokens, greedy, batch 1; torch threads {torch.get_num_threads()}")
-    runs = {}
-    for framework in args.frameworks.split(","):
-        if framework == "jax":
-            import jax
-
-            from gpt2_jax.model import build_model
-            from gpt2_jax.sample import generate_batch
-            from gpt2_jax.weights import from_canonical
-
-            model = build_model(config, "fp32")
-            params = jax.device_put(from_canonical(weights, config))
-
-            def run(cache, n):
-                return generate_batch(model, params, [prompt], n, temperature=0.0, use_cache=cache)
-        elif framework == "torch":
-            from gpt2_torch.sample import generate_batch
-            from gpt2_torch.weights import from_canonical
-
-            model = TorchGPT(config)
-            model.load_state_dict(from_canonical(weights, config))
-            model.eval()
-
-            def run(cache, n):
-                return generate_batch(model, [prompt], n, temperature=0.0, use_cache=cache)
-        else:
-            raise SystemExit(f"unknown framework {framework!r}")
-        for cache, n in ((True, args.new_tokens), (False, uncached_tokens)):
-            seconds, out = timed(lambda: run(cache, n))
-            runs[(framework, cache)] = out[0].tolist()
-            print(f"{framework:>5} {'with' if cache else 'without'} cache: {n} tokens in {seconds:.2f} s = "
-                  f"{n / seconds:.1f} tokens/s", flush=True)
-    firsts = {key: tokens[:min(args.new_tokens, uncached_tokens)] for key, tokens in runs.items()}
-    print("greedy tokens agree across runs:", len({tuple(t) for t in firsts.values()}) == 1)
+    weights = to_canonical(TorchGPT(model_config).state_dict(), model_config)  # GPT-2's init, for every framework
+    names = args.frameworks.split(",")
+    runs = generators(names, Config(model=model_config), weights, args.precision)
+    rng = np.random.default_rng(args.seed)
+    print(f"{args.config}: {model_config.n_layer} layers, {model_config.n_embd} wide, {args.precision}; prompt "
+          f"{args.prompt_tokens} tokens, {args.new_tokens} new, greedy; torch threads {torch.get_num_threads()}; "
+          f"{os.cpu_count()} CPUs", flush=True)
+    results = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        prompts = rng.integers(0, model_config.vocab_size, (batch, args.prompt_tokens)).tolist()
+        load_before = os.getloadavg()[0]
+        tokens = {name: np.asarray(run(prompts, args.new_tokens)) for name, run in runs.items()}  # compile, warm up
+        seconds = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run(prompts, args.new_tokens)
+                seconds[name].append(time.perf_counter() - start)
+        load = (load_before, os.getloadavg()[0])
+        for name in names:
+            record = {"framework": name, "batch": batch, "precision": args.precision,
+                      "tokens_per_s": [batch * args.new_tokens / s for s in seconds[name]],
+                      "seconds": seconds[name], "load_average": load}
+            line = (f"batch {batch:>3} {name:>5}: " + " ".join(f"{t:7.1f}" for t in record["tokens_per_s"])
+                    + " tokens/s")
+            if "hf" in runs and name != "hf":
+                record["vs_hf"] = [h / s for h, s in zip(seconds["hf"], seconds[name])]
+                record["same_tokens_as_hf"] = float(np.mean(tokens[name] == tokens["hf"]))
+                line += (" | vs transformers " + " ".join(f"{r:.2f}x" for r in record["vs_hf"])
+                         + f" | tokens as transformers' {record['same_tokens_as_hf']:.1%}")
+            print(line + f" (load {load[0]:.1f} -> {load[1]:.1f})", flush=True)
+            results.append(record)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config, "prompt_tokens": args.prompt_tokens,
+                                               "new_tokens": args.new_tokens, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

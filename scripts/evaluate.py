@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpt2_common.cli import add_checkpoint_arguments  # noqa: E402
+from gpt2_common.cli import add_checkpoint_arguments, path_arg  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 
 
@@ -33,15 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1])
     add_checkpoint_arguments(parser, "scores")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--shards", metavar="DIR|GLOB", help="validation loss over token shards")
-    what.add_argument("--text", metavar="FILE", help="sliding-window perplexity of a UTF-8 text file")
-    what.add_argument("--hellaswag", metavar="FILE", help="HellaSwag accuracy over a JSONL file")
+    what.add_argument("--shards", type=path_arg, metavar="DIR|GLOB", help="validation loss over token shards")
+    what.add_argument("--text", type=path_arg, metavar="FILE", help="sliding-window perplexity of a UTF-8 text file")
+    what.add_argument("--hellaswag", type=path_arg, metavar="FILE", help="HellaSwag accuracy over a JSONL file")
     parser.add_argument("--stride", type=int, default=None, help="--text: how far each window advances "
                         "(default: half of block_size)")
     parser.add_argument("--batch-size", type=int, default=8, help="--shards: sequences per batch "
                         "(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=0, help="--shards: batches to score; 0: all "
                         "(default: %(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: faster where the "
+                        "hardware computes in bfloat16, not bit-identical to fp32 (docs/benchmarks.md has the "
+                        "difference) (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
 
@@ -54,7 +57,7 @@ def shard_paths(pattern: str) -> list[Path]:
         val = sorted(glob.glob(os.path.join(pattern, "val_*.bin")) + glob.glob(os.path.join(pattern, "val_*.npy")))
         if val:
             return [Path(p) for p in val]
-    return find_shards(pattern, "validation")
+    return find_shards(pattern, "validation", setting="--shards")
 
 
 def shards_loss(pattern: str, block_size: int, vocab_size: int, batch_size: int, steps: int, token_nll) -> dict:
@@ -78,7 +81,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     config, weights = read_canonical(args.checkpoint)
     model = config.model
-    token_nll = importlib.import_module(f"gpt2_{args.framework}.evaluate").token_nll_fn(config, weights)
+    token_nll = importlib.import_module(f"gpt2_{args.framework}.evaluate").token_nll_fn(config, weights,
+                                                                                       precision=args.precision)
     if args.shards:
         result = shards_loss(args.shards, model.block_size, model.vocab_size, args.batch_size, args.steps, token_nll)
     elif args.text:
@@ -86,7 +90,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         result = {**evaluation.text_perplexity(args.text, model.block_size, stride, token_nll), "stride": stride}
     else:
         result = evaluation.hellaswag_accuracy(evaluation.read_hellaswag(args.hellaswag), model.block_size, token_nll)
-    return {"checkpoint": args.checkpoint, "framework": args.framework, **result}
+    return {"checkpoint": args.checkpoint, "framework": args.framework, "precision": args.precision, **result}
 
 
 def summary(result: dict) -> str:

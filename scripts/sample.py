@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--num-samples", type=int, default=1, help="completions, generated as one batch "
                         "(default: %(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: faster where the "
+                        "hardware computes in bfloat16, but not token-identical to fp32 (docs/benchmarks.md has "
+                        "the agreement) (default: %(default)s)")
     return parser
 
 
@@ -73,7 +76,8 @@ def completions(args: argparse.Namespace) -> list[str]:
         raise UserError(f"the prompt's GPT-2 tokens go up to id {max(prompt)}, but this model's vocabulary has only "
                         f"{vocab} tokens; it was not trained on GPT-2 tokens")
     stop = EOT_TOKEN if vocab > EOT_TOKEN else None
-    generate = importlib.import_module(f"gpt2_{args.framework}.sample").make_generate(config, weights)
+    generate = importlib.import_module(f"gpt2_{args.framework}.sample").make_generate(config, weights,
+                                                                                     precision=args.precision)
     out = generate([prompt] * args.num_samples, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token=stop)
     texts = []

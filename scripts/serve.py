@@ -16,14 +16,16 @@ from gpt2_common.cli import add_checkpoint_arguments  # noqa: E402
 from gpt2_common.errors import run_cli  # noqa: E402
 
 
-def build(checkpoint: str, framework: str):
-    """The page's app for a checkpoint of any form (JAX, PyTorch or Hugging Face), sampled by `framework`."""
+def build(checkpoint: str, framework: str, precision: str = "fp32"):
+    """The page's app for a checkpoint of any form (JAX, PyTorch or Hugging Face), sampled by `framework` in
+    `precision` (fp32 or bf16). JAX compiles the first cache span here (prompt and completion within 64 tokens);
+    a longer one compiles its next span on first use."""
     from gpt2_common.webapp import SampleOptions, build_app
     from gpt2_formats import read_canonical
 
     config, weights = read_canonical(checkpoint)
     sample = importlib.import_module(f"gpt2_{framework}.sample")
-    stream = sample.make_stream(config, weights)
+    stream = sample.make_stream(config, weights, precision=precision)
     for _ in stream([0], SampleOptions(max_new_tokens=2, temperature=0.0)):  # compile now, not on the first visit
         pass
     return build_app(stream, config.model.block_size, title=f"GPT-2 · {Path(checkpoint).name} · {framework}")
@@ -35,6 +37,8 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 keeps the page local "
                         "(default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: faster where the "
+                        "hardware computes in bfloat16, not token-identical to fp32 (default: %(default)s)")
     args = parser.parse_args()
 
     import uvicorn
@@ -42,7 +46,7 @@ def main() -> None:
     from gpt2_common.webapp import only_served_hosts
 
     # only requests addressed to this server by name (127.0.0.1, localhost, --host) are answered: no DNS rebinding
-    app = only_served_hosts(build(args.checkpoint, args.framework), args.host, args.port)
+    app = only_served_hosts(build(args.checkpoint, args.framework, args.precision), args.host, args.port)
     print(f"serving {args.checkpoint} ({args.framework}) at http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

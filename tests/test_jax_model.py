@@ -16,7 +16,7 @@ from gpt2_common.config import ModelConfig
 from gpt2_common.errors import UserError
 from gpt2_common.flops import num_params
 from gpt2_jax.model import QKVDense, attention_implementation, build_model, cross_entropy
-from gpt2_jax.sample import _generate, generate, sample_next
+from gpt2_jax.sample import _decode_loop, generate, sample_next
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)  # padded to 128
 
@@ -189,7 +189,7 @@ def test_sampling_never_picks_padded_ids_and_top_k_1_is_greedy():
 def test_greedy_generation_matches_a_plain_loop_and_compiles_once():
     model, params = init()
     prompt = [5, 17, 3, 99, 42, 8, 1, 2, 3, 4, 5, 6, 7]  # 13 tokens: the 16-token buffer fills and slides
-    out = generate(model, params, prompt, 6, temperature=0.0, top_k=5)  # top-k does not change the argmax
+    out = generate(model, params, [prompt], 6, temperature=0.0, top_k=5)  # top-k does not change the argmax
     tokens = list(prompt)
     for _ in range(6):  # nanoGPT's loop: crop to block_size, run, take the last position's argmax
         context = np.zeros((1, CFG.block_size), np.int32)  # right-padded to one shape: one compile; causal
@@ -198,8 +198,8 @@ def test_greedy_generation_matches_a_plain_loop_and_compiles_once():
         logits = apply(model, params, context)[0, len(window) - 1]
         tokens.append(int(jnp.argmax(logits[:100])))
     assert out.tolist() == [tokens[len(prompt):]]
-    before = _generate._cache_size()
-    other = generate(model, params, [1, 2], 6, temperature=0.8, top_k=5, seed=1)
-    generate(model, params, [9, 9, 9, 9, 9], 6, temperature=0.5, top_k=5, seed=2)
-    assert _generate._cache_size() == before  # neither the prompt nor the temperature recompiles
+    before = _decode_loop._cache_size()
+    other = generate(model, params, [[1, 2]], 6, temperature=0.8, top_k=5, seed=1)
+    generate(model, params, [[9, 9, 9, 9, 9]], 6, temperature=0.5, top_k=5, seed=2)
+    assert _decode_loop._cache_size() == before  # neither the prompt nor the temperature recompiles
     assert other.shape == (1, 6) and other.max() < 100

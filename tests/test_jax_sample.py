@@ -52,29 +52,29 @@ def plain_greedy(model, params, prompt, new_tokens):
 def test_cached_generation_equals_uncached_and_nanogpt_loop_across_block_size():
     model, params = tiny()
     new = NEW
-    cached = sample.generate_batch(model, params, PROMPTS, new, temperature=0.0)
-    uncached = sample.generate_batch(model, params, PROMPTS, new, temperature=0.0, use_cache=False)
+    cached = sample.generate(model, params, PROMPTS, new, temperature=0.0)
+    uncached = sample.generate(model, params, PROMPTS, new, temperature=0.0, use_cache=False)
     expected = [plain_greedy(model, params, p, new) for p in PROMPTS]
     assert cached.tolist() == expected
     assert uncached.tolist() == expected
     assert len({tuple(row) for row in expected}) == 3  # the rows differ: each row decodes its own prompt
     # a row alone gives what it gives in the batch
-    assert sample.generate(model, params, PROMPTS[2], new, temperature=0.0).tolist() == [expected[2]]
+    assert sample.generate(model, params, [PROMPTS[2]], new, temperature=0.0).tolist() == [expected[2]]
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     model, params = tiny()
     kwargs = dict(temperature=1.0, top_k=0, top_p=1.0)
-    first = sample.generate_batch(model, params, PROMPTS, NEW, seed=1, **kwargs)
-    assert np.array_equal(first, sample.generate_batch(model, params, PROMPTS, NEW, seed=1, **kwargs))
-    assert not np.array_equal(first, sample.generate_batch(model, params, PROMPTS, NEW, seed=2, **kwargs))
-    greedy = sample.generate_batch(model, params, PROMPTS, NEW, temperature=0.0)
+    first = sample.generate(model, params, PROMPTS, NEW, seed=1, **kwargs)
+    assert np.array_equal(first, sample.generate(model, params, PROMPTS, NEW, seed=1, **kwargs))
+    assert not np.array_equal(first, sample.generate(model, params, PROMPTS, NEW, seed=2, **kwargs))
+    greedy = sample.generate(model, params, PROMPTS, NEW, temperature=0.0)
     assert not np.array_equal(first, greedy)
-    top1 = sample.generate_batch(model, params, PROMPTS, NEW, temperature=1.5, top_k=1, seed=3)
-    tiny_nucleus = sample.generate_batch(model, params, PROMPTS, NEW, temperature=1.5, top_p=1e-6, seed=3)
+    top1 = sample.generate(model, params, PROMPTS, NEW, temperature=1.5, top_k=1, seed=3)
+    tiny_nucleus = sample.generate(model, params, PROMPTS, NEW, temperature=1.5, top_p=1e-6, seed=3)
     assert np.array_equal(top1, greedy) and np.array_equal(tiny_nucleus, greedy)
-    # num_samples rows of one prompt draw different continuations
-    rows = sample.generate(model, params, PROMPTS[1], NEW, temperature=1.0, top_k=0, num_samples=3, seed=0)
+    # rows of one prompt draw different continuations
+    rows = sample.generate(model, params, [PROMPTS[1]] * 3, NEW, temperature=1.0, seed=0)
     assert len({tuple(r) for r in rows.tolist()}) > 1
 
 
@@ -99,32 +99,42 @@ def test_padded_ids_are_never_drawn():
     logits = apply(model, params, np.array([PROMPTS[0]], np.int32))
     assert np.argmax(logits[0, -1]) >= CFG.vocab_size  # the test has teeth
     for use_cache in (True, False):
-        drawn = sample.generate_batch(model, params, PROMPTS, NEW, temperature=2.0, top_k=0, use_cache=use_cache)
+        drawn = sample.generate(model, params, PROMPTS, NEW, temperature=2.0, top_k=0, use_cache=use_cache)
         assert drawn.max() < CFG.vocab_size
 
 
 def test_stop_token_ends_a_row_and_the_stream_equals_the_loop():
     model, params = tiny()
-    greedy = sample.generate_batch(model, params, PROMPTS, NEW, temperature=0.0)[0].tolist()
+    greedy = sample.generate(model, params, PROMPTS, NEW, temperature=0.0)[0].tolist()
     stop = greedy[4]
     first = greedy.index(stop)
-    stopped = sample.generate_batch(model, params, PROMPTS, NEW, temperature=0.0, stop_token=stop)[0].tolist()
+    stopped = sample.generate(model, params, PROMPTS, NEW, temperature=0.0, stop_token=stop)[0].tolist()
     assert stopped == greedy[:first + 1] + [stop] * (NEW - 1 - first)  # the stop token, then padding with it
     assert list(sample.token_stream(model, params, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == \
         greedy[:first]  # the stream ends before the stop token
     for kwargs in (dict(temperature=0.9, top_k=20, top_p=0.9, seed=4), dict(temperature=0.0, top_k=0)):
         streamed = list(sample.token_stream(model, params, PROMPTS[0], NEW, stop_token=None, **kwargs))
-        assert streamed == sample.generate(model, params, PROMPTS[0], NEW, **kwargs)[0].tolist()
+        assert streamed == sample.generate(model, params, [PROMPTS[0]], NEW, **kwargs)[0].tolist()
 
 
-def test_one_compile_for_any_prompt_and_settings():
+def test_plan_reads_the_cache_by_spans_and_crops_past_block_size():
+    assert sample.cache_span(1, 1024) == 64 and sample.cache_span(65, 1024) == 128 and sample.cache_span(9, 16) == 16
+    assert sample.plan(16, 1024, 48) == [sample.Segment(0, 48, 64, True)]
+    assert sample.plan(60, 1024, 10) == [sample.Segment(0, 5, 64, True), sample.Segment(5, 10, 128, True)]
+    # block_size 16: the 13-token prompt fills its window at step 3, the last cached one; then the whole window
+    assert sample.plan(13, 16, 6) == [sample.Segment(0, 4, 16, True), sample.Segment(4, 6, 16, False)]
+    assert sample.plan(13, 16, 6, use_cache=False) == [sample.Segment(0, 6, 16, False)]
+
+
+def test_one_compile_per_span_for_any_prompt_and_settings():
     model, params = tiny()
-    sample.generate_batch(model, params, [[1]], NEW, temperature=0.0)
-    list(sample.token_stream(model, params, [1], 3, temperature=0.0))
-    compiled = sample._generate._cache_size(), sample._decode_step._cache_size(), sample._prefill._cache_size()
-    sample.generate_batch(model, params, [list(range(15))], NEW, temperature=0.7, top_k=5, top_p=0.5, seed=9)
-    list(sample.token_stream(model, params, list(range(40)), 4, temperature=1.3, top_k=3, top_p=0.8, seed=1))
-    assert (sample._generate._cache_size(), sample._decode_step._cache_size(),
+    sample.generate(model, params, [[1]], NEW, temperature=0.0)
+    list(sample.token_stream(model, params, [1], NEW, temperature=0.0))
+    compiled = (sample._start._cache_size(), sample._decode_loop._cache_size(), sample._decode_step._cache_size(),
+                sample._prefill._cache_size())
+    sample.generate(model, params, [list(range(15))], NEW, temperature=0.7, top_k=5, top_p=0.5, seed=9)
+    list(sample.token_stream(model, params, list(range(40)), NEW, temperature=1.3, top_k=3, top_p=0.8, seed=1))
+    assert (sample._start._cache_size(), sample._decode_loop._cache_size(), sample._decode_step._cache_size(),
             sample._prefill._cache_size()) == compiled
 
 
@@ -139,7 +149,12 @@ def test_make_stream_serves_the_web_page():
     assert sample.make_generate(config, weights)([PROMPTS[2]], NEW, temperature=0.0).tolist() == [expected]
 
 
+def test_sample_text_includes_the_prompt():
+    model, params = tiny()  # a toy vocabulary: the prompt falls back to token 0
+    assert isinstance(sample.sample_text(model, params, max_new_tokens=5), str)
+
+
 def test_empty_prompt_is_refused():
     model, params = tiny()
     with pytest.raises(ValueError, match="at least one token"):
-        sample.generate_batch(model, params, [[1], []], 4)
+        sample.generate(model, params, [[1], []], 4)

@@ -50,30 +50,28 @@ def plain_greedy(model, prompt, new_tokens):
 
 def test_cached_generation_equals_uncached_and_nanogpt_loop_across_block_size():
     model = tiny()
-    cached = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0)
-    uncached = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0, use_cache=False)
+    cached = sample.generate(model, PROMPTS, NEW, temperature=0.0)
+    uncached = sample.generate(model, PROMPTS, NEW, temperature=0.0, use_cache=False)
     expected = [plain_greedy(model, p, NEW) for p in PROMPTS]
     assert cached.tolist() == expected
     assert uncached.tolist() == expected
     assert len({tuple(row) for row in expected}) == 3  # the rows differ: each row decodes its own prompt
-    assert sample.generate_batch(model, [PROMPTS[2]], NEW, temperature=0.0).tolist() == [expected[2]]
-    # nanoGPT's interface: equal-length prompts as a tensor, returned with the continuation
-    idx = torch.tensor([PROMPTS[2], PROMPTS[2]])
-    assert sample.generate(model, idx, NEW, temperature=0).tolist() == [PROMPTS[2] + expected[2]] * 2
+    assert sample.generate(model, [PROMPTS[2]], NEW, temperature=0.0).tolist() == [expected[2]]
+    assert model.training is False and sample.generate(model, [PROMPTS[2]], NEW, temperature=0.0).dtype == np.int32
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     model = tiny()
     kwargs = dict(temperature=1.0, top_k=0, top_p=1.0)
-    first = sample.generate_batch(model, PROMPTS, NEW, seed=1, **kwargs)
-    assert np.array_equal(first, sample.generate_batch(model, PROMPTS, NEW, seed=1, **kwargs))
-    assert not np.array_equal(first, sample.generate_batch(model, PROMPTS, NEW, seed=2, **kwargs))
-    greedy = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0)
+    first = sample.generate(model, PROMPTS, NEW, seed=1, **kwargs)
+    assert np.array_equal(first, sample.generate(model, PROMPTS, NEW, seed=1, **kwargs))
+    assert not np.array_equal(first, sample.generate(model, PROMPTS, NEW, seed=2, **kwargs))
+    greedy = sample.generate(model, PROMPTS, NEW, temperature=0.0)
     assert not np.array_equal(first, greedy)
-    top1 = sample.generate_batch(model, PROMPTS, NEW, temperature=1.5, top_k=1, seed=3)
-    tiny_nucleus = sample.generate_batch(model, PROMPTS, NEW, temperature=1.5, top_p=1e-6, seed=3)
+    top1 = sample.generate(model, PROMPTS, NEW, temperature=1.5, top_k=1, seed=3)
+    tiny_nucleus = sample.generate(model, PROMPTS, NEW, temperature=1.5, top_p=1e-6, seed=3)
     assert np.array_equal(top1, greedy) and np.array_equal(tiny_nucleus, greedy)
-    rows = sample.generate_batch(model, [PROMPTS[1]] * 3, NEW, temperature=1.0, seed=0)
+    rows = sample.generate(model, [PROMPTS[1]] * 3, NEW, temperature=1.0, seed=0)
     assert len({tuple(r) for r in rows.tolist()}) > 1
 
 
@@ -99,21 +97,21 @@ def test_padded_ids_are_never_drawn():
                                                                            CFG.n_embd)
         assert model(torch.tensor([PROMPTS[0]]))[0, -1].argmax() >= CFG.vocab_size  # the test has teeth
     for use_cache in (True, False):
-        drawn = sample.generate_batch(model, PROMPTS, NEW, temperature=2.0, top_k=0, use_cache=use_cache)
+        drawn = sample.generate(model, PROMPTS, NEW, temperature=2.0, top_k=0, use_cache=use_cache)
         assert drawn.max() < CFG.vocab_size
 
 
 def test_stop_token_ends_a_row_and_the_stream_equals_the_loop():
     model = tiny()
-    greedy = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0)[0].tolist()
+    greedy = sample.generate(model, PROMPTS, NEW, temperature=0.0)[0].tolist()
     stop = greedy[4]
     first = greedy.index(stop)
-    stopped = sample.generate_batch(model, PROMPTS, NEW, temperature=0.0, stop_token=stop)[0].tolist()
+    stopped = sample.generate(model, PROMPTS, NEW, temperature=0.0, stop_token=stop)[0].tolist()
     assert stopped == greedy[:first + 1] + [stop] * (NEW - 1 - first)  # the stop token, then padding with it
     assert list(sample.token_stream(model, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == greedy[:first]
     for kwargs in (dict(temperature=0.9, top_k=20, top_p=0.9, seed=4), dict(temperature=0.0, top_k=0)):
         streamed = list(sample.token_stream(model, PROMPTS[0], NEW, stop_token=None, **kwargs))
-        assert streamed == sample.generate_batch(model, [PROMPTS[0]], NEW, **kwargs)[0].tolist()
+        assert streamed == sample.generate(model, [PROMPTS[0]], NEW, **kwargs)[0].tolist()
 
 
 def test_make_stream_serves_the_web_page():
@@ -129,5 +127,8 @@ def test_make_stream_serves_the_web_page():
 def test_sample_text_and_empty_prompt():
     model = tiny()
     assert isinstance(sample.sample_text(model, max_new_tokens=5), str)  # the trainers' end-of-run sample
+    model.train()  # a trainer's model: generation runs it in eval mode and gives it back in training mode
+    assert sample.generate(model, [PROMPTS[0]], 4, temperature=0.0).shape == (1, 4) and model.training
+    model.eval()
     with pytest.raises(ValueError, match="at least one token"):
-        sample.generate_batch(model, [[1], []], 4)
+        sample.generate(model, [[1], []], 4)
