@@ -24,6 +24,9 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
+# A target the loss skips (torch's ignore_index): instruction prompts, padding, context already scored. Both
+# frameworks' losses and the evaluation recipes compare targets with this one value.
+IGNORE_INDEX = -1
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_common.data import EpochOrder
+from gpt2_common.data import IGNORE_INDEX, EpochOrder
 from gpt2_common.errors import UserError
 from gpt2_common.tokenizer import EOT_TOKEN, get_tokenizer
 
-IGNORE = -1
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -112,7 +111,7 @@ def build_rows(records: list[dict], seq_len: int, pack: bool) -> tuple[np.ndarra
             window[row, :len(t[:seq_len + 1])] = t[:seq_len + 1]
             window_learn[row, :len(m[:seq_len + 1])] = m[:seq_len + 1]
     inputs = window[:, :-1]
-    targets = np.where(window_learn[:, 1:], window[:, 1:], IGNORE).astype(np.int32)
+    targets = np.where(window_learn[:, 1:], window[:, 1:], IGNORE_INDEX).astype(np.int32)
     return inputs, targets
 
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gpt2_common.data import IGNORE_INDEX
+
 
 # The embedding gradient's per-device shares [S, V, C]: the share axis over the devices of the batch, the
 # vocabulary as the logits split it (over tensor), the width whole.
@@ -35,8 +37,8 @@ def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, vocab_size: int) -> jax.Array:
-    """Mean fp32 cross-entropy over the positions whose target is not -1 (-1 marks positions to ignore)."""
-    valid = targets != -1
+    """Mean fp32 cross-entropy over the positions whose target is not IGNORE_INDEX (-1: positions to ignore)."""
+    valid = targets != IGNORE_INDEX
     losses = optax.losses.softmax_cross_entropy_with_integer_labels(
         mask_padded_vocab(logits.astype(jnp.float32), vocab_size),
         jnp.where(valid, targets, 0),  # any in-range id: an ignored position's loss is zeroed below
@@ -46,7 +48,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, vocab_size: int) -> jax
 
 def fused_cross_entropy(x: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_size: int, chunk_size: int,
                         dtype: Any, keep_exp: bool = False) -> jax.Array:
-    """Mean fp32 cross-entropy of targets [B, T] (-1: ignored) under logits x @ embedding.T, computed chunk by chunk.
+    """Mean fp32 cross-entropy of targets [B, T] (IGNORE_INDEX: skipped) under logits x @ embedding.T, by chunks.
 
     x: the final hidden states [B, T, C] in the compute dtype; embedding: the fp32 token embedding [V_padded, C],
     cast to dtype for the matmuls as the plain head casts it; ids >= vocab_size (the padding) never take probability.
@@ -64,7 +66,7 @@ def _chunked(x: jax.Array, targets: jax.Array, chunk_size: int) -> tuple[jax.Arr
     n = -(-T // chunk_size)
     pad = n * chunk_size - T
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=-1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
     return (x.reshape(B, n, chunk_size, C).swapaxes(0, 1), targets.reshape(B, n, chunk_size).swapaxes(0, 1))
 
 
@@ -77,7 +79,7 @@ def _chunk_logits(x: jax.Array, w: jax.Array, vocab_size: int) -> jax.Array:
 def _chunk_nll(logits: jax.Array, targets: jax.Array,
                lse: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(NLL of each row's valid positions [B], logsumexp [B, chunk], valid mask [B, chunk]); `lse` if known."""
-    valid = targets != -1
+    valid = targets != IGNORE_INDEX
     lse = jax.nn.logsumexp(logits, axis=-1) if lse is None else lse
     target_logit = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, lse - target_logit, 0.0), axis=-1), lse, valid
@@ -117,7 +119,7 @@ def _loss(x, embedding, targets, vocab_size, chunk_size, dtype):
 
     # A total per row stays on its row's device: the rows are summed once, after the last chunk.
     row_totals, _ = jax.lax.scan(add_chunk, jnp.zeros(x.shape[0], jnp.float32), (xs, ts))
-    return jnp.sum(row_totals) / jnp.maximum(jnp.sum(targets != -1), 1)
+    return jnp.sum(row_totals) / jnp.maximum(jnp.sum(targets != IGNORE_INDEX), 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -140,7 +142,7 @@ def _fused_forward(x, embedding, targets, vocab_size, chunk_size, dtype, keep_ex
     """
     B, T, C = x.shape
     w = embedding.astype(dtype)
-    count = jnp.maximum(jnp.sum(targets != -1), 1).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(targets != IGNORE_INDEX), 1).astype(jnp.float32)
     xs, ts = _chunked(x, targets, chunk_size)
     shards = _batch_shards()
 
@@ -153,7 +155,7 @@ def _fused_forward(x, embedding, targets, vocab_size, chunk_size, dtype, keep_ex
         x_c, t_c = chunk
         logits = _chunk_logits(x_c, w, vocab_size)
         nll, softmax, valid = _chunk_nll_and_softmax(logits, t_c, keep_exp)
-        one_hot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)  # all zero at t = -1
+        one_hot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)  # all zero at t = IGNORE_INDEX
         dlogits = jnp.where(valid[..., None], softmax - one_hot, 0.0).astype(dtype)
         dx_c = jnp.dot(dlogits, w, preferred_element_type=jnp.float32)
         dw_c = jnp.einsum("srv,src->svc", by_shard(dlogits), by_shard(x_c), preferred_element_type=jnp.float32)

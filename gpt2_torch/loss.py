@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gpt2_common.data import IGNORE_INDEX
+
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """-inf on the ids the embedding was padded with (>= vocab_size), so that they never take probability."""
@@ -23,20 +25,20 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Mean fp32 cross-entropy over the positions whose target is not -1 (-1 marks positions to ignore).
+    """Mean fp32 cross-entropy over the positions whose target is not IGNORE_INDEX (-1: positions to ignore).
 
     Summed and divided by the count (at least 1) rather than reduction="mean", so that a batch with every target
     ignored gives 0 as on the JAX side, not nan.
     """
     logits = mask_padded_vocab(logits.float(), vocab_size)
     targets = targets.reshape(-1).long()
-    total = F.cross_entropy(logits.view(-1, logits.size(-1)), targets, ignore_index=-1, reduction="sum")
-    return total / (targets != -1).sum().clamp(min=1)
+    total = F.cross_entropy(logits.view(-1, logits.size(-1)), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def fused_cross_entropy(x: torch.Tensor, embedding: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                         chunk_size: int) -> torch.Tensor:
-    """Mean fp32 cross-entropy of targets [B, T] (-1: ignored) under logits x @ embedding.T, computed chunk by chunk.
+    """Mean fp32 cross-entropy of targets [B, T] (IGNORE_INDEX: skipped) under logits x @ embedding.T, by chunks.
 
     x: the final hidden states [B, T, C]; embedding: the fp32 token embedding [V_padded, C]. The matmuls run in the
     autocast dtype when autocast is on (as the plain head's would), else in x's dtype; ids >= vocab_size (the
@@ -58,7 +60,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         """
         B, T, C = x.shape
         w = embedding.to(x.dtype)
-        valid = targets != -1
+        valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1).float()
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=x.device)

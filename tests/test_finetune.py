@@ -11,7 +11,8 @@ import torch
 
 from gpt2_common import weights as canonical
 from gpt2_common.config import ModelConfig
-from gpt2_common.instruct import IGNORE, build_rows, encode_example
+from gpt2_common.data import IGNORE_INDEX
+from gpt2_common.instruct import build_rows, encode_example
 from gpt2_jax.model import GPT as JaxGPT
 from gpt2_jax.model import cross_entropy as jax_cross_entropy
 from gpt2_jax.weights import from_canonical as jax_from_canonical
@@ -33,9 +34,9 @@ def rows():
     for row, record in enumerate(RECORDS):
         tokens, learn = encode_example(record)
         prompt = int((~learn).sum())
-        assert (targets[row, :prompt - 1] == IGNORE).all()  # predicting a prompt token: nothing to learn
+        assert (targets[row, :prompt - 1] == IGNORE_INDEX).all()  # predicting a prompt token: nothing to learn
         assert targets[row, prompt - 1:len(tokens) - 1].tolist() == tokens[prompt:].tolist()  # the response + EOT
-        assert (targets[row, len(tokens) - 1:] == IGNORE).all()
+        assert (targets[row, len(tokens) - 1:] == IGNORE_INDEX).all()
     return inputs, targets
 
 
@@ -50,7 +51,7 @@ def hand_loss(logits: np.ndarray, targets: np.ndarray) -> float:
     """Mean over the learned positions of -log softmax(logits over the real vocabulary)[target], in float64."""
     logits = logits[..., :MODEL.vocab_size].astype(np.float64)
     total, count = 0.0, 0
-    for b, t in zip(*np.nonzero(targets != IGNORE)):
+    for b, t in zip(*np.nonzero(targets != IGNORE_INDEX)):
         row = logits[b, t]
         log_z = row.max() + np.log(np.exp(row - row.max()).sum())
         total += log_z - row[targets[b, t]]
@@ -89,7 +90,7 @@ def test_prompt_positions_contribute_nothing_and_the_loss_is_the_responses(frame
     logits = (torch_logits() if framework == "torch" else jax_logits()).copy()
     loss_and_grad = torch_loss_and_grad if framework == "torch" else jax_loss_and_grad
     _, targets = rows()
-    prompt = targets == IGNORE
+    prompt = targets == IGNORE_INDEX
     assert prompt.any() and (~prompt).any()
 
     loss, grad = loss_and_grad(logits, targets)

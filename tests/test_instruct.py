@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from gpt2_common.config import load_config
+from gpt2_common.data import IGNORE_INDEX
 from gpt2_common.errors import UserError
-from gpt2_common.instruct import IGNORE, InstructLoader, build_rows, encode_example, format_prompt, read_records
+from gpt2_common.instruct import InstructLoader, build_rows, encode_example, format_prompt, read_records
 from gpt2_common.loaders import open_loaders
 from gpt2_common.tokenizer import EOT_TOKEN, get_tokenizer
 
@@ -33,14 +34,14 @@ def test_only_the_response_and_eot_are_learned():
 def test_targets_hide_the_prompt(pack):
     inputs, targets = build_rows(RECORDS * 4, 48, pack)
     assert inputs.shape[1] == targets.shape[1] == 48
-    learned = targets[targets != IGNORE]
+    learned = targets[targets != IGNORE_INDEX]
     text = get_tokenizer().decode(learned.tolist())
     assert "Instruction" not in text and "Blue." in text and "Hi there!" in text
     if not pack:  # padded rows: the first example's row, target by target
         tokens, learn = encode_example(RECORDS[0])
-        expected = np.where(learn[1:], tokens[1:], IGNORE)
+        expected = np.where(learn[1:], tokens[1:], IGNORE_INDEX)
         np.testing.assert_array_equal(targets[0, :len(expected)], expected)
-        assert (targets[0, len(expected):] == IGNORE).all() and (inputs[0, len(tokens):] == EOT_TOKEN).all()
+        assert (targets[0, len(expected):] == IGNORE_INDEX).all() and (inputs[0, len(tokens):] == EOT_TOKEN).all()
 
 
 def test_json_array_and_jsonl(tmp_path):
