@@ -22,7 +22,14 @@ def current_umask() -> int:
 
 
 def share_like_open(path: str | os.PathLike) -> None:
-    """Gives a file or directory made by tempfile the mode that open() (0666) or os.mkdir() (0777) gives under the
-    umask, so that shards, checkpoints and exported weights are as readable as any other file the user writes."""
-    base = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, base & ~current_umask())
+    """Gives a file or directory made by tempfile (and, for a directory, everything in it: some writers, such as
+    safetensors, create private files too) the mode that open() (0666) or os.mkdir() (0777) gives under the umask,
+    so that shards, checkpoints and exported weights are as readable as any other file the user writes."""
+    mask = current_umask()
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
