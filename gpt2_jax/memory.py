@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from gpt2_common.config import Config
 from gpt2_jax import sharding
 from gpt2_jax.model import build_model
 from gpt2_jax.optim import build_optimizer
-from gpt2_jax.step import build_trainer
+from gpt2_jax.step import Trainer, build_trainer, compile_on_zeros
 
 
 @dataclass(frozen=True)
@@ -78,32 +77,33 @@ def plan(config: Config, data: int, fsdp: int, tensor: int = 1) -> MemoryPlan:
     return MemoryPlan(param_bytes, param_bytes, opt_bytes, activation_bytes(config, rows, tensor))
 
 
-def unsharded_state_bytes(config: Config) -> int:
-    """Parameters + gradients + optimizer state of the whole model: what one device of pure data parallel holds."""
-    p = plan(config, 1, 1)
-    return p.params + p.grads + p.opt_state
-
-
-
 @dataclass(frozen=True)
 class CompiledStepBytes:
     """XLA's own accounting of one device's buffers in the compiled train_step (jax's memory_analysis)."""
 
     arguments: int  # the state and the batch
     outputs: int  # the new state (donated: it reuses the arguments' buffers) and the metrics
+    aliased: int  # outputs that reuse an argument's buffer (the donated state)
     temp: int  # everything else the step allocates: activations, gradients, the optimizer's temporaries
 
+    @property
+    def peak(self) -> int:
+        """What the step holds at once: its arguments, its outputs less those that reuse an argument's buffer, and
+        its temporaries."""
+        return self.arguments + self.outputs - self.aliased + self.temp
 
-def compiled_step_bytes(config: Config, mesh: jax.sharding.Mesh) -> CompiledStepBytes:
-    """Compiles (does not run) the trainer's step for `config` on `mesh` and reads the compiler's buffer sizes.
+
+def step_bytes(trainer: Trainer) -> CompiledStepBytes:
+    """The compiler's buffer sizes for a trainer's step (compiled, not run).
 
     This is the compiler's word for the backend it compiles for: on a CPU, attention is XLA's and keeps the T x T
     scores that cuDNN's flash attention on a GPU does not, so a CPU's figure overstates a GPU's.
     """
-    trainer = build_trainer(config, mesh)
-    t, T = config.train, config.model.block_size
-    zeros = np.zeros((t.micro_batch_size, T), np.int32)  # the batch's values do not change what is compiled
-    batch = trainer.step_batches([(zeros, zeros)] * t.grad_accum_steps)[0]
-    analysis = trainer.train_step.lower(trainer.abstract_state, batch).compile().memory_analysis()
+    analysis = compile_on_zeros(trainer).memory_analysis()
     return CompiledStepBytes(analysis.argument_size_in_bytes, analysis.output_size_in_bytes,
-                             analysis.temp_size_in_bytes)
+                             analysis.alias_size_in_bytes, analysis.temp_size_in_bytes)
+
+
+def compiled_step_bytes(config: Config, mesh: jax.sharding.Mesh) -> CompiledStepBytes:
+    """step_bytes of the trainer that `config` builds on `mesh`."""
+    return step_bytes(build_trainer(config, mesh))

@@ -24,6 +24,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from gpt2_common.config import Config, TrainConfig, check_divides
+from gpt2_common.data import IGNORE_INDEX
 from gpt2_common.errors import UserError
 from gpt2_jax import sharding
 from gpt2_jax.model import GPT, build_model
@@ -98,10 +99,10 @@ def train_step_scan(state: TrainState, batch: tuple[jax.Array, jax.Array], *, mo
         replicas = mesh.shape["data"]
         # A micro-batch's loss is the mean over all of its positions, so each replica's mean over its own rows is
         # weighted by their share of those positions: the replicas' shares add up to the micro-batch's mean.
-        counts = jnp.sum(targets != -1, axis=(1, 2))
+        counts = jnp.sum(targets != IGNORE_INDEX, axis=(1, 2))
 
         def replica_loss_and_grads(x, y, replica, k, count):
-            weight = jnp.sum(y != -1) / jnp.maximum(count, 1)
+            weight = jnp.sum(y != IGNORE_INDEX) / jnp.maximum(count, 1)
             with sharding.replica_rules():
                 return loss_and_grads(state, x, y, state.step * accum + k, model,
                                       replica=replica if replicas > 1 else None, weight=weight)
@@ -245,3 +246,13 @@ def build_trainer(config: Config, mesh: Mesh) -> Trainer:
         return init_given(rng, jax.device_put(params, param_shardings))
 
     return Trainer(config, mesh, model, optimizer, abstract_state, state_shardings, micro, init, train_step, eval_fn)
+
+
+def compile_on_zeros(trainer: Trainer) -> jax.stages.Compiled:
+    """The trainer's train_step compiled (not run) for its abstract state and a step's first batch of zeros: what
+    the compiler makes of the step depends on shapes and shardings, not on values. Read by the memory plan (buffer
+    sizes), the collectives and the profile (HLO text) and the benchmark (a variant's own bytes)."""
+    t = trainer.config.train
+    zeros = np.zeros((t.micro_batch_size, trainer.config.model.block_size), np.int32)
+    batch = trainer.step_batches([(zeros, zeros)] * t.grad_accum_steps)[0]
+    return trainer.train_step.lower(trainer.abstract_state, batch).compile()

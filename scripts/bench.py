@@ -31,21 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from gpt2_common.bench import interleaved_step_times, random_micro_batches  # noqa: E402
 from gpt2_common.cli import add_config_arguments, path_arg  # noqa: E402
 from gpt2_common.config import load_config  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 from gpt2_common.flops import flops_per_token, peak_flops  # noqa: E402
 
 FRAMEWORKS = ("jax", "torch", "nanogpt")
-
-
-def random_micro_batches(config, rng):
-    """accum micro-batches of random token ids: the step's speed does not depend on which tokens they are."""
-    m, t = config.model, config.train
-    shape = (t.micro_batch_size, m.block_size)
-    return [(rng.integers(0, m.vocab_size, shape, dtype=np.int32), rng.integers(0, m.vocab_size, shape,
-                                                                               dtype=np.int32))
-            for _ in range(t.grad_accum_steps)]
 
 
 def measured_cpu_peak(seconds: float = 1.0) -> float:
@@ -62,88 +54,13 @@ def measured_cpu_peak(seconds: float = 1.0) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - start)
 
 
-class JaxStepper:
-    name = "jax"
-
-    def __init__(self, config, micro_batches):
-        import jax
-
-        from gpt2_jax import sharding
-        from gpt2_jax.step import build_trainer
-
-        self.jax, self.config = jax, config
-        self.trainer = build_trainer(config, sharding.make_mesh(config.mesh))
-        self.state = self.trainer.init(jax.random.PRNGKey(config.train.seed))
-        self.batches = self.trainer.step_batches(micro_batches)
-        self.device = jax.devices()[0]
-        self.device_kind = self.device.device_kind
-
-    def run(self, steps: int) -> None:
-        for _ in range(steps):
-            for batch in self.batches:
-                self.state, _ = self.trainer.train_step(self.state, batch)
-        self.jax.block_until_ready(self.state)
-
-    def peak_bytes(self):
-        # JAX's peak_bytes_in_use is the process's and cannot be reset, so it would charge every JAX variant with
-        # the largest one's peak; the compiled step's own buffers (its compilation is cached: no recompile) are per
-        # variant. Donated inputs are aliased to outputs, and counted once.
-        batch = self.batches[0]
-        m = self.trainer.train_step.lower(self.state, batch).compile().memory_analysis()
-        return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                + m.temp_size_in_bytes)
-
-
-class TorchStepper:
-    name = "torch"
-
-    def __init__(self, config, micro_batches, compile: bool = False, fused: bool | None = None):
-        import torch
-
-        from gpt2_torch.model import GPT
-        from gpt2_torch.optim import make_optimizer
-
-        self.torch, self.config = torch, config
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.manual_seed(config.train.seed)
-        self.model = GPT(config.model).to(self.device)
-        self.optimizer = make_optimizer(self.model, config.train, fused=fused)
-        self.step_model = torch.compile(self.model) if compile else self.model
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.precision == "fp16")
-        self.batches = [tuple(torch.from_numpy(a).long().to(self.device) for a in b) for b in micro_batches]
-        self.device_kind = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.update = 0
-        self.peak = None
-
-    def own_bytes(self) -> int:
-        """What this variant holds between steps: weights, gradients, optimizer state and batches."""
-        tensors = [*self.model.parameters(), *(p.grad for p in self.model.parameters() if p.grad is not None),
-                   *(v for s in self.optimizer.state.values() for v in s.values() if self.torch.is_tensor(v)),
-                   *(t for b in self.batches for t in b)]
-        return sum(t.numel() * t.element_size() for t in tensors if t.device == self.device)
-
-    def run(self, steps: int) -> None:
-        from gpt2_torch.step import train_step
-
-        cuda = self.device.type == "cuda"
-        if cuda:
-            self.torch.cuda.synchronize(self.device)
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-            others = self.torch.cuda.memory_allocated(self.device) - self.own_bytes()
-        for _ in range(steps):
-            train_step(self.step_model, self.optimizer, self.scaler, self.batches, self.update, self.config)
-            self.update += 1
-        if cuda:
-            self.torch.cuda.synchronize(self.device)
-            self.peak = max(self.peak or 0, self.torch.cuda.max_memory_allocated(self.device) - others)
-
-    def peak_bytes(self):
-        return self.peak
-
-
 def make_stepper(name, config, micro_batches, compile):
     if name == "jax":
+        from gpt2_jax.stepper import JaxStepper
+
         return JaxStepper(config, micro_batches)
+    from gpt2_torch.stepper import TorchStepper
+
     if name == "torch":
         stepper = TorchStepper(config, micro_batches, compile=compile)
     else:  # nanogpt: eager, torch's default (foreach) AdamW, the loss over the whole logits
@@ -165,34 +82,24 @@ def benchmark(configs, frameworks, steps: int, warmup: int, repeats: int, compil
     """One result dict per framework spec: the median over `repeats` interleaved windows of `steps` steps.
     configs[i] is the config of frameworks[i] (a spec "name:key=value:..." with its own overrides)."""
     micro_batches = random_micro_batches(configs[0], np.random.default_rng(0))
-    steppers = []
-    for spec, config in zip(frameworks, configs):
-        stepper = make_stepper(parse_framework(spec)[0], config, micro_batches, compile)
-        stepper.spec = spec
-        steppers.append(stepper)
-    for stepper in steppers:  # compilation and the first, slow steps stay out of the timings
-        stepper.run(warmup)
-    times = {s.spec: [] for s in steppers}
-    for _ in range(repeats):
-        for stepper in steppers:
-            start = time.perf_counter()
-            stepper.run(steps)
-            times[stepper.spec].append((time.perf_counter() - start) / steps)
+    steppers = [make_stepper(parse_framework(spec)[0], config, micro_batches, compile)
+                for spec, config in zip(frameworks, configs)]
+    times = interleaved_step_times(steppers, steps, warmup, repeats)
     cpu_peak = None
     results = []
-    for stepper in steppers:
+    for spec, stepper, step_times in zip(frameworks, steppers, times):
         m, t = stepper.config.model, stepper.config.train
         tokens = t.batch_size * m.block_size
-        median = statistics.median(times[stepper.spec])
+        median = statistics.median(step_times)
         peak = peak_flops(stepper.device_kind, t.precision)
         if peak is None and stepper.device_kind.lower() == "cpu":
             cpu_peak = cpu_peak or measured_cpu_peak()
             peak = cpu_peak
         tokens_per_s = tokens / median
         results.append({
-            "framework": stepper.name, "variant": parse_framework(stepper.spec)[1], "config": stepper.config.name,
+            "framework": stepper.name, "variant": parse_framework(spec)[1], "config": stepper.config.name,
             "precision": t.precision, "device": stepper.device_kind, "tokens_per_step": tokens,
-            "median_step_s": median, "step_times_s": times[stepper.spec], "tokens_per_s": tokens_per_s,
+            "median_step_s": median, "step_times_s": step_times, "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * flops_per_token(m) / peak if peak else None, "peak_flops": peak,
             "peak_bytes": stepper.peak_bytes(), "compile": compile if stepper.name == "torch" else None,
             "accumulation": t.accumulation if stepper.name == "jax" else None,

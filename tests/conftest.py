@@ -1,12 +1,6 @@
-"""Fixtures shared by the unit tests, and scripts/ on the path: some tests call a script's functions directly
-(profile_step, collectives), and scripts/ is not a package."""
-
-import sys
-from pathlib import Path
+"""Fixtures shared by the unit tests."""
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
 @pytest.fixture

@@ -27,7 +27,9 @@ def test_bench_times_framework_variants_side_by_side_and_writes_the_json(tmp_pat
     for r in results:
         assert r["config"] == "tiny" and r["precision"] == "fp32" and len(r["step_times_s"]) == 2
         assert r["median_step_s"] > 0 and r["tokens_per_s"] == r["tokens_per_step"] / r["median_step_s"]
-        assert 0 < r["mfu"] < 1 and "peak_bytes" in r
+        # MFU divides by a CPU peak measured while the machine may be busy: its value is the load's, its presence
+        # (a CPU has no datasheet peak, so the measured one stands in) is the script's
+        assert isinstance(r["mfu"], float) and r["mfu"] > 0 and "peak_bytes" in r
     assert "jax:model.loss_chunk_size=0" in done.stdout
     # each JAX variant reports its own step's memory (the process-wide peak would give both the larger one)
     assert results[1]["peak_bytes"] > results[0]["peak_bytes"] + 50 * 2**20  # the [8, 64, 50304] fp32 logits

@@ -1,12 +1,12 @@
-"""scripts/collectives.py: reading collectives, their groups and their runs a step from HLO text (a made-up module
-with the spellings XLA uses), and the script itself on tiny over 8 simulated devices."""
+"""gpt2_jax.hlo.collectives: reading collectives, their groups and their runs a step from HLO text (a made-up module
+with the spellings XLA uses), and scripts/collectives.py itself on tiny over 8 simulated devices."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from collectives import collectives  # scripts/ is on sys.path (conftest.py)
+from gpt2_jax.hlo import collectives
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_the_script_on_eight_simulated_devices(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "collectives.py"), "--config", "tiny",
                            "--devices", "8", "--set", "mesh.data=8", "train.batch_size=32",
                            "train.micro_batch_size=16", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "8 cpu devices (data=8, fsdp=1, tensor=1), 2 micro-batch(es) of 16" in done.stdout
     assert "of which 0.000 MB in collectives that run more than once a step" in done.stdout

@@ -96,14 +96,14 @@ def test_the_embedding_gradient_crosses_devices_once_a_step_not_once_a_chunk(mes
     """Its rows lie on different devices: summed into one carry, the [V, C] gradient would be all-reduced in every
     chunk of the loss's loop (as it was). Each device now sums its own share, and no collective inside a loop of the
     compiled step moves a vocabulary-sized array."""
-    from collectives import collectives, compiled_step
+    from gpt2_jax.hlo import collectives
     from gpt2_common.config import load_config
     from gpt2_jax import sharding
-    from gpt2_jax.step import build_trainer
+    from gpt2_jax.step import build_trainer, compile_on_zeros
 
     config = load_config("tiny", [*mesh, "train.batch_size=16", "train.micro_batch_size=16",
                                   "model.loss_chunk_size=16"])
-    found = collectives(compiled_step(build_trainer(config, sharding.make_mesh(config.mesh))))
+    found = collectives(compile_on_zeros(build_trainer(config, sharding.make_mesh(config.mesh))).as_text())
     # tiny's padded vocabulary, whole or split over 2 tensor devices
     vocabulary_sized = [c for c in found if c.op in ("all-reduce", "reduce-scatter")
                         and any(rows in shape for shape in c.shapes for rows in (50304, 25152))]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from collectives import collectives, compiled_step  # scripts/collectives.py
 from gpt2_common.config import MeshConfig, from_dict, load_config
 from gpt2_common.errors import UserError
+from gpt2_jax.hlo import collectives
 from gpt2_jax.sharding import bytes_per_device, logical_sharding, make_mesh, mesh_shape, process_rows
-from gpt2_jax.step import build_trainer
+from gpt2_jax.step import build_trainer, compile_on_zeros
 from test_jax_optim import RowLoader, host_params, random_tokens, tiny_config, trained, trainer_for
 
 
@@ -60,7 +60,8 @@ def test_data_parallel_gradients_cross_devices_once_a_step():
     and the embedding's two gradients (the lookup's and the head's) each on its own: 3.9x these bytes here."""
     config = load_config("tiny", ["mesh.data=8", "train.batch_size=32", "train.micro_batch_size=16"])
     trainer = build_trainer(config, make_mesh(config.mesh))
-    reductions = [c for c in collectives(compiled_step(trainer)) if c.op in ("all-reduce", "reduce-scatter")]
+    found = collectives(compile_on_zeros(trainer).as_text())
+    reductions = [c for c in found if c.op in ("all-reduce", "reduce-scatter")]
     assert sum(c.bytes for c in reductions if c.runs > 1) == 0
     param_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trainer.abstract_state.params))
     assert sum(c.bytes for c in reductions) == pytest.approx(param_bytes, rel=1e-3)

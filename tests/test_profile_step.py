@@ -1,5 +1,6 @@
-"""scripts/profile_step.py: the trace reading on made-up traces (the GPU's shape included, which CI cannot record),
-the HLO classification on a made-up module, and the script itself on the tiny config for both frameworks."""
+"""Profiles: gpt2_common.trace's reading of made-up traces (the GPU's shape included, which CI cannot record),
+gpt2_jax.hlo's classification of a made-up module, and scripts/profile_step.py itself on the tiny config for both
+frameworks."""
 
 import json
 import os
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from profile_step import hlo_kinds, kernel_events, summarize  # scripts/ is on sys.path (conftest.py)
+from gpt2_common.trace import kernel_events, summarize
+from gpt2_jax.hlo import hlo_kinds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,9 +114,10 @@ def test_profile_step_sums_the_step_by_kind(tmp_path, framework):
     summary = json.loads(out.read_text())
     assert summary["framework"] == framework and summary["device"] == "cpu"
     assert sum(summary["kinds"].values()) == pytest.approx(summary["device_ms_per_step"])
-    assert summary["kinds"]["matmul"] > 0.05 * summary["device_ms_per_step"]  # tiny's 50304-wide head is matmuls
-    # XLA runs a CPU program on two threads at once, so the kernels can add up to more than the wall time
-    assert 0 < summary["busy"] < 2.5 and len(summary["kernels"]) == 5
+    # Shares of the time are the machine's and its load's to decide; that the step's matmuls are found is not.
+    assert summary["kinds"]["matmul"] > 0
+    # busy may exceed 1 (XLA runs a CPU program on several threads at once): only its presence is the script's
+    assert isinstance(summary["busy"], float) and summary["busy"] > 0 and len(summary["kernels"]) == 5
     assert "kind" in done.stdout and "ms/step" in done.stdout
     if framework == "jax":  # the kernels' fusions, kept for reading offline
         assert hlo.read_text().startswith("HloModule") and "fusion" in hlo.read_text()
