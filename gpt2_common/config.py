@@ -34,8 +34,8 @@ class ModelConfig:
     attention: str = "auto"  # auto | cudnn | xla (JAX); torch always uses SDPA, which picks flash on GPU
     # The loss goes through the output head this many sequence positions at a time, so the [B, T, V] logits are
     # never materialised (gpt2_jax/loss.py, gpt2_torch/loss.py); 0 computes the whole logits, then the loss.
-    # 128 was the fastest on an H100 (small, micro-batches of 16 and 32: 1.11x chunks of 32, which re-add the
-    # fp32 embedding gradient once per chunk, and 1.03x the whole logits); the CPU presets set 32 (docs/benchmarks.md).
+    # 128 for a GPU, where shorter chunks re-add the fp32 embedding gradient too often; the CPU presets set 32, short
+    # enough to stay in cache (the measurements: docs/benchmarks.md, "The fused loss on one H100" and "The fused loss").
     loss_chunk_size: int = 128
     # The fused loss's exponentials (JAX): "keep" computes exp(logits - max) once for the loss and its gradient's
     # softmax; "recompute" takes the logsumexp, then exp(logits - lse) again for the gradient, which spares a write
@@ -74,7 +74,7 @@ class TrainConfig:
     sample_interval: int = 0  # 0: sample only at the end of training
     seed: int = 1337
     precision: str = "bf16"  # fp32 | bf16 | fp16
-    # JAX: scan (one jitted call scans the micro-batches; measured faster on CPU and H100, docs/benchmarks.md) |
+    # JAX: scan (one jitted call scans the micro-batches; the faster one, docs/benchmarks.md "Accumulation") |
     # multisteps (optax.MultiSteps, one call per micro-batch and a persistent gradient accumulator); same updates
     accumulation: str = "scan"
     compile: bool = False  # torch.compile for the PyTorch trainer

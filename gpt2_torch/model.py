@@ -134,8 +134,8 @@ class GPT(nn.Module):
         The loss is computed here, through the head in chunks of model.loss_chunk_size positions (gpt2_torch/loss.py),
         so that the full fp32 logits, the largest activation by far, never exist; and here rather than by the caller
         so that DDP and torch.compile see one graph from ids to loss. Compiled, the plain loss is used instead:
-        inductor fuses it by itself, while the chunk loop would be unrolled into the graph (on a CPU that took 3x
-        the compile time and ran slower; docs/benchmarks.md).
+        inductor fuses it by itself, while the chunk loop would be unrolled into the graph, which compiles longer and
+        runs slower (docs/benchmarks.md, "The fused loss").
         """
         B, T = idx.shape
         if T > self.config.block_size:
