@@ -148,7 +148,7 @@ def test_the_scripts_print_only_the_line(root):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "train_jax.py"), "--config", str(root / "c.toml"),
                            "--run-dir", str(root / "torch_run")], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=600)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"error: '{root}/torch_run/checkpoints' holds PyTorch checkpoints")
 

@@ -178,7 +178,7 @@ def test_sample_script_greedy_agrees_across_frameworks(setup, capsys):
 def test_scripts_give_one_line_errors_for_a_missing_checkpoint(tmp_path, script):
     extra = ["--text", "x.txt"] if script == "evaluate" else []
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--checkpoint",
-                             str(tmp_path / "nowhere"), *extra], capture_output=True, text=True, timeout=120)
+                             str(tmp_path / "nowhere"), *extra], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "nowhere" in result.stderr and "does not exist" in result.stderr

@@ -75,12 +75,12 @@ def start(config: Path, run_dir: Path, slow_saves: bool = False) -> subprocess.P
 
 
 def finish(config: Path, run_dir: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(command(config, run_dir), env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(config, run_dir), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
@@ -145,7 +145,7 @@ def test_sigterm_stops_with_a_checkpoint_and_exit_0(reference, tmp_path):
     proc = start(config, run_dir)
     wait_for(lambda: train_steps(run_dir) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     stopped = int(out.split("SIGTERM: stopped at step ")[1].split()[0])
     assert stopped < 12 and steps_saved(run_dir)[-1] == stopped == train_steps(run_dir)

@@ -65,7 +65,7 @@ def start(config: Path, run_dir: Path, slow_saves: bool = False) -> subprocess.P
     return subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
@@ -89,7 +89,7 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def finish(config: Path, run_dir: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(command(config, run_dir), env=ENV, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(command(config, run_dir), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -138,7 +138,7 @@ def test_sigterm_and_sigint_stop_with_a_checkpoint_and_exit_0(reference, tmp_pat
         proc = start(config, run_dir)
         wait_for(lambda: train_steps(run_dir) >= 2, proc)
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         stopped = int(out.split(f"{sig.name}: stopped at step ")[1].split()[0])
         assert stopped < 12 and "--- sample" not in out  # stopped early, without the end-of-training sample
@@ -230,9 +230,9 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(reference, tmp
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              *command(config, run_dir)[1:]], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: train_steps(run_dir) >= 2, proc, timeout=240)
+    wait_for(lambda: train_steps(run_dir) >= 2, proc, timeout=600)
     os.killpg(proc.pid, signal.SIGTERM)  # as a batch scheduler does: torchrun and both ranks get it
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     stopped = int(out.split("stopped at step ")[1].split()[0])
     checkpoint = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
     assert checkpoint["step"] == stopped and len(checkpoint["rng"]) == 2  # both ranks took part in the save

@@ -86,7 +86,7 @@ def test_torch_ranks_split_hellaswag_and_log_what_one_process_does(tmp_path):
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(REPO / "scripts" / "train_torch.py"), "--config", str(config), "--run-dir", str(tmp_path / "ddp")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "hellaswag acc_norm" in launched.stdout + launched.stderr
     main(["--config", str(config), "--run-dir", str(tmp_path / "one")])
@@ -128,7 +128,7 @@ def test_two_jax_processes_log_the_hellaswag_of_one(tmp_path):
          "--num-processes", "2", "--process-id", str(i)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     finally:
         for proc in procs:
             proc.kill()

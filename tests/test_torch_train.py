@@ -101,7 +101,7 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch(tmp_path):
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(REPO / "scripts" / "train_torch.py"), "--config", str(config), "--run-dir", str(tmp_path / "ddp")],
-        env=env, capture_output=True, text=True, timeout=240)
+        env=env, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "2 x cpu" in launched.stdout
     main(["--config", str(config), "--run-dir", str(tmp_path / "one")])
@@ -233,7 +233,7 @@ def test_resuming_another_model_or_starting_from_no_weights_are_user_errors(tmp_
 def test_the_script_reports_a_bad_input_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "train_torch.py"), "--config", "tiny",
                            "--set", "train.batch_size=10", "train.micro_batch_size=4"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: train.batch_size=10"), done.stderr
 

@@ -42,7 +42,7 @@ def test_autotokenizer_and_pipeline_load_the_export_offline(tmp_path):
                      "tokenizer_config.json", "vocab.json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "hf"), TEXT], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+                          cwd=ROOT, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["hf"] == result["ours"] and len(result["ours"]) > 20
