@@ -47,6 +47,7 @@ def generators(names, config, weights, precision):
     import numpy as np
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # torch and transformers; JAX takes its default device
     runs = {}
     for name in names:
         if name == "jax":
@@ -58,7 +59,7 @@ def generators(names, config, weights, precision):
         elif name == "torch":
             from gpt2_torch import sample as torch_sample
 
-            model = torch_sample.load_model(config, weights, "cpu", precision)
+            model = torch_sample.load_model(config, weights, device, precision)
             runs[name] = lambda prompts, n, model=model: torch_sample.generate(model, prompts, n, temperature=0.0)
         elif name == "hf":
             import transformers
@@ -68,14 +69,14 @@ def generators(names, config, weights, precision):
             hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config(config.model))).eval()
             state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
             hf.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
-            hf = hf.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+            hf = hf.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
             @torch.inference_mode()
             def run_hf(prompts, n, hf=hf):
-                ids = torch.tensor(prompts)
+                ids = torch.tensor(prompts, device=device)
                 out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, pad_token_id=0)
-                return out[:, ids.shape[1]:].numpy()
+                return out[:, ids.shape[1]:].cpu().numpy()
 
             runs[name] = run_hf
         else:

@@ -80,10 +80,66 @@ XLA_FLAGS=--xla_gpu_enable_cublaslt=true stage hlo_cublaslt 100 "$PY" scripts/pr
 bench step_micro64 120 --frameworks jax --set train.batch_size=64 train.micro_batch_size=64
 stage profile_torch 200 "$PY" scripts/profile_step.py --config "$CONFIG" --framework torch $COMPILE --top 25 \
     --json "$OUT/profile_torch.json" --set train.batch_size=32 train.micro_batch_size=32
+# Greedy KV-cached decoding in bf16 at batch 1 and 16, both generators beside transformers' generate() in turns
+# (issue 20's GPU rows; the CPU figures are in docs/benchmarks.md).
+stage decode_bf16 150 "$PY" scripts/bench_decode.py --config "$CONFIG" --precision bf16 --batch-sizes 1,16 \
+    --repeats 2 --json "$OUT/decode_bf16.json"
+
+# Issue 21's kernels, each behind its switch: the head and loss as Pallas/Triton kernels (model.loss_kernel=pallas,
+# gpt2_jax/pallas_loss.py) and the GELU in fp32 (model.gelu_dtype=fp32), off, each on, and together, beside
+# torch.compile in the same process. `bash scripts/gpu_check.sh 600 kernels_` runs them all, in order of value.
+KERNEL=jax:model.loss_kernel=pallas
+GELU=jax:model.gelu_dtype=fp32
+BOTH=jax:model.loss_kernel=pallas:model.gelu_dtype=fp32
+sized() {  # sized NAME: a GPT-2 size on a real run; $CONFIG itself in a dry run (CONFIG=tiny)
+    if [[ $CONFIG == small ]]; then echo "$1"; else echo "$CONFIG"; fi
+}
+# The compiled Triton kernels against the chunked loss on the GPU, fp32 (at full matmul precision) and bf16.
+stage kernels_tests 120 env JAX_PLATFORMS= XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q \
+    -p no:cacheprovider tests/test_pallas_kernels.py
+bench kernels_small32 300 --frameworks jax,$KERNEL,$GELU,$BOTH,torch --set train.batch_size=32 \
+    train.micro_batch_size=32 $COMPILE
+bench kernels_small64 240 --frameworks jax,$KERNEL,$BOTH,torch --set train.batch_size=64 train.micro_batch_size=64 \
+    $COMPILE
+# Where the time goes before and after: the loss's reductions and the GELU's fusions should shrink.
+stage kernels_profile_before 120 "$PY" scripts/profile_step.py --config "$CONFIG" --framework jax --top 25 \
+    --json "$OUT/kernels_profile_before.json" --set train.batch_size=32 train.micro_batch_size=32
+stage kernels_profile_after 120 "$PY" scripts/profile_step.py --config "$CONFIG" --framework jax --top 25 \
+    --json "$OUT/kernels_profile_after.json" --hlo "$OUT/step_jax_kernels.hlo.txt" \
+    --set train.batch_size=32 train.micro_batch_size=32 model.loss_kernel=pallas model.gelu_dtype=fp32
+# Whether the fp32 GELU lets cuBLASLt take bias + GELU into the c_fc matmul's epilogue: look for
+# "__cublas$lt$matmul" with a GELU epilogue in the HLO (compare $OUT/step_jax_cublaslt.hlo.txt, the default GELU).
+XLA_FLAGS=--xla_gpu_enable_cublaslt=true stage kernels_hlo_gelu 100 "$PY" scripts/profile_step.py \
+    --config "$CONFIG" --framework jax --steps 1 --top 10 --hlo "$OUT/step_jax_cublaslt_gelu_fp32.hlo.txt" \
+    --set train.batch_size=32 train.micro_batch_size=32 model.gelu_dtype=fp32
+# medium and large at the largest micro-batch that fits (MICRO_MEDIUM, MICRO_LARGE: set them from
+# kernels_memory's tables; the defaults fit an 80 GB GPU by the memory plan with the chunked loss).
+MICRO_MEDIUM=${MICRO_MEDIUM:-16}
+MICRO_LARGE=${MICRO_LARGE:-8}
+stage kernels_medium 240 "$PY" scripts/bench.py --config "$(sized medium)" --steps 5 --warmup 2 --repeats 3 \
+    --json "$OUT/kernels_medium.json" --frameworks jax,$BOTH,torch \
+    --set train.batch_size=$MICRO_MEDIUM train.micro_batch_size=$MICRO_MEDIUM $COMPILE
+stage kernels_large 240 "$PY" scripts/bench.py --config "$(sized large)" --steps 5 --warmup 2 --repeats 3 \
+    --json "$OUT/kernels_large.json" --frameworks jax,$BOTH,torch \
+    --set train.batch_size=$MICRO_LARGE train.micro_batch_size=$MICRO_LARGE $COMPILE
+# Memory with the logits gone: the compiler's buffers of one device's step (compiled, not run) at growing
+# micro-batches of small and xl, the kernel on; the largest whose total fits the GPU is the answer.
+memory_plan() {  # memory_plan CONFIG MICRO...: one compile per micro-batch, model.loss_kernel=pallas
+    local config=$1 n
+    shift
+    for n in "$@"; do
+        "$PY" scripts/memory_plan.py --compiled --configs "$config" \
+            --set train.batch_size=$n train.micro_batch_size=$n model.loss_kernel=pallas || return
+    done
+}
+stage kernels_memory_small 240 memory_plan "$(sized small)" 64 128 192
+stage kernels_memory_xl 300 memory_plan "$(sized xl)" 16 24 32
 
 echo "== done after $((SECONDS - START))s"
 sed -n '/^== environment (/,/^== environment:/p' "$LOG" | sed 1d
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG"
 grep -h -A6 "tokens a step" "$LOG"
+grep -h "^batch " "$LOG"
+awk '/^== kernels_memory_[a-z]+ \(/{on=1; next} /^== kernels_memory_[a-z]+:/{on=0} on && /\|/' "$LOG"
 # the profiles' tables, without the libraries' warnings
-awk '/^== profile_[a-z]+ \(/{on=1; next} /^== profile_[a-z]+:/{on=0} on && !/Warning|warn|USDT|^[WI][0-9]{4} /' "$LOG"
+awk '/^== (kernels_)?profile_[a-z]+ \(/{on=1; next} /^== (kernels_)?profile_[a-z]+:/{on=0} on && !/Warning|warn|USDT|^[WI][0-9]{4} /' "$LOG"

@@ -75,3 +75,24 @@ def test_hellaswag_bad_record_names_the_line(tmp_path):
     (tmp_path / "h.jsonl").write_text('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 0}\n{"ctx": "y"}\n')
     with pytest.raises(UserError, match="h.jsonl:2: not a HellaSwag record"):
         read_hellaswag(tmp_path / "h.jsonl")
+
+
+def test_each_result_is_read_only_after_the_next_call_is_made():
+    """JAX dispatches asynchronously: reading a result before handing over the next batch would idle the model."""
+    events = []
+
+    class Lazy:  # a result that notes when the host reads it
+        def __init__(self, number, shape):
+            self.number, self.shape = number, shape
+
+        def __array__(self, dtype=None, copy=None):
+            events.append(("read", self.number))
+            return np.zeros(self.shape, dtype or np.float32)
+
+    def token_nll(inputs, targets):
+        events.append(("call", len([e for e in events if e[0] == "call"])))
+        return Lazy(events[-1][1], targets.shape)
+
+    sliding_window_nll(np.arange(20), 8, 4, token_nll)
+    assert events == [("call", 0), ("call", 1), ("read", 0), ("call", 2), ("read", 1), ("call", 3), ("read", 2),
+                      ("read", 3)]

@@ -158,3 +158,11 @@ def test_empty_prompt_is_refused():
     model, params = tiny()
     with pytest.raises(ValueError, match="at least one token"):
         sample.generate(model, params, [[1], []], 4)
+
+
+def test_bf16_inference_keeps_bf16_parameters_and_draws_real_ids():
+    config = Config(model=CFG)
+    model, params = sample.load_model(config, random_weights(CFG), "bf16")
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype(jax.numpy.bfloat16)}
+    out = sample.make_generate(config, random_weights(CFG), precision="bf16")(PROMPTS, NEW, temperature=0.0)
+    assert out.shape == (3, NEW) and out.max() < CFG.vocab_size

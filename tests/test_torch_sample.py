@@ -132,3 +132,11 @@ def test_sample_text_and_empty_prompt():
     model.eval()
     with pytest.raises(ValueError, match="at least one token"):
         sample.generate(model, [[1], []], 4)
+
+
+def test_bf16_inference_keeps_bf16_weights_and_draws_real_ids():
+    config = Config(model=CFG)
+    model = sample.load_model(config, random_weights(CFG), "cpu", "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    out = sample.make_generate(config, random_weights(CFG), "cpu", precision="bf16")(PROMPTS, NEW, temperature=0.0)
+    assert out.shape == (3, NEW) and out.max() < CFG.vocab_size
