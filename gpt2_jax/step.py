@@ -251,8 +251,13 @@ def build_trainer(config: Config, mesh: Mesh) -> Trainer:
 def compile_on_zeros(trainer: Trainer) -> jax.stages.Compiled:
     """The trainer's train_step compiled (not run) for its abstract state and a step's first batch of zeros: what
     the compiler makes of the step depends on shapes and shardings, not on values. Read by the memory plan (buffer
-    sizes), the collectives and the profile (HLO text) and the benchmark (a variant's own bytes)."""
+    sizes), the collectives and the profile (HLO text) and the benchmark (a variant's own bytes).
+
+    The state's shapes carry their shardings, as a live state does: then a step already compiled by a call is
+    reused here, and this compilation by the calls that follow (without them, tiny's step compiled twice)."""
     t = trainer.config.train
     zeros = np.zeros((t.micro_batch_size, trainer.config.model.block_size), np.int32)
     batch = trainer.step_batches([(zeros, zeros)] * t.grad_accum_steps)[0]
-    return trainer.train_step.lower(trainer.abstract_state, batch).compile()
+    state = jax.tree.map(lambda a, placed: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed),
+                         trainer.abstract_state, trainer.state_shardings)
+    return trainer.train_step.lower(state, batch).compile()
