@@ -32,6 +32,7 @@ from gpt2_common.tokenizer import EOT_TOKEN, decode, get_tokenizer
 from gpt2_jax.model import GPT, KVCache, mask_padded_vocab
 
 PREFILL_CHUNK = 64
+MIN_PREFILL_CHUNK = 16
 NO_STOP = -1  # a stop token that is never drawn
 
 
@@ -104,6 +105,14 @@ def cache_span(length: int, block_size: int) -> int:
     return min(span, block_size)
 
 
+def prefill_chunk(longest: int, span: int) -> int:
+    """Positions one prefill call feeds: the prompt less its last token, rounded up to a power of two (at least
+    MIN_PREFILL_CHUNK: three shapes in all), at most PREFILL_CHUNK and span. Feeding 64 positions for a 16-token
+    prompt would spend 4x the prompt's work, which at batch 16 of GPT-2 small cost more than the 48 tokens after."""
+    needed = max(longest - 1, 1)
+    return min(span, PREFILL_CHUNK, max(MIN_PREFILL_CHUNK, 1 << (needed - 1).bit_length()))
+
+
 class Segment(NamedTuple):
     """A run of decoding steps that one compiled loop takes: steps [begin, end) read `span` positions, with the cache
     (`cached`) or through the whole window."""
@@ -132,11 +141,11 @@ def plan(longest: int, block_size: int, max_new_tokens: int, use_cache: bool = T
     return segments
 
 
-def prefill(model: GPT, params: Any, window: jax.Array, length: jax.Array, span: int) -> DecodeState:
+def prefill(model: GPT, params: Any, window: jax.Array, length: jax.Array, span: int, chunk: int) -> DecodeState:
     """The start of decoding: each row's prompt but its last token into a fresh cache of `span` positions (the first
-    step feeds the last one and draws from its logits), PREFILL_CHUNK positions at a time up to the longest prompt."""
+    step feeds the last one and draws from its logits), `chunk` positions at a time (prefill_chunk) up to the
+    longest prompt."""
     batch = window.shape[0]
-    chunk = min(PREFILL_CHUNK, span)
 
     def fill(i, cache):
         start = jnp.minimum(i * chunk, span - chunk)  # the last chunk steps back to fit; recomputing is harmless
@@ -208,12 +217,12 @@ def prompt_window(prompts: Sequence[Sequence[int]], block_size: int) -> tuple[np
     return window, length
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "span", "cached"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "span", "chunk", "cached"))
 def _start(model: GPT, params: Any, window: jax.Array, length: jax.Array, how: Settings, *, max_new_tokens: int,
-           span: int, cached: bool) -> tuple[DecodeState, jax.Array]:
+           span: int, chunk: int, cached: bool) -> tuple[DecodeState, jax.Array]:
     """The first state (prefilled when cached) and the output [B, max_new_tokens], filled with the stop token."""
     if cached:
-        state = prefill(model, params, window, length, span)
+        state = prefill(model, params, window, length, span, chunk)
     else:
         state = DecodeState(window, length, None, jnp.zeros(window.shape[0], bool), jnp.array(0, jnp.int32))
     return state, jnp.full((window.shape[0], max_new_tokens), jnp.maximum(how.stop_token, 0), jnp.int32)
@@ -256,14 +265,15 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     window, length = prompt_window(prompts, model.config.block_size)
-    segments = plan(int(length.max()), model.config.block_size, max_new_tokens, use_cache)
+    longest = int(length.max())
+    segments = plan(longest, model.config.block_size, max_new_tokens, use_cache)
     inputs = (window, length, jax.random.PRNGKey(seed), settings(temperature, top_k, top_p, stop_token))
     if sharding is not None:
         inputs = jax.device_put(inputs, sharding)
     window, length, rng, how = inputs
     first = segments[0]
     state, out = _start(model, params, window, length, how, max_new_tokens=max_new_tokens, span=first.span,
-                        cached=first.cached)
+                        chunk=prefill_chunk(longest, first.span), cached=first.cached)
     for segment in segments:
         state, out = _decode_loop(model, params, state, out, rng, how, np.int32(segment.end), span=segment.span,
                                   cached=segment.cached)
@@ -287,7 +297,7 @@ def sample_text(model: GPT, params: Any, prompt: str = "\n", max_new_tokens: int
 
 # --- one token at a time ---------------------------------------------------------------------------------------------
 
-_prefill = jax.jit(prefill, static_argnums=(0, 4))
+_prefill = jax.jit(prefill, static_argnums=(0, 4, 5))
 # The state is donated: the cache is updated in place instead of copied every token.
 _decode_step = jax.jit(decode_step, static_argnums=(0, 5, 6), donate_argnums=2)
 
@@ -301,7 +311,8 @@ def token_stream(model: GPT, params: Any, prompt: Sequence[int], max_new_tokens:
     window, length = prompt_window([prompt], model.config.block_size)
     segments = plan(int(length.max()), model.config.block_size, max_new_tokens, use_cache)
     if segments[0].cached:
-        state = _prefill(model, params, window, length, segments[0].span)
+        span = segments[0].span
+        state = _prefill(model, params, window, length, span, prefill_chunk(int(length.max()), span))
     else:
         state = DecodeState(window, length, None, np.zeros(1, bool), np.int32(0))
     rng, how = jax.random.PRNGKey(seed), settings(temperature, top_k, top_p, stop_token)

@@ -105,19 +105,17 @@ def prefill(model: GPT, window: torch.Tensor, length: torch.Tensor, longest: int
     known to the caller, so that nothing is read back from the device)."""
     batch, size = window.shape
     span = cache_span(longest, size)
-    chunk = min(PREFILL_CHUNK, span)
     cfg = model.config
     shape = (cfg.n_layer, batch, span, cfg.n_head, cfg.head_dim)
     dtype = next(model.parameters()).dtype
     cache = KVCache(torch.zeros(shape, dtype=dtype, device=window.device),
                     torch.zeros(shape, dtype=dtype, device=window.device))
-    for i in range((longest - 1 + chunk - 1) // chunk):
-        start = min(i * chunk, span - chunk)  # the last chunk steps back to fit; recomputing is harmless
-        ids = window[:, start:start + chunk]
-        positions = (start + torch.arange(chunk, device=window.device)).expand(batch, chunk)
-        # Positions past a row's prompt get keys of padding: each is overwritten by the step that feeds a token there
-        # before any query can see it.
-        model.decode(ids, positions, cache)
+    for start in range(0, longest - 1, PREFILL_CHUNK):  # exactly the prompt's positions: eager needs no padding
+        end = min(start + PREFILL_CHUNK, longest - 1)
+        positions = torch.arange(start, end, device=window.device).expand(batch, end - start)
+        # Positions past a shorter row's prompt get keys of padding: each is overwritten by the step that feeds a
+        # token there before any query can see it.
+        model.decode(window[:, start:end], positions, cache)
     return DecodeState(window, length, longest, cache, torch.zeros(batch, dtype=torch.bool, device=window.device), 0)
 
 
