@@ -42,6 +42,17 @@ class ModelConfig:
     # and a read of the chunk's fp32 exponentials where exp is cheap next to memory traffic. "auto" keeps them on
     # a CPU, where exp is dear (docs/benchmarks.md), and recomputes them elsewhere.
     loss_exp: str = "auto"
+    # The output head and loss (JAX): "xla" is the chunked loss above; "pallas" the Pallas kernels of
+    # gpt2_jax/pallas_loss.py (Triton on a GPU, Pallas's interpreter elsewhere), which never write logits at all.
+    # Same loss to 1e-5 in fp32; one device only for now. "xla" until a GPU measures the kernel faster.
+    loss_kernel: str = "xla"
+    # The MLP's GELU (JAX): "compute" applies it in the compute dtype (bf16 under bf16), as jax.nn.gelu does;
+    # "fp32" upcasts c_fc's output, applies it in fp32 and rounds back, the form an explicit cast would have. Which
+    # one lets XLA put the bias and GELU into cuBLASLt's matmul epilogue is for a GPU to tell (scripts/gpu_check.sh).
+    gelu_dtype: str = "compute"
+    # The LayerNorms (JAX): "flax" is nn.LayerNorm; "tokamax" is tokamax.layer_norm (pip install '.[kernels]'), a
+    # fused Triton forward and backward on a GPU, the same parameters and names. "flax" until a GPU measures it.
+    layer_norm: str = "flax"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -132,6 +143,9 @@ CHOICES = {
     ("model", "activation"): ("gelu_tanh", "gelu"),
     ("model", "attention"): ("auto", "cudnn", "xla"),
     ("model", "loss_exp"): ("auto", "keep", "recompute"),
+    ("model", "loss_kernel"): ("xla", "pallas"),
+    ("model", "gelu_dtype"): ("compute", "fp32"),
+    ("model", "layer_norm"): ("flax", "tokamax"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "accumulation"): ("multisteps", "scan"),
     ("data", "format"): ("tokens", "alpaca"),
@@ -140,11 +154,11 @@ CHOICES = {
 # Keys a run may change between a checkpoint and its resumption without --allow-config-change: they steer the run
 # (how long, how often to evaluate, log or save, where to log) but not the training arithmetic of the steps done.
 RUN_CONTROL_KEYS = frozenset({
-    "name", "model.attention", "model.loss_chunk_size", "model.loss_exp", "train.max_steps", "train.eval_interval",
-    "train.eval_steps", "train.save_interval", "train.keep_checkpoints", "train.log_interval", "train.sample_interval",
-    "train.compile", "train.keep_best", "train.save_every_epoch", "train.nan_policy", "train.hellaswag_examples",
-    "mesh.data", "mesh.fsdp", "mesh.tensor", "data.hellaswag", "logging.wandb", "logging.tensorboard",
-    "logging.wandb_project",
+    "name", "model.attention", "model.loss_chunk_size", "model.loss_exp", "model.loss_kernel", "model.gelu_dtype",
+    "model.layer_norm", "train.max_steps", "train.eval_interval", "train.eval_steps", "train.save_interval",
+    "train.keep_checkpoints", "train.log_interval", "train.sample_interval", "train.compile", "train.keep_best",
+    "train.save_every_epoch", "train.nan_policy", "train.hellaswag_examples", "mesh.data", "mesh.fsdp", "mesh.tensor",
+    "data.hellaswag", "logging.wandb", "logging.tensorboard", "logging.wandb_project",
 })
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from gpt2_common.config import ModelConfig
 from gpt2_common.errors import UserError
 from gpt2_jax.loss import cross_entropy, fused_cross_entropy, mask_padded_vocab  # noqa: F401 (re-exported)
+from gpt2_jax.pallas_loss import pallas_cross_entropy
 
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
@@ -94,7 +95,27 @@ class QKVDense(nn.Module):
         return tuple(jnp.dot(x, kernel[:, i * C:(i + 1) * C]) + bias[i * C:(i + 1) * C] for i in range(3))
 
 
-def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+class TokamaxLayerNorm(nn.Module):
+    """model.layer_norm = "tokamax": Flax's LayerNorm, same parameters and names, computed by tokamax.layer_norm
+    (its fused Pallas/Triton forward and backward on a GPU, XLA elsewhere); statistics in fp32 as Flax's are."""
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        import tokamax  # an optional dependency (pyproject's "kernels" extra), imported only when chosen
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # else tokamax's first call parses sys.argv (our scripts' flags) as absl's
+            flags.FLAGS.mark_as_parsed()
+        C = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (C,), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (C,), jnp.float32)
+        return tokamax.layer_norm(x.astype(self.dtype), scale, bias, epsilon=1e-5).astype(self.dtype)
+
+
+def _layer_norm(dtype: Any, name: str, kernel: str = "flax") -> nn.Module:
+    if kernel == "tokamax":
+        return TokamaxLayerNorm(dtype, name=name)
     # Flax computes the statistics in fp32 whatever the compute dtype.
     return nn.LayerNorm(
         epsilon=1e-5,
@@ -183,7 +204,11 @@ class MLP(nn.Module):
         C = self.config.n_embd
         h = _dense(4 * C, ("embed", "mlp"), self.dtype, "c_fc")(x)
         # model.activation: GPT-2's tanh GELU ("gelu_new") by default; the exact erf GELU for nanoGPT's weights
-        h = nn.gelu(h, approximate=self.config.activation == "gelu_tanh")
+        approximate = self.config.activation == "gelu_tanh"
+        if self.config.gelu_dtype == "fp32":  # model.gelu_dtype: an explicit fp32 GELU, rounded back
+            h = nn.gelu(h.astype(jnp.float32), approximate=approximate).astype(h.dtype)
+        else:
+            h = nn.gelu(h, approximate=approximate)
         h = nn.with_logical_constraint(h, ("batch", "seq", "act_mlp"))
         y = _dense(C, ("mlp", "embed"), self.dtype, "c_proj", std=_residual_std(self.config))(h)
         return nn.Dropout(self.config.dropout)(y, deterministic=deterministic)
@@ -198,12 +223,13 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True, cache: KVCache | None = None,
                  positions: jax.Array | None = None, layer: int = 0):
         attn = CausalSelfAttention(self.config, self.dtype, self.attention, name="attn")
+        norm = self.config.layer_norm  # model.layer_norm: Flax's, or tokamax's kernels
         if cache is None:
-            x = x + attn(_layer_norm(self.dtype, "ln_1")(x), deterministic)
+            x = x + attn(_layer_norm(self.dtype, "ln_1", norm)(x), deterministic)
         else:
-            y, cache = attn(_layer_norm(self.dtype, "ln_1")(x), deterministic, cache, positions, layer)
+            y, cache = attn(_layer_norm(self.dtype, "ln_1", norm)(x), deterministic, cache, positions, layer)
             x = x + y
-        x = x + MLP(self.config, self.dtype, name="mlp")(_layer_norm(self.dtype, "ln_2")(x), deterministic)
+        x = x + MLP(self.config, self.dtype, name="mlp")(_layer_norm(self.dtype, "ln_2", norm)(x), deterministic)
         x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
         return x if cache is None else (x, cache)
 
@@ -242,7 +268,9 @@ class GPT(nn.Module):
                 x = block(x, deterministic)
             else:
                 x, cache = block(x, deterministic, cache, positions, i)
-        x = _layer_norm(self.dtype, "ln_f")(x)
+        x = _layer_norm(self.dtype, "ln_f", cfg.layer_norm)(x)
+        if targets is not None and cfg.loss_kernel == "pallas":  # the head and loss as Pallas kernels
+            return pallas_cross_entropy(x, wte.embedding, targets, cfg.vocab_size, self.dtype)
         if targets is not None and cfg.loss_chunk_size:
             return fused_cross_entropy(x, wte.embedding, targets, cfg.vocab_size, cfg.loss_chunk_size, self.dtype,
                                        keep_exp=self.keep_loss_exp)
