@@ -250,6 +250,19 @@ def _decode_loop(model: GPT, params: Any, state: DecodeState, out: jax.Array, rn
     return jax.lax.while_loop(running, step, (state, out))
 
 
+_grow_cache = jax.jit(grow_cache, static_argnums=1)
+
+
+def _fit_cache(state: DecodeState, segment: Segment) -> DecodeState:
+    """The state with the cache a segment reads (grown to its span, or dropped once the context slides), made
+    before the donating call, so that the call can update its cache in place."""
+    if not segment.cached:
+        return state._replace(cache=None)
+    if state.cache.k.shape[2] < segment.span:
+        return state._replace(cache=_grow_cache(state.cache, segment.span))
+    return state
+
+
 def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_token: int | None = None, use_cache: bool = True, sharding: Any = None) -> np.ndarray:
@@ -275,6 +288,7 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
     state, out = _start(model, params, window, length, how, max_new_tokens=max_new_tokens, span=first.span,
                         chunk=prefill_chunk(longest, first.span), cached=first.cached)
     for segment in segments:
+        state = _fit_cache(state, segment)
         state, out = _decode_loop(model, params, state, out, rng, how, np.int32(segment.end), span=segment.span,
                                   cached=segment.cached)
     if sharding is not None:  # the result may span processes: give every process all of it
@@ -317,6 +331,7 @@ def token_stream(model: GPT, params: Any, prompt: Sequence[int], max_new_tokens:
         state = DecodeState(window, length, None, np.zeros(1, bool), np.int32(0))
     rng, how = jax.random.PRNGKey(seed), settings(temperature, top_k, top_p, stop_token)
     for segment in segments:
+        state = _fit_cache(state, segment)
         for _ in range(segment.begin, segment.end):
             state, token = _decode_step(model, params, state, rng, how, segment.span, segment.cached)
             token = int(token[0])
