@@ -27,6 +27,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from gpt2_common.tokenizer import EOT_TOKEN, decode, get_tokenizer
 from gpt2_torch.model import GPT, KVCache, mask_padded_vocab
@@ -244,6 +245,20 @@ def token_stream(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temp
 INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def column_major_linears(model: GPT) -> GPT:
+    """The model with every Linear weight stored column-major: the same values and shape ([out, in]), transposed in
+    memory. torch's CPU BLAS multiplies a single token by a row-major [out, in] weight (nn.Linear's layout) 2-4x
+    slower than by a column-major one (transformers' Conv1D layout; measured for GPT-2 small's shapes on the dev
+    machine, docs/benchmarks.md), and decoding one token at a time is those products and little else. The tied
+    output head and token embedding share the one tensor. Not for training or evaluation: the bits of a product
+    depend on the layout, and evaluation keeps today's."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
 def load_model(config, weights, device: str | None = None, precision: str = "fp32") -> GPT:
     """The model in eval mode, on `device` (default: CUDA where there is one), for a Config and canonical weights
     (gpt2_common.weights). precision "bf16" stores the weights in bfloat16 too, not only the compute as autocast
@@ -261,7 +276,8 @@ def make_generate(config, weights, device: str | None = None, precision: str = "
     """`generate(prompts, max_new_tokens, **options) -> int32 [len(prompts), max_new_tokens]` (generate's options)
     for a Config and canonical weights: what scripts/sample.py runs. precision "bf16" runs the model in bfloat16:
     faster where the hardware has it, no longer token-identical to fp32."""
-    return functools.partial(generate, load_model(config, weights, device, precision))
+    model = load_model(config, weights, device, precision)
+    return functools.partial(generate, column_major_linears(model) if model.lm_head.weight.is_cpu else model)
 
 
 def make_stream(config, weights, device: str | None = None, precision: str = "fp32"):
@@ -269,6 +285,7 @@ def make_stream(config, weights, device: str | None = None, precision: str = "fp
     weights; `options` has max_new_tokens, temperature, top_k (0: off), top_p (1: off) and seed. The stream ends at
     <|endoftext|>."""
     model = load_model(config, weights, device, precision)
+    model = column_major_linears(model) if model.lm_head.weight.is_cpu else model
     stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
 
     def stream(prompt_tokens: list[int], options) -> Iterator[int]:

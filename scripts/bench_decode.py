@@ -59,8 +59,8 @@ def generators(names, config, weights, precision):
         elif name == "torch":
             from gpt2_torch import sample as torch_sample
 
-            model = torch_sample.load_model(config, weights, device, precision)
-            runs[name] = lambda prompts, n, model=model: torch_sample.generate(model, prompts, n, temperature=0.0)
+            generate = torch_sample.make_generate(config, weights, device, precision)  # as scripts/sample.py
+            runs[name] = lambda prompts, n, generate=generate: generate(prompts, n, temperature=0.0)
         elif name == "hf":
             import transformers
 
