@@ -88,19 +88,29 @@ stage decode_bf16 150 "$PY" scripts/bench_decode.py --config "$CONFIG" --precisi
 # Issue 21's kernels, each behind its switch: the head and loss as Pallas/Triton kernels (model.loss_kernel=pallas,
 # gpt2_jax/pallas_loss.py) and the GELU in fp32 (model.gelu_dtype=fp32), off, each on, and together, beside
 # torch.compile in the same process. `bash scripts/gpu_check.sh 600 kernels_` runs them all, in order of value.
+export PY  # for the stages that run a bash -c script
 KERNEL=jax:model.loss_kernel=pallas
 GELU=jax:model.gelu_dtype=fp32
 BOTH=jax:model.loss_kernel=pallas:model.gelu_dtype=fp32
 sized() {  # sized NAME: a GPT-2 size on a real run; $CONFIG itself in a dry run (CONFIG=tiny)
     if [[ $CONFIG == small ]]; then echo "$1"; else echo "$CONFIG"; fi
 }
+# The timed windows: bench()'s on a real run; one short window in a dry run, where the kernels run in Pallas's
+# interpreter (seconds a step on a CPU).
+WINDOW="--steps 10 --warmup 3 --repeats 3"
+[[ $CONFIG == small ]] || WINDOW="--steps 1 --warmup 1 --repeats 1"
+kbench() {  # kbench NAME LIMIT CONFIG ARGS...: scripts/bench.py over $WINDOW, its JSON to $OUT/NAME.json
+    local name=$1 limit=$2 config=$3
+    shift 3
+    stage "$name" "$limit" "$PY" scripts/bench.py --config "$config" $WINDOW --json "$OUT/$name.json" "$@"
+}
 # The compiled Triton kernels against the chunked loss on the GPU, fp32 (at full matmul precision) and bf16.
 stage kernels_tests 120 env JAX_PLATFORMS= XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q \
-    -p no:cacheprovider tests/test_pallas_kernels.py
-bench kernels_small32 300 --frameworks jax,$KERNEL,$GELU,$BOTH,torch --set train.batch_size=32 \
-    train.micro_batch_size=32 $COMPILE
-bench kernels_small64 240 --frameworks jax,$KERNEL,$BOTH,torch --set train.batch_size=64 train.micro_batch_size=64 \
-    $COMPILE
+    -p no:cacheprovider tests/test_pallas_kernels.py -k on_gpu
+kbench kernels_small32 300 "$CONFIG" --frameworks jax,$KERNEL,$GELU,$BOTH,torch \
+    --set train.batch_size=32 train.micro_batch_size=32 $COMPILE
+kbench kernels_small64 240 "$CONFIG" --frameworks jax,$KERNEL,$BOTH,torch \
+    --set train.batch_size=64 train.micro_batch_size=64 $COMPILE
 # Where the time goes before and after: the loss's reductions and the GELU's fusions should shrink.
 stage kernels_profile_before 120 "$PY" scripts/profile_step.py --config "$CONFIG" --framework jax --top 25 \
     --json "$OUT/kernels_profile_before.json" --set train.batch_size=32 train.micro_batch_size=32
@@ -116,30 +126,30 @@ XLA_FLAGS=--xla_gpu_enable_cublaslt=true stage kernels_hlo_gelu 100 "$PY" script
 # kernels_memory's tables; the defaults fit an 80 GB GPU by the memory plan with the chunked loss).
 MICRO_MEDIUM=${MICRO_MEDIUM:-16}
 MICRO_LARGE=${MICRO_LARGE:-8}
-stage kernels_medium 240 "$PY" scripts/bench.py --config "$(sized medium)" --steps 5 --warmup 2 --repeats 3 \
-    --json "$OUT/kernels_medium.json" --frameworks jax,$BOTH,torch \
+kbench kernels_medium 240 "$(sized medium)" --frameworks jax,$BOTH,torch \
     --set train.batch_size=$MICRO_MEDIUM train.micro_batch_size=$MICRO_MEDIUM $COMPILE
-stage kernels_large 240 "$PY" scripts/bench.py --config "$(sized large)" --steps 5 --warmup 2 --repeats 3 \
-    --json "$OUT/kernels_large.json" --frameworks jax,$BOTH,torch \
+kbench kernels_large 240 "$(sized large)" --frameworks jax,$BOTH,torch \
     --set train.batch_size=$MICRO_LARGE train.micro_batch_size=$MICRO_LARGE $COMPILE
+# tokamax's LayerNorm (model.layer_norm=tokamax) against Flax's. The GPU machine cannot reach PyPI: if its image
+# lacks tokamax, it installs from wheels carried along (here: pip download --no-deps -d .kernel_wheels tokamax==0.0.12
+# einshape==1.0 immutabledict==4.3.1 jaxtyping==0.3.11 qwix==0.1.8 typeguard==2.13.3 wadler_lindig==0.1.8).
+stage kernels_layernorm 240 bash -c '"$PY" -c "import tokamax" 2>/dev/null \
+    || "$PY" -m pip install -q --no-deps --no-index .kernel_wheels/*.whl || exit
+    exec "$PY" scripts/bench.py "$@"' bench --config "$CONFIG" $WINDOW --json "$OUT/kernels_layernorm.json" \
+    --frameworks jax,jax:model.layer_norm=tokamax,$BOTH:model.layer_norm=tokamax \
+    --set train.batch_size=32 train.micro_batch_size=32
 # Memory with the logits gone: the compiler's buffers of one device's step (compiled, not run) at growing
 # micro-batches of small and xl, the kernel on; the largest whose total fits the GPU is the answer.
-memory_plan() {  # memory_plan CONFIG MICRO...: one compile per micro-batch, model.loss_kernel=pallas
-    local config=$1 n
-    shift
-    for n in "$@"; do
-        "$PY" scripts/memory_plan.py --compiled --configs "$config" \
-            --set train.batch_size=$n train.micro_batch_size=$n model.loss_kernel=pallas || return
-    done
-}
-stage kernels_memory_small 240 memory_plan "$(sized small)" 64 128 192
-stage kernels_memory_xl 300 memory_plan "$(sized xl)" 16 24 32
+MEMORY_PLAN='config=$1; shift; for n in "$@"; do "$PY" scripts/memory_plan.py --compiled --configs "$config" \
+    --set train.batch_size=$n train.micro_batch_size=$n model.loss_kernel=pallas || exit; done'
+stage kernels_memory_small 240 bash -c "$MEMORY_PLAN" memory_plan "$(sized small)" 64 128 192
+stage kernels_memory_xl 300 bash -c "$MEMORY_PLAN" memory_plan "$(sized xl)" 16 24 32
 
 echo "== done after $((SECONDS - START))s"
 sed -n '/^== environment (/,/^== environment:/p' "$LOG" | sed 1d
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG"
 grep -h -A6 "tokens a step" "$LOG"
 grep -h "^batch " "$LOG"
-awk '/^== kernels_memory_[a-z]+ \(/{on=1; next} /^== kernels_memory_[a-z]+:/{on=0} on && /\|/' "$LOG"
+awk '/^== kernels_memory_[a-z]+ \(/{on=1; next} /^== kernels_memory_[a-z]+:/{on=0} on && /^\|/' "$LOG"
 # the profiles' tables, without the libraries' warnings
 awk '/^== (kernels_)?profile_[a-z]+ \(/{on=1; next} /^== (kernels_)?profile_[a-z]+:/{on=0} on && !/Warning|warn|USDT|^[WI][0-9]{4} /' "$LOG"
