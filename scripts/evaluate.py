@@ -70,9 +70,32 @@ def shards_loss(pattern: str, block_size: int, vocab_size: int, batch_size: int,
     windows = TokenLoader(paths, 1, block_size, shuffle=False, vocab_size=vocab_size).num_windows
     loader = TokenLoader(paths, min(batch_size, windows), block_size, shuffle=False, vocab_size=vocab_size)
     batches = loader.batches_per_epoch if steps <= 0 else min(steps, loader.batches_per_epoch)
-    loss = loader_loss(token_nll, loader, batches)
+    loss = loader_loss(with_progress(token_nll, batches, "batches"), loader, batches)
     return {"shards": len(paths), "tokens": batches * loader.order.rows * block_size, "loss": loss,
             "perplexity": math.exp(loss)}
+
+
+def with_progress(token_nll, total: int, what: str):
+    """token_nll that reports its calls on stderr (a bar on a terminal, a line each tenth elsewhere) when there
+    are enough of them to wait for; stdout keeps only the result."""
+    if total < 20:
+        return token_nll
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=what[:-1], desc="scoring", file=sys.stderr, disable=not sys.stderr.isatty())
+    calls = 0
+
+    def counted(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        bar.update(1)
+        if not sys.stderr.isatty() and calls % max(1, total // 10) == 0:
+            print(f"scoring: {calls}/{total} {what}", file=sys.stderr, flush=True)
+        if calls == total:
+            bar.close()
+        return token_nll(*args, **kwargs)
+
+    return counted
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -102,7 +125,8 @@ def summary(result: dict) -> str:
                 f"{result['bits_per_byte']:.4f} bits per byte over {result['tokens']:,} tokens "
                 f"(stride {result['stride']})")
     return (f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
-            f"of {result['shards']} shard(s)")
+            f"of {result['shards']} shard(s): every batch of them, where a trainer's logged val_loss is the mean of "
+            "its first train.eval_steps batches")
 
 
 def main(argv: list[str]) -> None:

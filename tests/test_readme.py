@@ -1,0 +1,257 @@
+"""The README as a test: its commands, run as a user types them, in the order it gives them.
+
+Every command below is checked to stand in README.md word for word, then run as a subprocess from the root of a
+fresh copy of the repository (in a folder whose name holds a space), with relative paths, exactly as typed; the
+trainers' runs are only shortened, by `--set` overrides of run-control keys that leave the config's identity alone
+(SHORTEN). Each row of the README's bad-input table runs its own command and must print exactly its message, one
+line, exit status 2, and leave the run directories as they were. If the README changes a command, this test fails
+until it changes too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2_common.data import write_shard
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+# One CPU device and one thread a process: the commands run two or more at a time on a two-core machine.
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SHORTEN = ["--set", "train.max_steps=30", "train.eval_interval=15", "train.save_interval=15", "train.eval_steps=2",
+           "train.log_interval=10"]
+TIMEOUT = 900  # seconds a command may take before the test calls it hung (a busy machine is slow, not broken)
+
+TRAIN_JAX = "python scripts/train_jax.py --config shakespeare"
+TRAIN_TORCH = "python scripts/train_torch.py --config shakespeare"
+PREPARE = "python scripts/prepare_data.py --source shakespeare --out data/shakespeare"
+AFTER_TRAINING = [
+    'python scripts/sample.py --checkpoint runs/shakespeare --framework jax --prompt "ROMEO:" --temperature 0.8 '
+    '--top-k 200',
+    'python scripts/sample.py --checkpoint runs/shakespeare-torch --framework torch --prompt "ROMEO:"',
+    "python scripts/evaluate.py --checkpoint runs/shakespeare --shards data/shakespeare",
+    "python scripts/evaluate.py --checkpoint runs/shakespeare-torch --framework torch --shards data/shakespeare",
+    "python scripts/plot.py runs/shakespeare runs/shakespeare-torch --out curves.png",
+]
+INIT_FROM = [
+    "python scripts/train_jax.py --config shakespeare --init-from runs/shakespeare-torch --run-dir runs/shakespeare-ft",
+    "python scripts/train_torch.py --config shakespeare --init-from runs/shakespeare --run-dir "
+    "runs/shakespeare-ft-torch",
+]
+CONVERT = [  # the "Weights" table: each form written from the JAX run, then read back
+    "python scripts/convert.py runs/shakespeare shakespeare.pt --to torch",
+    "python scripts/convert.py runs/shakespeare shakespeare_hf --to hf",
+    "python scripts/convert.py runs/shakespeare nanogpt_out --to nanogpt",
+    "python scripts/convert.py runs/shakespeare shakespeare.bin --to llmc --dtype bf16",
+]
+CONVERT_BACK = [
+    "python scripts/convert.py shakespeare.pt shakespeare_jax --to jax",
+    "python scripts/convert.py nanogpt_out/ckpt.pt from_nanogpt_hf --to hf",
+    "python scripts/convert.py shakespeare.bin from_llmc_hf --to hf",
+]
+READ_CONVERTED = [
+    'python scripts/sample.py --checkpoint shakespeare.pt --framework torch --prompt "ROMEO:"',
+    "python scripts/evaluate.py --checkpoint shakespeare_hf --shards data/shakespeare",
+]
+READ_JAX_CONVERTED = 'python scripts/sample.py --checkpoint shakespeare_jax --prompt "ROMEO:"'
+SERVE = "python scripts/serve.py --checkpoint runs/shakespeare --framework jax"
+
+
+def readme_commands() -> set[str]:
+    """The README's commands: the lines of its bash blocks (comments and continuations joined), the inline commands
+    of its bad-input table, and the next-steps block it shows."""
+    commands = set()
+    for block in re.findall(r"```(?:bash)?\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line:
+                commands.add(" ".join(line.split()))
+    commands.update(" ".join(span.split()) for span in re.findall(r"`((?:\S+=\S+ )*python scripts/[^`]+)`", README))
+    return commands
+
+
+def bad_input_rows() -> list[tuple[str, str, str]]:
+    """(case, command, message) of each row of the README's bad-input table."""
+    table = README.split("Bad input gets one line", 1)[1].split("\n\n", 2)[1]
+    rows = []
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        case, command, message = cells[0], cells[1].strip("`"), cells[2].strip("`")
+        rows.append((case, command, message))
+    return rows
+
+
+def argv(command: str) -> tuple[list[str], dict[str, str]]:
+    """A README command as a process's argv and environment: `VAR=value` prefixes go to the environment, `python`
+    becomes this interpreter, and the trainers' runs get SHORTEN before their own flags (so that theirs win)."""
+    words, env = shlex.split(command), dict(ENV)
+    while "=" in words[0] and not words[0].startswith("-"):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    assert words[0] == "python", command
+    words[0] = sys.executable
+    if words[1] in ("scripts/train_jax.py", "scripts/train_torch.py"):
+        words[2:2] = SHORTEN
+    return words, env
+
+
+def typed(command: str) -> tuple[list[str], dict[str, str]]:
+    """argv() of a command that README.md gives word for word."""
+    assert " ".join(command.split()) in readme_commands(), f"not in README.md as typed: {command}"
+    return argv(command)
+
+
+def start(command: str, cwd: Path, *extra: str) -> subprocess.Popen:
+    words, env = typed(command)
+    return subprocess.Popen([*words, *extra], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def run_together(commands: list[str], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Runs the commands side by side (they touch different files) and waits for all of them."""
+    procs = {command: start(command, cwd) for command in commands}
+    done = {}
+    for command, proc in procs.items():
+        out, err = proc.communicate(timeout=TIMEOUT)
+        done[command] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+def tree_state(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """The repository's files as a fresh clone has them (those git tracks or would, none that it ignores: no runs/,
+    data/ or .venv/), copied into a folder whose name holds a space."""
+    target = tmp_path_factory.mktemp("readme") / "a clone"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def flow(clone) -> dict[str, subprocess.CompletedProcess]:
+    """The README's path after `make`: prepare the corpus, train both frameworks, then use what they wrote."""
+    done = run_together([PREPARE], clone)
+    done |= run_together([TRAIN_JAX, TRAIN_TORCH], clone)
+    done |= run_together(AFTER_TRAINING, clone)
+    done |= run_together(INIT_FROM, clone)
+    done |= run_together(CONVERT, clone)
+    done |= run_together(CONVERT_BACK + READ_CONVERTED, clone)
+    done |= run_together([READ_JAX_CONVERTED], clone)
+    return done
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, f"{shlex.join(result.args)} failed:\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_training_ends_with_its_checkpoints_and_the_next_commands(flow):
+    for command, framework, run in ((TRAIN_JAX, "jax", "runs/shakespeare"),
+                                    (TRAIN_TORCH, "torch", "runs/shakespeare-torch")):
+        out = ok(flow[command])
+        assert f"run dir {run}" in out
+        assert re.search(rf"checkpoints: {run}/checkpoints/\S+ \(last\), {run}/checkpoints/best\S* \(best, val loss",
+                         out), out
+        next_steps = out.split("\nnext:\n", 1)[1].splitlines()
+        assert next_steps[0] == f"  python scripts/sample.py --checkpoint {run} --framework {framework} --prompt 'ROMEO:'"
+        assert f"  python scripts/serve.py --checkpoint {run} --framework {framework}" in next_steps
+
+
+def test_the_next_commands_that_training_prints_work_as_printed(flow, clone):
+    """The first run's advice, typed as printed (its sample command, with a short completion)."""
+    printed = ok(flow[TRAIN_JAX]).split("\nnext:\n", 1)[1].splitlines()[0].strip()
+    words, env = argv(printed + " --max-new-tokens 8")
+    done = subprocess.run(words, cwd=clone, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0 and done.stdout.startswith("ROMEO:"), done.stderr[-2000:]
+
+
+def test_sampling_evaluating_and_plotting_read_both_runs(flow, clone):
+    for command in AFTER_TRAINING[:2]:
+        assert ok(flow[command]).startswith("ROMEO:")
+    for command in AFTER_TRAINING[2:4]:
+        out = ok(flow[command])
+        assert re.search(r"val loss \d+\.\d+", out) and "perplexity" in out, out
+        assert "train.eval_steps" in out  # says why it differs from the trainer's figure
+    ok(flow[AFTER_TRAINING[4]])
+    assert (clone / "curves.png").stat().st_size > 10_000
+
+
+def test_init_from_another_frameworks_run_in_both_trainers(flow):
+    for command, source in zip(INIT_FROM, ("runs/shakespeare-torch", "runs/shakespeare")):
+        assert f"initialised from {source}" in ok(flow[command])
+
+
+def test_weights_convert_to_every_form_and_back(flow, clone):
+    for command in CONVERT + CONVERT_BACK:
+        ok(flow[command])
+    for command in READ_CONVERTED[:1] + [READ_JAX_CONVERTED]:
+        assert ok(flow[command]).startswith("ROMEO:")
+    assert "val loss" in ok(flow[READ_CONVERTED[1]])
+    from safetensors.numpy import load_file
+
+    exported, via_nanogpt, via_llmc = (load_file(clone / d / "model.safetensors") for d in (
+        "shakespeare_hf", "from_nanogpt_hf", "from_llmc_hf"))
+    assert exported.keys() == via_nanogpt.keys() == via_llmc.keys()
+    for name, value in exported.items():
+        assert np.array_equal(value, via_nanogpt[name]), name  # fp32 both ways
+        np.testing.assert_allclose(via_llmc[name], value, rtol=1e-2, atol=1e-6, err_msg=name)  # through bf16
+
+
+def test_serve_answers_health(flow, clone):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start(SERVE, clone, "--port", str(port))  # the README's command, on a port that is free
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "serve.py never answered /health"
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)
+
+
+def test_every_bad_input_row_prints_its_message_and_touches_nothing(flow, clone):
+    write_shard(clone / "empty" / "train.bin", np.zeros(0, np.int64))
+    (clone / "bad.bin").write_bytes(b"\0" * 100)
+    rows = [(case, command, message) for case, command, message in bad_input_rows() if not command.startswith("(")]
+    covered_elsewhere = {case for case, command, _ in bad_input_rows() if command.startswith("(")}
+    assert covered_elsewhere == {"divergence"}  # tests/test_faults_*.py: a NaN injected into a real step
+    before = tree_state(clone / "runs")
+    wrong = []
+    for i in range(0, len(rows), 2):
+        results = run_together([command for _, command, _ in rows[i:i + 2]], clone)
+        for case, command, message in rows[i:i + 2]:
+            result = results[command]
+            if (result.returncode, result.stderr) != (2, message + "\n"):
+                wrong.append(f"{case}: {command}\n  exit {result.returncode}, printed: {result.stderr[-1500:]!r}")
+    assert not wrong, "\n".join(wrong)
+    assert tree_state(clone / "runs") == before
