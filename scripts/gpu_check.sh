@@ -87,7 +87,8 @@ stage decode_bf16 150 "$PY" scripts/bench_decode.py --config "$CONFIG" --precisi
 
 # Issue 21's kernels, each behind its switch: the head and loss as Pallas/Triton kernels (model.loss_kernel=pallas,
 # gpt2_jax/pallas_loss.py) and the GELU in fp32 (model.gelu_dtype=fp32), off, each on, and together, beside
-# torch.compile in the same process. `bash scripts/gpu_check.sh 600 kernels_` runs them all, in order of value.
+# torch.compile in the same process. Their limits add up to more than one lent GPU's 15 minutes: docs/benchmarks.md
+# ("Issue 21's kernels") lists them in three calls, by value.
 export PY  # for the stages that run a bash -c script
 KERNEL=jax:model.loss_kernel=pallas
 GELU=jax:model.gelu_dtype=fp32
