@@ -51,8 +51,10 @@ def manifest_path(path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: int) -> None:
-    """Writes atomically (temp file, fsync, os.replace), then its checksum file, and only then deletes all but the
-    newest `keep` checkpoints."""
+    """Writes atomically (temp file, fsync, os.replace), its checksum file first, and only then deletes all but
+    the newest `keep` checkpoints. The checksum goes in before the file it names: a kill between the two leaves a
+    checksum of a file that is not there (ignored), never a new step file without one (which would be read
+    unverified, as a checkpoint from before checksums)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -63,13 +65,12 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: i
             os.fsync(f.fileno())
         share_like_open(tmp)
         digest = file_digest(tmp)
-        manifest_path(path).unlink(missing_ok=True)  # a kill before the new one leaves the file unverified, not wrong
+        write_manifest(manifest_path(path), [path], known={path.name: digest})
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     _fsync_dir(path.parent)  # the rename itself survives a power cut
-    write_manifest(manifest_path(path), [path], known={path.name: digest})
     for old in list_checkpoints(path.parent)[:-keep]:
         old.unlink()
         manifest_path(old).unlink(missing_ok=True)

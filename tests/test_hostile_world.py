@@ -204,11 +204,15 @@ def test_kills_a_flipped_byte_a_failing_save_and_a_second_trainer_lose_nothing(f
     else:
         proc.kill()
         proc.communicate()
-    proc = start()  # and a second trainer beside it
+    proc = start()  # and a second trainer beside it, while the first is held still (holding its lock)
     wait(proc, lambda: started(proc))
-    second = subprocess.run(command(framework, config, run_dir), env=ENV, capture_output=True, text=True,
-                            timeout=900)
-    assert second.returncode == 2 and "is in use by process" in second.stderr
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(command(framework, config, run_dir), env=ENV, capture_output=True, text=True,
+                                timeout=900)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and f"is in use by process {proc.pid}" in second.stderr, second.stderr
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     assert losses(run_dir) == expected
