@@ -253,8 +253,12 @@ def validate(config: Config) -> None:
     _check_optimizer_ranges(t)
     if t.min_lr > t.lr:
         raise UserError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; the schedule decays from lr to min_lr")
-    if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
-        raise UserError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.max_steps={t.max_steps}]")
+    if t.warmup_steps < 0:
+        raise UserError(f"train.warmup_steps must be 0 or more, got {t.warmup_steps}")
+    if t.warmup_steps > t.max_steps:  # an error, not a silent clamp: config.toml must say what ran
+        raise UserError(f"train.warmup_steps={t.warmup_steps} is longer than the run (train.max_steps={t.max_steps}), "
+                        f"so the learning rate would never reach train.lr; set train.warmup_steps <= {t.max_steps} "
+                        f"(e.g. --set train.warmup_steps={t.max_steps // 10})")
     axes = {"mesh.data": config.mesh.data, "mesh.fsdp": config.mesh.fsdp, "mesh.tensor": config.mesh.tensor}
     if any(v < 1 and v != -1 for v in axes.values()) or list(axes.values()).count(-1) > 1:
         raise UserError(f"mesh sizes must be positive, and one of them may be -1 (the devices left): got {axes}")
@@ -299,7 +303,7 @@ def check_divides(micro_batch_size: int, batch_shards: int, what: str = "data-pa
 # --- files and overrides -------------------------------------------------------------------------------------------
 
 def resolve_config_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix in (".toml", ".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(f"config file '{name_or_path}' does not exist")

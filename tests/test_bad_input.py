@@ -16,13 +16,12 @@ import torch
 from gpt2_common.config import load_config
 from gpt2_common.data import write_shard
 from gpt2_common.errors import UserError, run_cli
-from gpt2_common.faults import INJECT_NAN_ENV, nan_injection_step
 from gpt2_common.metrics import RunLog, read_metrics
 from gpt2_jax import checkpoint
 from gpt2_jax.sharding import make_mesh
 from gpt2_jax.step import build_trainer
 from gpt2_jax.train import main as jax_main
-from gpt2_torch.train import Distributed, _train
+from gpt2_torch.train import Distributed, TorchBackend
 from gpt2_torch.train import main as torch_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +155,7 @@ def test_the_scripts_print_only_the_line(root):
 def test_a_batch_that_does_not_divide_over_torchrun_processes(root, tmp_path):
     config = load_config(str(root / "c.toml"))
     with pytest.raises(UserError, match="micro_batch_size=8 does not divide over 3 processes"):
-        _train(config, tmp_path / "run", None, Distributed(0, 3, torch.device("cpu")))
+        TorchBackend(config, tmp_path / "run", Distributed(0, 3, torch.device("cpu")))
 
 
 def test_allow_config_change_resumes_with_a_warning(root, tmp_path, capsys):
@@ -176,12 +175,6 @@ def test_allow_config_change_resumes_with_a_warning(root, tmp_path, capsys):
                 "train.weight_decay=0.0", "--allow-config-change"])
     assert "warning: resuming" in capsys.readouterr().err and "train.weight_decay: 0.1 -> 0.0"
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3]
-
-
-def test_nan_hook_value_must_be_a_step():
-    assert nan_injection_step({INJECT_NAN_ENV: "7"}) == 7 and nan_injection_step({}) is None
-    with pytest.raises(UserError, match="GPT2_INJECT_NAN_AT_STEP='x' must be a step number"):
-        nan_injection_step({INJECT_NAN_ENV: "x"})
 
 
 def test_run_log_fans_out_to_tensorboard_and_wandb(tmp_path, monkeypatch):
