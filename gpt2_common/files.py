@@ -33,3 +33,17 @@ def share_like_open(path: str | os.PathLike) -> None:
                 os.chmod(os.path.join(root, name), 0o777 & ~mask)
             for name in files:
                 os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Makes a rename in `directory` survive a power cut (where the filesystem allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from gpt2_common.errors import UserError
+from gpt2_common.files import fsync_dir
 
 MANIFEST_SUFFIX = ".sha256"
 _LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
@@ -111,17 +112,3 @@ def verify_manifest(manifest: str | os.PathLike, only: str | None = None) -> Non
         if actual != digest:
             raise DamagedCheckpoint(f"file '{name}' does not match its SHA-256 in {manifest.name} (it changed "
                                     "after the save)")
-
-
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Makes a rename in `directory` survive a power cut (where the filesystem allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

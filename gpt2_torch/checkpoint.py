@@ -28,7 +28,7 @@ import torch
 
 from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
-from gpt2_common.files import share_like_open
+from gpt2_common.files import fsync_dir, share_like_open
 from gpt2_common.faults import warn
 from gpt2_common.manifest import (MANIFEST_SUFFIX, DamagedCheckpoint, NoManifest, file_digest, read_manifest,
                                   verify_manifest, write_manifest)
@@ -70,7 +70,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: i
     except BaseException:
         os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)  # the rename itself survives a power cut
+    fsync_dir(path.parent)  # the rename itself survives a power cut
     for old in list_checkpoints(path.parent)[:-keep]:
         old.unlink()
         manifest_path(old).unlink(missing_ok=True)
@@ -96,19 +96,6 @@ def link_or_save(checkpoint: dict[str, Any], path: str | os.PathLike, same_as: P
         except OSError:  # a filesystem without hard links: write it
             tmp.unlink(missing_ok=True)
     save_checkpoint(checkpoint, path, keep=1 << 30)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_partial_saves(checkpoint_dir: str | os.PathLike) -> None:
