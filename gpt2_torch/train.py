@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,76 +26,21 @@ from gpt2_common.config import Config, check_divides, dumps_toml, loads_toml
 from gpt2_common.evaluation import hellaswag_correct, training_hellaswag
 from gpt2_common.faults import check_same_config, check_same_model, warn
 from gpt2_common.flops import peak_flops
-from gpt2_common.loaders import data_paths, open_loaders
 from gpt2_common.errors import UserError
+from gpt2_common.loaders import data_paths, open_loaders
 from gpt2_common.metrics import check_logging_packages
 from gpt2_common.runlock import set_aside
 from gpt2_formats import check_framework, init_weights
 from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save, list_checkpoints,
                                    load_checkpoint, newest_resumable, remove_partial_saves, restore_rng_state,
                                    save_checkpoint)
+from gpt2_torch.distributed import Distributed, gather_objects, mean_over_ranks, setup_distributed, to_device
 from gpt2_torch.evaluate import model_token_nll
 from gpt2_torch.model import GPT
 from gpt2_torch.optim import load_optimizer_state, make_optimizer, set_lr
 from gpt2_torch.sample import sample_text
 from gpt2_torch.step import apply_update, autocast, forward_backward
 from gpt2_torch.weights import from_canonical
-
-
-# --- processes and devices ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Distributed:
-    """Joins the torchrun job when launched by torchrun (NCCL on GPUs, gloo on CPUs); else one process."""
-    if "RANK" not in os.environ:
-        return Distributed(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return Distributed(rank, world_size, device)
-
-
-def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over all ranks (gloo has no AVG reduction, hence SUM / world size)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
-
-
-def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch (int32 numpy) as int64 tensors on the device; pinned host memory lets the copy run async."""
-    out = []
-    for array in batch:
-        tensor = torch.from_numpy(array)
-        if device.type == "cuda":
-            tensor = tensor.pin_memory().to(device, non_blocking=True)
-        out.append(tensor.long())
-    return out[0], out[1]
-
-
-def _gather(obj) -> list:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 # --- the backend ----------------------------------------------------------------------------------------------------
@@ -253,7 +197,7 @@ class TorchBackend:
     def save(self, step: int, position: int, meta: dict, *, best: bool = False, same_as_last: bool = False) -> str:
         """Every rank calls it (their RNG states are gathered); rank 0 writes step_XXXXXXXX.pt, or best.pt (as a
         link to this step's checkpoint when that was just written)."""
-        rng = _gather(capture_rng_state())  # every rank's, so that each continues its own dropout stream
+        rng = gather_objects(capture_rng_state())  # every rank's, so that each continues its own dropout stream
         path = checkpoint_path(self.checkpoint_dir, step)
         if self.env.is_main:
             state = {"step": step, "loader_position": position, "model": self.raw_model.state_dict(),

@@ -58,7 +58,8 @@ def train_with_nan_at(framework: str, config: Config, run_dir: Path, nan_step: i
     else:
         import torch
 
-        from gpt2_torch.train import Distributed, TorchBackend
+        from gpt2_torch.distributed import Distributed
+        from gpt2_torch.train import TorchBackend
 
         backend = TorchBackend(config, run_dir, Distributed(0, 1, torch.device("cpu")))
     return run.train(NanAtStep(backend, nan_step), config, run_dir, sample_tokens=0, **run_kwargs)

@@ -21,7 +21,8 @@ from gpt2_jax import checkpoint
 from gpt2_jax.sharding import make_mesh
 from gpt2_jax.step import build_trainer
 from gpt2_jax.train import main as jax_main
-from gpt2_torch.train import Distributed, TorchBackend
+from gpt2_torch.distributed import Distributed
+from gpt2_torch.train import TorchBackend
 from gpt2_torch.train import main as torch_main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,7 +21,8 @@ from gpt2_torch.checkpoint import list_checkpoints, load_checkpoint
 from gpt2_torch.model import GPT
 from gpt2_torch.optim import make_optimizer
 from gpt2_torch.step import train_step
-from gpt2_torch.train import Distributed, TorchBackend, main, to_device
+from gpt2_torch.distributed import Distributed, to_device
+from gpt2_torch.train import TorchBackend, main
 
 
 
