@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from gpt2_common.config import Config
-from gpt2_common.data import IGNORE_INDEX as IGNORE  # the one ignore index; gpt2_*/evaluate.py import this name
+from gpt2_common.data import IGNORE_INDEX as IGNORE  # the one ignore index; gpt2_jax/evaluate.py imports this name
 from gpt2_common.errors import UserError
 from gpt2_common.tokenizer import get_tokenizer
 

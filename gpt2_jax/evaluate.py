@@ -7,25 +7,20 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gpt2_common.evaluation import IGNORE, TokenNLL
-from gpt2_jax.model import GPT, mask_padded_vocab
+from gpt2_jax.model import GPT
 
 MIN_WIDTH = 16
 
 
 def token_nll(model: GPT, params: Any, inputs: jax.Array, targets: jax.Array) -> jax.Array:
     """fp32 NLL [B, T] of each target under the model (0 where the target is -1): the terms of model.cross_entropy,
-    before it averages them."""
-    logits = mask_padded_vocab(model.apply({"params": params}, inputs), model.config.vocab_size)
-    valid = targets != IGNORE
-    losses = optax.losses.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
-    return jnp.where(valid, losses, 0.0)
+    before it averages them, computed through the head by chunks (gpt2_jax.loss.fused_token_losses)."""
+    return model.apply({"params": params}, inputs, targets=targets, reduction="none")
 
 
 _token_nll = jax.jit(token_nll, static_argnums=0)

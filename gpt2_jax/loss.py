@@ -99,6 +99,42 @@ def _chunk_nll_and_softmax(logits: jax.Array, targets: jax.Array,
     return nll, exp / total[..., None], valid
 
 
+def eval_chunk_size(rows: int, length: int, chunk_tokens: int) -> int:
+    """Positions per chunk (or group) for fused_token_losses: about `chunk_tokens` tokens (rows x positions)."""
+    return max(1, min(length, chunk_tokens // rows))
+
+
+def fused_token_losses(x: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_size: int, chunk_size: int,
+                       dtype: Any, group_size: int | None = None) -> jax.Array:
+    """fp32 NLL [B, T] of each target (0 where it is IGNORE_INDEX) under logits x @ embedding.T, `chunk_size`
+    positions at a time, for evaluation (no gradient). Value for value the terms `cross_entropy` averages over the
+    plain head's logits: each position's logits are the same row of the same matmul, its loss the same optax
+    reduction, only the [B, T, V] fp32 logits (and the passes over them, out of every cache) never exist.
+
+    group_size: positions of a chunk whose losses are one reduction of their own. XLA on a CPU runs one reduction on
+    one thread, but independent ones side by side, so groups put every core to work on the softmax's passes, which
+    cost as much as the head's matmul (each row's loss stays the same reduction, so its bits do not change)."""
+    w = embedding.astype(dtype)
+    xs, ts = _chunked(x.astype(dtype), targets, chunk_size)
+    chunk_size = xs.shape[2]
+    group_size = min(group_size or chunk_size, chunk_size)
+
+    def chunk_nll(carry, chunk):
+        x_c, t_c = chunk
+        logits = _chunk_logits(x_c, w, vocab_size)
+        valid = t_c != IGNORE_INDEX
+        labels = jnp.where(valid, t_c, 0)
+        losses = jnp.concatenate([
+            optax.losses.softmax_cross_entropy_with_integer_labels(logits[:, g:g + group_size],
+                                                                   labels[:, g:g + group_size])
+            for g in range(0, chunk_size, group_size)], axis=1)
+        return carry, jnp.where(valid, losses, 0.0)
+
+    _, nll = jax.lax.scan(chunk_nll, None, (xs, ts))  # [n, B, chunk]
+    B, T = targets.shape
+    return nll.swapaxes(0, 1).reshape(B, -1)[:, :T]
+
+
 def _batch_shards() -> int:
     """How many devices the batch's rows are split over in the mesh being traced for (1 outside a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()

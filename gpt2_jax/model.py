@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from gpt2_common.config import ModelConfig
 from gpt2_common.errors import UserError
-from gpt2_jax.loss import cross_entropy, fused_cross_entropy, mask_padded_vocab  # noqa: F401 (re-exported)
+from gpt2_jax.loss import (cross_entropy, eval_chunk_size, fused_cross_entropy, mask_padded_vocab,  # noqa: F401
+                           fused_token_losses)
 from gpt2_jax.pallas_loss import pallas_cross_entropy
 
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -239,11 +240,14 @@ class GPT(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "xla"
     keep_loss_exp: bool = False  # model.loss_exp, resolved for the backend
+    eval_chunk_tokens: int = 128  # evaluation's per-token loss: tokens through the head at a time (EVAL_TOKENS)
+    eval_group_tokens: int = 16  # ... and tokens of a chunk whose softmax is one reduction
 
     @nn.compact
     def __call__(self, idx: jax.Array, deterministic: bool = True, cache: KVCache | None = None,
-                 positions: jax.Array | None = None, targets: jax.Array | None = None):
-        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]; given targets [B, T], their mean loss instead.
+                 positions: jax.Array | None = None, targets: jax.Array | None = None, reduction: str = "mean"):
+        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]; given targets [B, T], their mean loss instead
+        (reduction "none": each target's loss [B, T], 0 where it is ignored, for evaluation).
 
         The loss is computed here, through the head in chunks of model.loss_chunk_size positions (gpt2_jax/loss.py),
         so that the full fp32 logits, the largest activation by far, never exist. With a cache, see `decode`.
@@ -269,6 +273,9 @@ class GPT(nn.Module):
             else:
                 x, cache = block(x, deterministic, cache, positions, i)
         x = _layer_norm(self.dtype, "ln_f", cfg.layer_norm)(x)
+        if targets is not None and reduction == "none":  # evaluation: by chunks sized for the cache, no gradient
+            chunk, group = (eval_chunk_size(B, T, n) for n in (self.eval_chunk_tokens, self.eval_group_tokens))
+            return fused_token_losses(x, wte.embedding, targets, cfg.vocab_size, chunk, self.dtype, group)
         if targets is not None and cfg.loss_kernel == "pallas":  # the head and loss as Pallas kernels
             return pallas_cross_entropy(x, wte.embedding, targets, cfg.vocab_size, self.dtype)
         if targets is not None and cfg.loss_chunk_size:
@@ -297,10 +304,19 @@ class GPT(nn.Module):
         return self(idx, True, cache, positions)
 
 
+# Evaluation's per-token loss goes through the head EVAL_TOKENS[backend][0] tokens at a time, and the softmax of
+# each EVAL_TOKENS[backend][1] of them is a reduction of its own. On a CPU a chunk's fp32 logits (128 tokens x GPT-2's
+# vocabulary: 26 MB) stay in the last-level cache, where the whole batch's (206 MB for 8 x 128) went to memory and
+# back three times, and XLA runs the groups' reductions on both cores, where one reduction runs on one; together
+# 2.3x the whole logits' tokens/s for `shakespeare` (docs/benchmarks.md). A GPU wants big matmuls and has the memory.
+EVAL_TOKENS = {"cpu": (128, 16), "gpu": (8192, 8192)}
+
+
 def build_model(config: ModelConfig, precision: str = "fp32", backend: str | None = None) -> GPT:
     """The GPT for a config: compute dtype from train.precision, attention kernel and loss for this backend."""
     dtype = compute_dtype(precision)
     backend = backend or jax.default_backend()
     keep_loss_exp = config.loss_exp == "keep" or (config.loss_exp == "auto" and backend == "cpu")
+    eval_chunk_tokens, eval_group_tokens = EVAL_TOKENS["cpu" if backend == "cpu" else "gpu"]
     return GPT(config, dtype=dtype, attention=attention_implementation(config.attention, backend, dtype),
-               keep_loss_exp=keep_loss_exp)
+               keep_loss_exp=keep_loss_exp, eval_chunk_tokens=eval_chunk_tokens, eval_group_tokens=eval_group_tokens)

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from gpt2_common.evaluation import IGNORE, TokenNLL
+from gpt2_common.evaluation import TokenNLL
 from gpt2_torch.model import GPT
 
 
 @torch.inference_mode()
 def token_nll(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """fp32 NLL [B, T] of each target under the model (0 where the target is -1): the terms of model.cross_entropy,
-    before it averages them."""
-    logits = model(inputs).float()
-    # In place, the padded ids' columns only: the values mask_padded_vocab gives, without its copy of the whole
-    # fp32 logits (200 kB a token at GPT-2's vocabulary).
-    logits[..., model.config.vocab_size:] = float("-inf")
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
-    return nll.view(targets.shape)
+    before it averages them (gpt2_torch.loss.token_losses)."""
+    return model(inputs, targets, reduction="none")
 
 
 def model_token_nll(model: GPT) -> TokenNLL:

@@ -36,6 +36,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) 
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """fp32 cross-entropy [B, T] of each target (0 where it is IGNORE_INDEX) under fp32 logits [B, T, V], which it
+    overwrites: the padded ids' columns are set to -inf in place, the values mask_padded_vocab gives without its copy
+    of the whole logits (200 kB a token at GPT-2's vocabulary). For evaluation, where nothing needs the logits after;
+    torch's eager kernels stream through them fast enough that evaluation needs no chunks here (docs/benchmarks.md)."""
+    logits[..., vocab_size:] = float("-inf")
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(targets.shape)
+
+
 def fused_cross_entropy(x: torch.Tensor, embedding: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                         chunk_size: int) -> torch.Tensor:
     """Mean fp32 cross-entropy of targets [B, T] (IGNORE_INDEX: skipped) under logits x @ embedding.T, by chunks.

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2_common.config import ModelConfig
-from gpt2_torch.loss import cross_entropy, fused_cross_entropy, mask_padded_vocab  # noqa: F401 (re-exported)
+from gpt2_torch.loss import (cross_entropy, fused_cross_entropy, mask_padded_vocab,  # noqa: F401 (re-exported)
+                             token_losses)
 
 
 class KVCache(NamedTuple):
@@ -128,8 +129,9 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
         # nn.LayerNorm already starts at weight 1, bias 0
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]; given targets [B, T], their mean loss instead.
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Token ids [B, T] -> fp32 logits [B, T, padded_vocab_size]; given targets [B, T], their mean loss instead
+        (reduction "none": each target's loss [B, T], 0 where it is ignored, for evaluation).
 
         The loss is computed here, through the head in chunks of model.loss_chunk_size positions (gpt2_torch/loss.py),
         so that the full fp32 logits, the largest activation by far, never exist; and here rather than by the caller
@@ -145,6 +147,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and reduction == "none":  # evaluation: no gradient, the whole logits (see token_losses)
+            return token_losses(self.lm_head(x).float(), targets, self.config.vocab_size)
         if targets is not None and self.config.loss_chunk_size and not torch.compiler.is_compiling():
             return fused_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size,
                                        self.config.loss_chunk_size)

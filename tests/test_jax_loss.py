@@ -5,10 +5,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from gpt2_jax.loss import fused_cross_entropy
-from gpt2_jax.model import cross_entropy
+from gpt2_jax.loss import fused_cross_entropy, fused_token_losses
+from gpt2_jax.model import cross_entropy, mask_padded_vocab
 
 VOCAB, PADDED, B, T, C = 100, 128, 3, 12, 16
 
@@ -54,6 +55,49 @@ def test_fused_loss_and_gradients_equal_the_plain_ones(chunk, keep_exp):
 def test_fused_loss_without_gradient_is_the_same_loss():
     loss = jax.jit(fused_loss, static_argnums=3)(*batch(), 5)
     assert float(loss) == pytest.approx(float(plain_value_and_grads()[0]), rel=1e-6)
+
+
+def plain_token_losses(logits, targets, vocab_size):
+    """What scripts/evaluate.py scored before it went by chunks: the whole logits, then optax's per-token loss."""
+    valid = targets != -1
+    losses = optax.losses.softmax_cross_entropy_with_integer_labels(mask_padded_vocab(logits, vocab_size),
+                                                                    jnp.where(valid, targets, 0))
+    return jnp.where(valid, losses, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("chunk,group", [(1, None), (5, 2), (T, 5), (64, None)])  # ragged last chunks and groups
+def test_per_token_losses_by_chunks_are_the_plain_ones(chunk, group, dtype):
+    x, embedding, targets = batch(dtype=dtype)
+    chunked = jax.jit(fused_token_losses, static_argnums=(3, 4, 5, 6))(x, embedding, targets, VOCAB, chunk, dtype,
+                                                                         group)
+    logits = jnp.dot(x.astype(dtype), embedding.astype(dtype).T).astype(jnp.float32)
+    assert chunked.shape == (B, T) and chunked.dtype == jnp.float32
+    np.testing.assert_allclose(chunked, plain_token_losses(logits, targets, VOCAB), rtol=1e-6)
+    assert np.asarray(chunked)[0, :5].max() == 0 and np.asarray(chunked).min() >= 0
+
+
+@pytest.mark.parametrize("rows,length,precision", [(8, 128, "fp32"), (8, 128, "bf16"),  # shards' batches,
+                                                   (4, 64, "fp32"), (1, 128, "bf16")])  # HellaSwag, text windows
+def test_evaluation_losses_are_the_whole_logits_ones_bit_for_bit(rows, length, precision):
+    """At GPT-2's vocabulary, in the shapes evaluation scores, GPT(reduction="none") by cache-sized chunks gives
+    the losses of the whole logits to the last bit: what scripts/evaluate.py reported before, it reports still.
+    (With a toy vocabulary XLA's reductions over chunks of a few tokens can round differently; the test above.)"""
+    from flax.core import unfreeze
+    from flax.linen import unbox
+
+    from gpt2_common.config import ModelConfig
+    from gpt2_jax.model import build_model
+
+    model = build_model(ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=128), precision, backend="cpu")
+    rng = np.random.default_rng(rows * length)
+    inputs = jnp.asarray(rng.integers(0, 50257, (rows, length)), jnp.int32)
+    targets = np.asarray(rng.integers(0, 50257, (rows, length)), np.int32)
+    targets[0, : length // 4] = -1
+    params = unbox(unfreeze(model.init(jax.random.PRNGKey(0), inputs)["params"]))
+    by_chunks = jax.jit(lambda p, i, t: model.apply({"params": p}, i, targets=t, reduction="none"))
+    whole = jax.jit(lambda p, i, t: plain_token_losses(model.apply({"params": p}, i), t, 50257))
+    np.testing.assert_array_equal(by_chunks(params, inputs, targets), whole(params, inputs, targets))
 
 
 def test_the_backward_pass_scales_with_the_incoming_gradient():
