@@ -245,17 +245,43 @@ def token_stream(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temp
 INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def column_major_linears(model: GPT) -> GPT:
-    """The model with every Linear weight stored column-major: the same values and shape ([out, in]), transposed in
-    memory. torch's CPU BLAS multiplies a single token by a row-major [out, in] weight (nn.Linear's layout) 2-4x
-    slower than by a column-major one (transformers' Conv1D layout; measured for GPT-2 small's shapes on the dev
-    machine, docs/benchmarks.md), and decoding one token at a time is those products and little else. The tied
-    output head and token embedding share the one tensor. Not for training or evaluation: the bits of a product
-    depend on the layout, and evaluation keeps today's."""
+class PackedLinear(nn.Module):
+    """A Linear whose weight oneDNN holds in its own blocked layout, for products of a few rows (decoding): the same
+    values, multiplied through oneDNN rather than the BLAS. With the weights streaming from memory, as one decoding
+    step streams all of them, GPT-2 small's block products ran 1.3x faster this way than column-major through
+    the BLAS (docs/benchmarks.md). These are torch's own ops for a frozen Linear on a CPU, the ones inductor emits."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        # 1: the rows a product is packed for (one token a row); any row count still multiplies correctly
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def _can_pack() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def for_cpu_decoding(model: GPT) -> GPT:
+    """The model with its weights laid out for decoding on a CPU, where a step multiplies a token or a few by every
+    weight and little else: the blocks' Linear layers packed for oneDNN (PackedLinear, where torch has oneDNN), the
+    tied output head stored column-major (the same values and shape [out, in], transposed in memory: torch's CPU BLAS
+    multiplies a single token by nn.Linear's row-major weight 2-4x slower than by a column-major one, which is
+    transformers' Conv1D layout; the head stays one tensor with the token embedding). Greedy tokens stay those of
+    the plain model (tests/test_torch_sample.py, parity_tests/test_generation_parity.py). Not for training or
+    evaluation: the bits of a product depend on how it is computed, and evaluation keeps today's."""
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.data = module.weight.data.t().contiguous().t()
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                if child is model.lm_head or not _can_pack():
+                    child.weight.data = child.weight.data.t().contiguous().t()
+                else:
+                    setattr(module, name, PackedLinear(child))
     return model
 
 
@@ -277,7 +303,7 @@ def make_generate(config, weights, device: str | None = None, precision: str = "
     for a Config and canonical weights: what scripts/sample.py runs. precision "bf16" runs the model in bfloat16:
     faster where the hardware has it, no longer token-identical to fp32."""
     model = load_model(config, weights, device, precision)
-    return functools.partial(generate, column_major_linears(model) if model.lm_head.weight.is_cpu else model)
+    return functools.partial(generate, for_cpu_decoding(model) if model.lm_head.weight.is_cpu else model)
 
 
 def make_stream(config, weights, device: str | None = None, precision: str = "fp32"):
@@ -285,7 +311,7 @@ def make_stream(config, weights, device: str | None = None, precision: str = "fp
     weights; `options` has max_new_tokens, temperature, top_k (0: off), top_p (1: off) and seed. The stream ends at
     <|endoftext|>."""
     model = load_model(config, weights, device, precision)
-    model = column_major_linears(model) if model.lm_head.weight.is_cpu else model
+    model = for_cpu_decoding(model) if model.lm_head.weight.is_cpu else model
     stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
 
     def stream(prompt_tokens: list[int], options) -> Iterator[int]:

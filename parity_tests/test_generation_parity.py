@@ -24,6 +24,9 @@ def test_greedy_generation_agrees_across_frameworks_and_caches():
         "jax uncached": jax_sample.generate(jax_model, params, PROMPTS, NEW, temperature=0.0, use_cache=False),
         "torch cached": torch_sample.generate(torch_gpt, PROMPTS, NEW, temperature=0.0),
         "torch uncached": torch_sample.generate(torch_gpt, PROMPTS, NEW, temperature=0.0, use_cache=False),
+        # what sample.py and serve.py decode with on a CPU: the blocks packed for oneDNN, the head column-major
+        "torch cached, CPU decoding layout": torch_sample.generate(
+            torch_sample.for_cpu_decoding(torch_model(weights, MODEL)), PROMPTS, NEW, temperature=0.0),
     }
     reference = runs["torch uncached"].tolist()
     for name, out in runs.items():
