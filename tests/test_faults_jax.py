@@ -2,7 +2,6 @@
 then the same command again, must give exactly the losses of an uninterrupted run; SIGTERM stops with a checkpoint
 and exit 0; damaged checkpoints are skipped; a NaN loss is skipped or stops the run by train.nan_policy."""
 
-import json
 import os
 import random
 import shutil
@@ -17,12 +16,12 @@ import numpy as np
 import pytest
 
 from gpt2_common.config import load_config
-from gpt2_common.data import write_shard
 from gpt2_common.errors import UserError, run_cli
 from gpt2_common.metrics import read_metrics
 from gpt2_jax.checkpoint import load_checkpoint_params, read_meta
 from gpt2_jax.train import train
 from nan_injection import train_with_nan_at
+from tiny_run import write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_jax.py"
@@ -47,20 +46,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def write_config(root: Path, **train_keys) -> Path:
     """12 steps of one micro-batch (the quickest step to compile) with dropout (so the dropout keys and the loader
     position matter)."""
-    rng = np.random.default_rng(0)
-    if not (root / "data" / "train.bin").exists():
-        write_shard(root / "data" / "train.bin", rng.integers(0, 100, 12_000))
-        write_shard(root / "data" / "val.bin", rng.integers(0, 100, 1_000))
-    settings = {"batch_size": 4, "micro_batch_size": 4, "max_steps": 12, "lr": 1e-3, "min_lr": 1e-4,
-                "warmup_steps": 2, "eval_interval": 4, "eval_steps": 1, "save_interval": 3, "log_interval": 1,
-                "keep_checkpoints": 10, "precision": "fp32", "seed": 3, **train_keys}
-    text = ['name = "faults"', "[model]", "n_layer = 2", "n_head = 2", "n_embd = 32", "block_size = 16",
-            "vocab_size = 100", "dropout = 0.1", "[train]"]
-    text += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-    text += ["[data]", f'train = "{root / "data" / "train.bin"}"', f'val = "{root / "data" / "val.bin"}"']
-    path = root / f"config_{abs(hash(json.dumps(train_keys, sort_keys=True))) % 10**8}.toml"
-    path.write_text("\n".join(text) + "\n")
-    return path
+    return write_run_config(root, "faults", {
+        "batch_size": 4, "micro_batch_size": 4, "max_steps": 12, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2,
+        "eval_interval": 4, "eval_steps": 1, "save_interval": 3, "log_interval": 1, "keep_checkpoints": 10,
+        "precision": "fp32", "seed": 3, **train_keys})
 
 
 def command(config: Path, run_dir: Path) -> list[str]:

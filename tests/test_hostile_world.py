@@ -3,7 +3,6 @@ same run directory, a save that fails, and (slow) all of it in turn with random 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -12,13 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from gpt2_common.config import load_config
-from gpt2_common.data import write_shard
 from gpt2_common.metrics import read_metrics
 from gpt2_common.runlock import lock_holder
+from tiny_run import write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -27,20 +25,11 @@ FRAMEWORKS = ["jax", "torch"]
 
 def write_config(root: Path, **train) -> Path:
     """8 steps of 2 micro-batches with dropout, a checkpoint every 2 (so that RNG and loader position matter)."""
-    if not (root / "data" / "train.bin").exists():
-        rng = np.random.default_rng(0)
-        write_shard(root / "data" / "train.bin", rng.integers(0, 100, 6_000))
-        write_shard(root / "data" / "val.bin", rng.integers(0, 100, 1_000))
-    settings = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "lr": 1e-3, "min_lr": 1e-4,
-                "warmup_steps": 2, "eval_interval": 4, "eval_steps": 1, "save_interval": 2, "log_interval": 1,
-                "keep_checkpoints": 10, "precision": "fp32", "seed": 5, **train}
-    text = ['name = "hostile"', "[model]", "n_layer = 2", "n_head = 2", "n_embd = 32", "block_size = 16",
-            "vocab_size = 100", "dropout = 0.1", "loss_chunk_size = 0", "[train]"]
-    text += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-    text += ["[data]", f'train = "{root / "data" / "train.bin"}"', f'val = "{root / "data" / "val.bin"}"']
-    path = root / "config.toml"
-    path.write_text("\n".join(text) + "\n")
-    return path
+    return write_run_config(root, "hostile", {
+        "batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2,
+        "eval_interval": 4, "eval_steps": 1, "save_interval": 2, "log_interval": 1, "keep_checkpoints": 10,
+        "precision": "fp32", "seed": 5, **train}, model={"loss_chunk_size": 0}, train_tokens=6_000,
+        file_name="config.toml")
 
 
 def command(framework: str, config: Path, run_dir: Path, *extra: str) -> list[str]:
