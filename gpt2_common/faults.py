@@ -3,7 +3,6 @@ error, and the checks that keep a run directory to one framework and one config.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading

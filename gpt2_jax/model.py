@@ -308,7 +308,7 @@ class GPT(nn.Module):
 # each EVAL_TOKENS[backend][1] of them is a reduction of its own. On a CPU a chunk's fp32 logits (128 tokens x GPT-2's
 # vocabulary: 26 MB) stay in the last-level cache, where the whole batch's (206 MB for 8 x 128) went to memory and
 # back three times, and XLA runs the groups' reductions on both cores, where one reduction runs on one; together
-# 2.3x the whole logits' tokens/s for `shakespeare` (docs/benchmarks.md). A GPU wants big matmuls and has the memory.
+# 2.4x the whole logits' tokens/s for `shakespeare` (docs/benchmarks.md). A GPU wants big matmuls and has the memory.
 EVAL_TOKENS = {"cpu": (128, 16), "gpu": (8192, 8192)}
 
 

@@ -7,7 +7,6 @@ the state dict lists the tied output head, lm_head.weight, which is the embeddin
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 

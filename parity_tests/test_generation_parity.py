@@ -1,7 +1,6 @@
 """Greedy generation agrees across JAX, PyTorch and transformers from the same weights, with and without the KV
 cache, also once the context runs past block_size (where both crop it as nanoGPT does)."""
 
-import numpy as np
 import torch
 
 from gpt2_common.config import ModelConfig

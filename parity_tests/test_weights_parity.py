@@ -11,7 +11,6 @@ from flax.linen import meta
 
 from gpt2_formats import init_weights
 from gpt2_common import weights as cw
-from gpt2_common.config import Config
 from gpt2_jax import weights as jw
 from gpt2_jax.model import GPT as JaxGPT
 from gpt2_torch import weights as tw

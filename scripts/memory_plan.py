@@ -53,7 +53,7 @@ def main() -> None:
                                         "train.micro_batch_size=" + str(args.rows_per_device * n)])
             p = plan(config, data, fsdp)
             fits = "yes" if p.total <= args.gpu_gib * 2**30 else "no"
-            label = f"{layout} x{n}" if layout == "FSDP" else f"data parallel (any count)"
+            label = f"{layout} x{n}" if layout == "FSDP" else "data parallel (any count)"
             print(f"| {name} | {num_params(config.model) / 1e6:.0f}M | {label} | {gib(p.params)} | {gib(p.grads)} | "
                   f"{gib(p.opt_state)} | {gib(p.activations)} | {gib(p.total)} | {fits} |")
 

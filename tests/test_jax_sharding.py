@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gpt2_common.config import MeshConfig, from_dict, load_config
+from gpt2_common.config import MeshConfig, load_config
 from gpt2_common.errors import UserError
 from gpt2_jax.hlo import collectives
 from gpt2_jax.sharding import bytes_per_device, logical_sharding, make_mesh, mesh_shape, process_rows

@@ -117,7 +117,7 @@ def test_an_unknown_format(tmp_path):
 def test_a_checkpoint_whose_tensors_do_not_match_its_config(tmp_path):
     """A torch checkpoint saved with a config of another shape: caught before anything is written."""
     from gpt2_torch.checkpoint import save_checkpoint
-    from gpt2_common.config import Config, dumps_toml
+    from gpt2_common.config import dumps_toml
 
     state = tw.from_canonical(random_weights(), MODEL)
     other = Config(model=ModelConfig(**{**MODEL.__dict__, "n_embd": 64}))
