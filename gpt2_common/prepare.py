@@ -11,7 +11,9 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -255,3 +257,15 @@ def ensure_embedded_prepared(source: str, train_pattern: str, progress: bool = T
     if os.path.abspath(out_dir) != os.path.abspath(EMBEDDED_HOMES[source]):
         return
     print(f"preparing the embedded '{source}' corpus into {out_dir} (once)", file=sys.stderr)
+    # As `prepare_data.py --source NAME --out HOME` prepares it (the same shards, byte for byte), into a staging
+    # folder beside the home, then moved in with the train shards last: a process that finds a train shard (the test
+    # above) finds the whole corpus, so two runs started together both train, whichever prepared it.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.preparing-"))
+    try:
+        prepare(documents_for([source]), staging, workers=1, progress=progress, source=source)
+        out_dir.mkdir(exist_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: (p.name.startswith("train_"), p.name)):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt2_common.config import load_config
 from gpt2_common.data import find_shards, read_shard
 from gpt2_common.errors import UserError
+from gpt2_common.loaders import data_paths
 from gpt2_common.prepare import documents_for, prepare, shakespeare_markdown_to_text
 from gpt2_common.tokenizer import EOT_TOKEN, decode
 
@@ -89,3 +91,24 @@ def test_embedded_shakespeare(tmp_path):
     assert result.documents >= 36 and result.train_tokens > 1_000_000
     text = decode(read_shard(find_shards(str(tmp_path / "train_*.bin"))[0])[:4000])
     assert ":\n" in text and "**" not in text
+
+
+def test_the_first_run_of_a_preset_on_the_embedded_corpus_prepares_it_as_the_readme_command_does(tmp_path,
+                                                                                                  monkeypatch):
+    """`make train` in a fresh clone: the shakespeare preset's shards do not exist yet, so the first run prepares
+    them into data/shakespeare, the same files byte for byte as the README's prepare_data.py command writes, and
+    leaves no staging folder behind; the next run finds them and prepares nothing."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--source", "shakespeare", "--out",
+                    "typed"], cwd=tmp_path, check=True, capture_output=True)
+    monkeypatch.chdir(tmp_path)
+    config = load_config("shakespeare")
+    train, val = data_paths(config, progress=False)
+    assert [p.name for p in train + val] == ["train_000000.bin", "val_000000.bin"]
+    home, typed = tmp_path / "data" / "shakespeare", tmp_path / "typed"
+    assert sorted(p.name for p in home.iterdir()) == sorted(p.name for p in typed.iterdir())
+    for path in typed.iterdir():
+        assert (home / path.name).read_bytes() == path.read_bytes(), path.name
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["shakespeare"]
+    written = {p.name: p.stat().st_mtime_ns for p in home.iterdir()}
+    data_paths(config, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in home.iterdir()} == written

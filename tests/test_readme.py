@@ -67,6 +67,7 @@ READ_CONVERTED = [
 ]
 READ_JAX_CONVERTED = 'python scripts/sample.py --checkpoint shakespeare_jax --prompt "ROMEO:"'
 SERVE = "python scripts/serve.py --checkpoint runs/shakespeare --framework jax"
+PREPARED_BY_TRAINING = "prepared by the trainers"  # a copy of data/shakespeare as the first training runs left it
 
 
 def readme_commands() -> set[str]:
@@ -149,14 +150,16 @@ def clone(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def flow(clone) -> dict[str, subprocess.CompletedProcess]:
-    """The README's path after `make`: prepare the corpus, train both frameworks, then use what they wrote. Each
-    wave runs side by side what needs only the waves before it (no two commands of a wave write the same files), so
-    that no core idles while a wave's slowest command finishes."""
-    done = run_together([PREPARE], clone)
-    done |= run_together([TRAIN_JAX, TRAIN_TORCH], clone)
+    """The README's path after `make`: train both frameworks, then use what they wrote. Each wave runs side by side
+    what needs only the waves before it (no two commands of a wave write the same files, but for the corpus that
+    both first runs prepare), so that no core idles while a wave's slowest command finishes. As `make train` in a
+    fresh clone, the trainers find no shards and prepare the embedded corpus themselves; the README's own
+    prepare_data.py command runs last, over what they prepared (kept aside to compare)."""
+    done = run_together([TRAIN_JAX, TRAIN_TORCH], clone)
+    shutil.copytree(clone / "data" / "shakespeare", clone / PREPARED_BY_TRAINING)
     done |= run_together(AFTER_TRAINING + INIT_FROM + CONVERT, clone)
     done |= run_together(CONVERT_BACK + READ_CONVERTED, clone)
-    done |= run_together([READ_JAX_CONVERTED], clone)
+    done |= run_together([READ_JAX_CONVERTED, PREPARE], clone)
     return done
 
 
@@ -176,6 +179,20 @@ def test_training_ends_with_its_checkpoints_and_the_next_commands(flow):
         next_steps = out.split("\nnext:\n", 1)[1].splitlines()
         assert next_steps[0] == f"  python scripts/sample.py --checkpoint {run} --framework {framework} --prompt 'ROMEO:'"
         assert f"  python scripts/serve.py --checkpoint {run} --framework {framework}" in next_steps
+
+
+def test_make_train_prepares_the_corpus_as_the_readme_command_does(flow, clone):
+    """make train runs TRAIN_JAX; in a fresh clone its first run (and the PyTorch run beside it) prepares the
+    embedded corpus, the same shards as the README's prepare_data.py command writes."""
+    recipe = re.search(r"^train:.*\n\t\$\(PY\) (.+)$", (clone / "Makefile").read_text(), flags=re.M).group(1)
+    assert f"python {recipe}" == TRAIN_JAX
+    assert any("preparing the embedded 'shakespeare' corpus into data/shakespeare (once)" in flow[command].stderr
+               for command in (TRAIN_JAX, TRAIN_TORCH))
+    ok(flow[PREPARE])
+    prepared, typed = clone / PREPARED_BY_TRAINING, clone / "data" / "shakespeare"
+    assert sorted(p.name for p in prepared.iterdir()) == sorted(p.name for p in typed.iterdir())
+    for path in typed.iterdir():
+        assert (prepared / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_the_next_commands_that_training_prints_work_as_printed(flow, clone):
