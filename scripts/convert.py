@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpt2_formats  # noqa: E402
 from gpt2_common.cli import path_arg  # noqa: E402
-from gpt2_common.errors import UserError, run_cli  # noqa: E402
+from gpt2_common.errors import UserError, as_typed, run_cli  # noqa: E402
 from gpt2_common.flops import num_params  # noqa: E402
 from gpt2_common.runlock import check_not_in_use  # noqa: E402
 
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     done = convert(args.src, args.dst, args.to, args.dtype)
-    print(f"{done}; {time.perf_counter() - start:.1f} s")
+    print(f"{as_typed(done)}; {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt2_common.cli import path_arg  # noqa: E402
-from gpt2_common.errors import UserError, run_cli  # noqa: E402
+from gpt2_common.errors import UserError, as_typed, run_cli  # noqa: E402
 from gpt2_common.metrics import read_metrics  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--title", default=None, help="title of the loss plot (default: 'loss')")
     args = parser.parse_args()
     plot_runs(args.runs, args.out, args.title)
-    print(f"wrote {args.out}")
+    print(f"wrote {as_typed(args.out)}")
 
 
 if __name__ == "__main__":

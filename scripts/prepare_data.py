@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt2_common.cli import path_arg, source_arg  # noqa: E402
-from gpt2_common.errors import run_cli  # noqa: E402
+from gpt2_common.errors import as_typed, run_cli  # noqa: E402
 from gpt2_common.prepare import DEFAULT_SHARD_TOKENS, documents_for, prepare  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     total = result.train_tokens + result.val_tokens
     print(f"{result.documents} documents -> {result.train_tokens:,} train + {result.val_tokens:,} val tokens in "
-          f"{len(result.shards)} shards under {args.out} ({seconds:.1f} s, {total / seconds:,.0f} tokens/s)")
+          f"{len(result.shards)} shards under {as_typed(args.out)} ({seconds:.1f} s, {total / seconds:,.0f} tokens/s)")
 
 
 if __name__ == "__main__":

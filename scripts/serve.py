@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt2_common.cli import add_checkpoint_arguments  # noqa: E402
-from gpt2_common.errors import run_cli  # noqa: E402
+from gpt2_common.errors import as_typed, run_cli  # noqa: E402
 
 
 def build(checkpoint: str, framework: str, precision: str = "fp32"):
@@ -47,7 +47,7 @@ def main() -> None:
 
     # only requests addressed to this server by name (127.0.0.1, localhost, --host) are answered: no DNS rebinding
     app = only_served_hosts(build(args.checkpoint, args.framework, args.precision), args.host, args.port)
-    print(f"serving {args.checkpoint} ({args.framework}) at http://{args.host}:{args.port}", flush=True)
+    print(f"serving {as_typed(args.checkpoint)} ({args.framework}) at http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -188,7 +188,7 @@ def test_make_train_prepares_the_corpus_as_the_readme_command_does(flow, clone):
     assert f"python {recipe}" == TRAIN_JAX
     assert any("preparing the embedded 'shakespeare' corpus into data/shakespeare (once)" in flow[command].stderr
                for command in (TRAIN_JAX, TRAIN_TORCH))
-    ok(flow[PREPARE])
+    assert " shards under data/shakespeare (" in ok(flow[PREPARE])  # the path as typed, not made absolute
     prepared, typed = clone / PREPARED_BY_TRAINING, clone / "data" / "shakespeare"
     assert sorted(p.name for p in prepared.iterdir()) == sorted(p.name for p in typed.iterdir())
     for path in typed.iterdir():
@@ -210,7 +210,7 @@ def test_sampling_evaluating_and_plotting_read_both_runs(flow, clone):
         out = ok(flow[command])
         assert re.search(r"val loss \d+\.\d+", out) and "perplexity" in out, out
         assert "train.eval_steps" in out  # says why it differs from the trainer's figure
-    ok(flow[AFTER_TRAINING[4]])
+    assert ok(flow[AFTER_TRAINING[4]]) == "wrote curves.png\n"
     assert (clone / "curves.png").stat().st_size > 10_000
 
 
@@ -221,7 +221,9 @@ def test_init_from_another_frameworks_run_in_both_trainers(flow):
 
 def test_weights_convert_to_every_form_and_back(flow, clone):
     for command in CONVERT + CONVERT_BACK:
-        ok(flow[command])
+        src, dst = shlex.split(command)[2:4]
+        assert ok(flow[command]).startswith(f"{src} ("), flow[command].stdout  # the paths as typed
+        assert f" -> {dst} (" in flow[command].stdout
     for command in READ_CONVERTED[:1] + [READ_JAX_CONVERTED]:
         assert ok(flow[command]).startswith("ROMEO:")
     assert "val loss" in ok(flow[READ_CONVERTED[1]])
@@ -253,7 +255,8 @@ def test_serve_answers_health(flow, clone):
                 time.sleep(0.5)
     finally:
         proc.terminate()
-        proc.communicate(timeout=TIMEOUT)
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    assert out.startswith("serving runs/shakespeare (jax) at http://"), out  # the path as typed
 
 
 def test_every_bad_input_row_prints_its_message_and_touches_nothing(flow, clone):
