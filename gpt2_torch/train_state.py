@@ -1,0 +1,171 @@
+"""The PyTorch trainer's checkpoint <-> the canonical train state of gpt2_common.train_state, and a PyTorch run's
+checkpoint read or written as one (convert.py --to jax-run reads a PyTorch run; --to torch-run writes one).
+
+Where the trainer keeps each number (gpt2_torch/train.py's save):
+
+  "step"                               step (lr_at's index: the trainer sets each update's learning rate from it)
+  "optimizer": AdamW's state_dict      per parameter: "step" (adam_count: every parameter the same), "exp_avg",
+                                       "exp_avg_sq" in the parameter's own layout (Linear weights [out, in], the
+                                       embedding padded), indexed by the order of gpt2_torch.optim.param_groups
+  "scaler": GradScaler's state_dict    loss_scale: "scale", "_growth_tracker" (fp16; {} otherwise)
+  "rng": every rank's generators       not carried: a converted checkpoint holds none, so each rank seeds its own
+                                       dropout stream (as a resume on another process count does)
+  "last_update"                        last_update, which only a converted checkpoint holds (the trainer ignores it)
+
+Under DDP every rank holds the same optimizer state and rank 0 saves it, so one state serves any process count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt2_common import train_state as canonical
+from gpt2_common.config import Config, dumps_toml, loads_toml
+from gpt2_common.errors import UserError
+from gpt2_torch import layout
+from gpt2_torch.checkpoint import RESUME_KEYS, checkpoint_path, load_checkpoint, save_checkpoint
+from gpt2_torch.model import GPT
+from gpt2_torch.optim import make_optimizer
+from gpt2_torch.weights import from_canonical, to_canonical
+
+MOMENTS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}  # canonical field -> AdamW's state key
+
+
+def _empty_optimizer(config: Config) -> tuple[torch.optim.AdamW, list[list[str]]]:
+    """The trainer's AdamW over a model on the meta device (no memory), and each of its groups' parameter names in
+    the order that its state_dict() numbers them; its settings are what the trainer's own state_dict records."""
+    with torch.device("meta"):
+        model = GPT(config.model)
+    optimizer = make_optimizer(model, config.train)
+    names = {id(p): name for name, p in model.named_parameters()}
+    return optimizer, [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _growth_settings() -> tuple[float, float, int]:
+    state = torch.amp.GradScaler("cpu").state_dict()
+    return state["growth_factor"], state["backoff_factor"], state["growth_interval"]
+
+
+def to_canonical_state(checkpoint: dict[str, Any], source: str) -> canonical.TrainState:
+    """The canonical state of a checkpoint dict as gpt2_torch.checkpoint.load_checkpoint returns it."""
+    if "optimizer" not in checkpoint:
+        raise canonical.WeightsOnly(f"{source} holds weights only (written by convert.py --to torch), no optimizer "
+                                    "state")
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise UserError(f"{source} lacks {', '.join(missing)}")
+    config = loads_toml(checkpoint["config"])
+    m = config.model
+    saved = checkpoint["optimizer"]
+    _, names = _empty_optimizer(config)
+    if [len(group["params"]) for group in saved["param_groups"]] != [len(group) for group in names]:
+        raise UserError(f"{source}: its optimizer's parameter groups do not match the model of its config")
+    by_name = {name: saved["state"].get(index, {}) for group, group_names in zip(saved["param_groups"], names)
+               for index, name in zip(group["params"], group_names)}
+    counts = {int(round(float(s["step"]))) if "step" in s else 0 for s in by_name.values()}
+    if len(counts) != 1:
+        raise canonical.CannotContinue(
+            f"{source}: its AdamW counts different numbers of updates for different parameters ({sorted(counts)}), "
+            "which the JAX optimizer's one count cannot hold; continue it in PyTorch, or start from its weights with "
+            "--init-from")
+    moments = {}
+    for field, key in MOMENTS.items():
+        state = {name: s[key] if key in s else torch.zeros(_shape(checkpoint["model"], name))
+                 for name, s in by_name.items()}
+        moments[field] = (to_canonical(state, m), canonical.padding_rows(_numpy(state[canonical.EMBEDDING]), m))
+    scaler = checkpoint["scaler"]
+    loss_scale = None
+    if scaler:
+        settings = (scaler["growth_factor"], scaler["backoff_factor"], scaler["growth_interval"])
+        if settings != _growth_settings():
+            raise canonical.CannotContinue(
+                f"{source}: its fp16 loss scale grows by {settings[0]:g} every {settings[2]} steps and backs off by "
+                f"{settings[1]:g}, where both trainers' grows by {_growth_settings()[0]:g} every "
+                f"{_growth_settings()[2]} and backs off by {_growth_settings()[1]:g}")
+        loss_scale = canonical.LossScale(scale=float(scaler["scale"]), growth_tracker=int(scaler["_growth_tracker"]))
+    last = checkpoint.get("last_update") or {}
+    best = checkpoint.get("best_val_loss")
+    result = canonical.TrainState(
+        config=config, step=int(checkpoint["step"]), adam_count=counts.pop(),
+        weights=to_canonical(checkpoint["model"], m), exp_avg=moments["exp_avg"][0],
+        exp_avg_sq=moments["exp_avg_sq"][0],
+        padding={"weights": canonical.padding_rows(_numpy(checkpoint["model"][canonical.EMBEDDING]), m),
+                 "exp_avg": moments["exp_avg"][1], "exp_avg_sq": moments["exp_avg_sq"][1]},
+        loader_position=int(checkpoint["loader_position"]), skipped_steps=int(checkpoint.get("skipped_steps", 0)),
+        best_val_loss=None if best is None else float(best), loss_scale=loss_scale,
+        last_update=canonical.LastUpdate(**last))
+    canonical.check_state(result, source)
+    return result
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().to(torch.float32).numpy()
+
+
+def _shape(model_state: dict[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    return tuple(model_state[name].shape)
+
+
+def from_canonical_state(state: canonical.TrainState) -> dict[str, Any]:
+    """The checkpoint dict that the PyTorch trainer saves and resumes (gpt2_torch/train.py), for `state`."""
+    config = state.config
+    m = config.model
+
+    def padded(weights: canonical.Weights, key: str) -> dict[str, torch.Tensor]:
+        tensors = from_canonical(weights, m)  # lm_head.weight is the embedding itself: the rows go into both
+        tensors[canonical.EMBEDDING][m.vocab_size:] = torch.from_numpy(state.padding[key])
+        return tensors
+
+    optimizer, names = _empty_optimizer(config)
+    saved = optimizer.state_dict()
+    exp_avg, exp_avg_sq = padded(state.exp_avg, "exp_avg"), padded(state.exp_avg_sq, "exp_avg_sq")
+    for group, group_names in zip(saved["param_groups"], names):
+        for index, name in zip(group["params"], group_names):
+            # a float32 count, as AdamW keeps it (its load_state_dict moves it to a fused kernel's device)
+            saved["state"][index] = {"step": torch.tensor(float(state.adam_count), dtype=torch.float32),
+                                     "exp_avg": exp_avg[name], "exp_avg_sq": exp_avg_sq[name]}
+    scaler = {}
+    if config.train.precision == "fp16" and state.loss_scale is not None:
+        scaler = torch.amp.GradScaler("cpu", init_scale=state.loss_scale.scale).state_dict()
+        scaler["_growth_tracker"] = state.loss_scale.growth_tracker
+    last = state.last_update
+    return {"step": state.step, "loader_position": state.loader_position, "model": padded(state.weights, "weights"),
+            "optimizer": saved, "scaler": scaler, "rng": [], "config": dumps_toml(config),
+            "skipped_steps": state.skipped_steps, "best_val_loss": state.best_val_loss,
+            "last_update": {"grad_norm": last.grad_norm, "finite": last.finite,
+                            "nonfinite_in_a_row": last.nonfinite_in_a_row}}
+
+
+# --- a PyTorch run's checkpoint --------------------------------------------------------------------------------------
+
+def read_run(path: Path, step: int | None = None) -> tuple[canonical.TrainState, Path]:
+    """(canonical state, its .pt file) of a PyTorch run directory, its checkpoints/ or one .pt checkpoint: --step
+    N's checkpoint, else the newest that reads back. Nothing in the run changes (nothing is set aside)."""
+    path = Path(path)
+    if path.is_file():
+        candidates, strict, where = [path], True, path.parent
+    else:
+        where = path / layout.CHECKPOINTS_DIR if (path / layout.CHECKPOINTS_DIR).is_dir() else path
+        found = [(int(layout.STEP_FILE.match(p.name).group(1)), p) for p in layout.list_checkpoints(where)]
+        if not found:
+            raise UserError(f"no PyTorch checkpoint (step_XXXXXXXX.pt) in '{path}'; give a PyTorch run directory, "
+                            "its checkpoints/ folder or one .pt checkpoint of it")
+        candidates, strict = canonical.checkpoints_to_try(found, step, where)
+
+    def read(file: Path) -> tuple[canonical.TrainState, Path]:
+        return to_canonical_state(load_checkpoint(file), f"'{file}'"), file
+
+    return canonical.read_newest(candidates, read, strict, where)
+
+
+def write_run(state: canonical.TrainState, run_dir: Path) -> Path:
+    """Writes `state` as the one checkpoint of the PyTorch run directory `run_dir` (checkpoints/step_XXXXXXXX.pt
+    with its checksum file) through the trainer's own save; returns its path. The caller renames run_dir into
+    place."""
+    path = checkpoint_path(Path(run_dir) / layout.CHECKPOINTS_DIR, state.step)
+    save_checkpoint(from_canonical_state(state), path, keep=1)
+    return path
