@@ -46,6 +46,8 @@ def convert_run(src: str | os.PathLike, dst: str | os.PathLike, to: str, step: i
     if dst.exists():
         raise UserError(f"'{dst}' already exists; remove it or choose another destination")
     check_not_in_use(dst)
+    if Path(src).absolute() in dst.absolute().parents:
+        raise UserError(f"'{dst}' is inside '{src}', which a conversion only reads; choose a destination outside it")
     form = detect(src)
     if form == target:
         raise UserError(f"'{src}' is a {FRAMEWORK_NAMES[target]} run already: --to {to} continues a "

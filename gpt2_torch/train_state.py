@@ -32,9 +32,6 @@ from gpt2_torch.model import GPT
 from gpt2_torch.optim import make_optimizer
 from gpt2_torch.weights import from_canonical, to_canonical
 
-MOMENTS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}  # canonical field -> AdamW's state key
-
-
 def _empty_optimizer(config: Config) -> tuple[torch.optim.AdamW, list[list[str]]]:
     """The trainer's AdamW over a model on the meta device (no memory), and each of its groups' parameter names in
     the order that its state_dict() numbers them; its settings are what the trainer's own state_dict records."""
@@ -72,42 +69,36 @@ def to_canonical_state(checkpoint: dict[str, Any], source: str) -> canonical.Tra
             f"{source}: its AdamW counts different numbers of updates for different parameters ({sorted(counts)}), "
             "which the JAX optimizer's one count cannot hold; continue it in PyTorch, or start from its weights with "
             "--init-from")
-    moments = {}
-    for field, key in MOMENTS.items():
-        state = {name: s[key] if key in s else torch.zeros(_shape(checkpoint["model"], name))
-                 for name, s in by_name.items()}
-        moments[field] = (to_canonical(state, m), canonical.padding_rows(_numpy(state[canonical.EMBEDDING]), m))
-    scaler = checkpoint["scaler"]
-    loss_scale = None
-    if scaler:
+    moments, padding = {}, {"weights": canonical.padding_rows(_numpy(checkpoint["model"][canonical.EMBEDDING]), m)}
+    for key in ("exp_avg", "exp_avg_sq"):  # AdamW's names are the canonical state's
+        tensors = {name: s[key] if key in s else torch.zeros(checkpoint["model"][name].shape)
+                   for name, s in by_name.items()}
+        moments[key] = to_canonical(tensors, m)
+        padding[key] = canonical.padding_rows(_numpy(tensors[canonical.EMBEDDING]), m)
+    scaler, loss_scale = checkpoint["scaler"], None
+    if scaler:  # empty when the run is not fp16
         settings = (scaler["growth_factor"], scaler["backoff_factor"], scaler["growth_interval"])
-        if settings != _growth_settings():
+        expected = _growth_settings()
+        if settings != expected:
             raise canonical.CannotContinue(
                 f"{source}: its fp16 loss scale grows by {settings[0]:g} every {settings[2]} steps and backs off by "
-                f"{settings[1]:g}, where both trainers' grows by {_growth_settings()[0]:g} every "
-                f"{_growth_settings()[2]} and backs off by {_growth_settings()[1]:g}")
+                f"{settings[1]:g}, where both trainers' grows by {expected[0]:g} every {expected[2]} and backs off "
+                f"by {expected[1]:g}")
         loss_scale = canonical.LossScale(scale=float(scaler["scale"]), growth_tracker=int(scaler["_growth_tracker"]))
     last = checkpoint.get("last_update") or {}
     best = checkpoint.get("best_val_loss")
     result = canonical.TrainState(
         config=config, step=int(checkpoint["step"]), adam_count=counts.pop(),
-        weights=to_canonical(checkpoint["model"], m), exp_avg=moments["exp_avg"][0],
-        exp_avg_sq=moments["exp_avg_sq"][0],
-        padding={"weights": canonical.padding_rows(_numpy(checkpoint["model"][canonical.EMBEDDING]), m),
-                 "exp_avg": moments["exp_avg"][1], "exp_avg_sq": moments["exp_avg_sq"][1]},
-        loader_position=int(checkpoint["loader_position"]), skipped_steps=int(checkpoint.get("skipped_steps", 0)),
-        best_val_loss=None if best is None else float(best), loss_scale=loss_scale,
-        last_update=canonical.LastUpdate(**last))
+        weights=to_canonical(checkpoint["model"], m), exp_avg=moments["exp_avg"], exp_avg_sq=moments["exp_avg_sq"],
+        padding=padding, loader_position=int(checkpoint["loader_position"]),
+        skipped_steps=int(checkpoint.get("skipped_steps", 0)), best_val_loss=None if best is None else float(best),
+        loss_scale=loss_scale, last_update=canonical.LastUpdate(**last))
     canonical.check_state(result, source)
     return result
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().to(torch.float32).numpy()
-
-
-def _shape(model_state: dict[str, torch.Tensor], name: str) -> tuple[int, ...]:
-    return tuple(model_state[name].shape)
 
 
 def from_canonical_state(state: canonical.TrainState) -> dict[str, Any]:

@@ -282,6 +282,9 @@ def test_what_cannot_continue_is_refused_in_one_line(runs, tmp_path):
     refused(torch_run / "checkpoints" / "step_00000010.pt", dst, "jax-run",
             f"'{torch_run / 'checkpoints' / 'step_00000010.pt'}' is the checkpoint of step 10, not --step 20; give "
             "its run directory with --step 20, or leave --step out", step=20)
+    refused(jax_run, jax_run / "torch", "torch-run",
+            f"'{jax_run / 'torch'}' is inside '{jax_run}', which a conversion only reads; choose a destination outside "
+            "it")
     (tmp_path / "taken").mkdir()
     refused(jax_run, tmp_path / "taken", "torch-run",
             f"'{tmp_path / 'taken'}' already exists; remove it or choose another destination")
