@@ -29,23 +29,19 @@ continues statistically, not bit for bit (`continuation_warnings`).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
 from gpt2_common.config import Config, ModelConfig
 from gpt2_common.errors import UserError
-from gpt2_common.faults import warn
 from gpt2_common.metrics import trim_metrics
 from gpt2_common.weights import Weights, check_weights
 
 EMBEDDING = "transformer.wte.weight"
 PADDED = ("weights", "exp_avg", "exp_avg_sq")  # the keys of TrainState.padding
 FRAMEWORK_NAMES = {"jax": "JAX", "torch": "PyTorch"}
-T = TypeVar("T")
 
 
 class CannotContinue(UserError):
@@ -146,34 +142,3 @@ def copy_metrics(run_dir: Path | None, destination: Path, step: int) -> bool:
     trim_metrics(destination, step)
     return True
 
-
-# --- choosing the checkpoint -----------------------------------------------------------------------------------------
-
-def checkpoints_to_try(found: list[tuple[int, Path]], step: int | None, where: Path) -> tuple[list[Path], bool]:
-    """(checkpoints newest first, strict) from a run's (step, checkpoint) pairs: --step N's alone (strict: it must
-    read), else all of them, of which the newest that reads back is taken."""
-    if step is None:
-        return [path for _, path in sorted(found, reverse=True)], False
-    chosen = [path for s, path in found if s == step]
-    if not chosen:
-        steps = ", ".join(str(s) for s, _ in sorted(found))
-        raise UserError(f"'{where}' has no checkpoint of step {step}; --step takes one of its steps ({steps})")
-    return chosen, True
-
-
-def read_newest(candidates: list[Path], read: Callable[[Path], T], strict: bool, where: Path) -> T:
-    """read(checkpoint) of the first candidate that reads back; a damaged one is skipped with a warning that names
-    it (the source is left as it is: nothing is set aside), unless `strict`. A refusal (CannotContinue) is final."""
-    for path in candidates:
-        try:
-            return read(path)
-        except CannotContinue:
-            raise
-        except Exception as err:  # a damaged or unreadable checkpoint, in whatever words its library used
-            lines = str(err).strip().splitlines()
-            why = lines[0][:300] if lines else type(err).__name__
-            if strict:
-                raise UserError(f"checkpoint '{path}' does not read back ({why}); choose another --step") from None
-            warn(f"skipping checkpoint {path}: {why}; trying the one before")
-    raise UserError(f"none of the {len(candidates)} checkpoints in '{where}' reads back; there is nothing to "
-                    "convert")

@@ -21,8 +21,11 @@ from gpt2_common.errors import UserError, as_typed
 from gpt2_common.faults import warn
 from gpt2_common.files import share_like_open
 from gpt2_common.runlock import check_not_in_use
-from gpt2_common.train_state import FRAMEWORK_NAMES, WeightsOnly, continuation_warnings, copy_metrics, run_dir_of
+from gpt2_common.train_state import (FRAMEWORK_NAMES, CannotContinue, TrainState, WeightsOnly, continuation_warnings,
+                                     copy_metrics, run_dir_of)
 from gpt2_formats import detect
+from gpt2_jax import layout as jax_layout
+from gpt2_torch import layout as torch_layout
 
 RUN_FORMS = {"torch-run": "torch", "jax-run": "jax"}  # the destination's form -> the trainer that continues it
 _OTHER = {"jax": "torch", "torch": "jax"}
@@ -56,8 +59,9 @@ def convert_run(src: str | os.PathLike, dst: str | os.PathLike, to: str, step: i
     if form in _WEIGHTS_ONLY:
         raise UserError(f"'{src}' is {_WEIGHTS_ONLY[form]}: weights with no training state to continue; start a "
                         f"run from them with --init-from {src}")
+    candidates, strict, where = _checkpoints(Path(src), form, step)  # refused before a framework is imported
     try:
-        state, checkpoint = _train_state_module(form).read_run(Path(src), step)
+        state, checkpoint = _read_newest(candidates, _train_state_module(form).read_checkpoint, strict, where)
     except WeightsOnly as err:
         raise UserError(f"{err}: nothing to continue; start a run from its weights with --init-from {src}") from None
     if step is not None and state.step != step:
@@ -84,3 +88,45 @@ def convert_run(src: str | os.PathLike, dst: str | os.PathLike, to: str, step: i
             f"AdamW at update {state.adam_count}, loader at micro-batch {state.loader_position}"
             + (", metrics.jsonl up to it" if copied else ", no metrics.jsonl beside it to copy")
             + f"\ncontinue it with: {resume}")
+
+
+# --- choosing the source's checkpoint (from the layouts alone: pathlib, no framework) --------------------------------
+
+def _checkpoints(src: Path, form: str, step: int | None) -> tuple[list[Path], bool, Path]:
+    """(checkpoints to try, newest first; strict: only the first, which must read; the folder they are in). A
+    checkpoint given itself is the one; in a run, --step N's, else every one (the newest that reads back wins)."""
+    if (jax_layout.is_step_dir(src) if form == "jax" else src.is_file()):
+        return [src], True, src.parent
+    where = src / jax_layout.CHECKPOINTS_DIR if (src / jax_layout.CHECKPOINTS_DIR).is_dir() else src
+    if form == "jax":
+        found = [(int(d.name), d) for d in jax_layout.step_dirs(where) if jax_layout.is_step_dir(d)]
+    else:
+        found = [(int(torch_layout.STEP_FILE.match(p.name).group(1)), p) for p in torch_layout.list_checkpoints(where)]
+    if not found:
+        raise UserError(f"no {FRAMEWORK_NAMES[form]} checkpoint in '{src}'; give a run directory, its checkpoints/ "
+                        "folder or one checkpoint of it")
+    if step is None:
+        return [path for _, path in sorted(found, reverse=True)], False, where
+    chosen = [path for s, path in found if s == step]
+    if not chosen:
+        steps = ", ".join(str(s) for s, _ in sorted(found))
+        raise UserError(f"'{where}' has no checkpoint of step {step}; --step takes one of its steps ({steps})")
+    return chosen, True, where
+
+
+def _read_newest(candidates: list[Path], read, strict: bool, where: Path) -> tuple[TrainState, Path]:
+    """(read(checkpoint), checkpoint) of the first candidate that reads back; a damaged one is skipped with a warning
+    that names it (the source is left as it is: nothing is set aside), unless `strict`. A refusal is final."""
+    for path in candidates:
+        try:
+            return read(path), path
+        except CannotContinue:
+            raise
+        except Exception as err:  # a damaged or unreadable checkpoint, in whatever words its library used
+            lines = str(err).strip().splitlines()
+            why = lines[0][:300] if lines else type(err).__name__
+            if strict:
+                raise UserError(f"checkpoint '{path}' does not read back ({why}); choose another --step") from None
+            warn(f"skipping checkpoint {path}: {why}; trying the one before")
+    raise UserError(f"none of the {len(candidates)} checkpoints in '{where}' reads back; there is nothing to "
+                    "convert")

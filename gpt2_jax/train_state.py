@@ -29,7 +29,6 @@ from optax.tree_utils import tree_get, tree_set
 
 from gpt2_common import train_state as canonical
 from gpt2_common.config import Config, loads_toml
-from gpt2_common.errors import UserError
 from gpt2_jax import checkpoint, layout
 from gpt2_jax.model import build_model
 from gpt2_jax.optim import LossScale, build_optimizer
@@ -128,26 +127,12 @@ def _like(value: np.ndarray, abstract: Any) -> np.ndarray:
 
 # --- a JAX run's checkpoint ------------------------------------------------------------------------------------------
 
-def read_run(path: Path, step: int | None = None) -> tuple[canonical.TrainState, Path]:
-    """(canonical state, its step folder) of a JAX run directory, its checkpoints/ or one step folder: --step N's
-    checkpoint, else the newest that reads back. Nothing in the run changes."""
-    path = Path(path)
-    if layout.is_step_dir(path):
-        candidates, strict, where = [path], True, path.parent
-    else:
-        where = path / layout.CHECKPOINTS_DIR if (path / layout.CHECKPOINTS_DIR).is_dir() else path
-        found = [(int(d.name), d) for d in layout.step_dirs(where) if layout.is_step_dir(d)]
-        if not found:
-            raise UserError(f"no JAX checkpoint in '{path}'; give a JAX run directory, its checkpoints/ folder or "
-                            "one step folder of it")
-        candidates, strict = canonical.checkpoints_to_try(found, step, where)
-
-    def read(step_dir: Path) -> tuple[canonical.TrainState, Path]:
-        config = loads_toml(checkpoint.read_meta(step_dir)["config_toml"])
-        state, meta = checkpoint.read_train_state(step_dir, abstract_state(config))
-        return to_canonical_state(state, meta, config, f"'{step_dir}'"), step_dir
-
-    return canonical.read_newest(candidates, read, strict, where)
+def read_checkpoint(step_dir: Path) -> canonical.TrainState:
+    """The canonical state of one step folder of a JAX run (its manifest checked first); nothing in the run changes
+    (gpt2_formats.runs chooses the step folder)."""
+    config = loads_toml(checkpoint.read_meta(step_dir)["config_toml"])
+    state, meta = checkpoint.read_train_state(step_dir, abstract_state(config))
+    return to_canonical_state(state, meta, config, f"'{step_dir}'")
 
 
 def write_run(state: canonical.TrainState, run_dir: Path) -> Path:

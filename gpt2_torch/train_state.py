@@ -133,24 +133,10 @@ def from_canonical_state(state: canonical.TrainState) -> dict[str, Any]:
 
 # --- a PyTorch run's checkpoint --------------------------------------------------------------------------------------
 
-def read_run(path: Path, step: int | None = None) -> tuple[canonical.TrainState, Path]:
-    """(canonical state, its .pt file) of a PyTorch run directory, its checkpoints/ or one .pt checkpoint: --step
-    N's checkpoint, else the newest that reads back. Nothing in the run changes (nothing is set aside)."""
-    path = Path(path)
-    if path.is_file():
-        candidates, strict, where = [path], True, path.parent
-    else:
-        where = path / layout.CHECKPOINTS_DIR if (path / layout.CHECKPOINTS_DIR).is_dir() else path
-        found = [(int(layout.STEP_FILE.match(p.name).group(1)), p) for p in layout.list_checkpoints(where)]
-        if not found:
-            raise UserError(f"no PyTorch checkpoint (step_XXXXXXXX.pt) in '{path}'; give a PyTorch run directory, "
-                            "its checkpoints/ folder or one .pt checkpoint of it")
-        candidates, strict = canonical.checkpoints_to_try(found, step, where)
-
-    def read(file: Path) -> tuple[canonical.TrainState, Path]:
-        return to_canonical_state(load_checkpoint(file), f"'{file}'"), file
-
-    return canonical.read_newest(candidates, read, strict, where)
+def read_checkpoint(file: Path) -> canonical.TrainState:
+    """The canonical state of one .pt checkpoint of a PyTorch run (its checksum checked first); nothing in the run
+    changes (gpt2_formats.runs chooses the file)."""
+    return to_canonical_state(load_checkpoint(file), f"'{file}'")
 
 
 def write_run(state: canonical.TrainState, run_dir: Path) -> Path:
