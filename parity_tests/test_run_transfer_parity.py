@@ -211,6 +211,13 @@ def test_an_fp16_state_goes_there_and_back_bit_for_bit(tmp_path, accumulation):
     config = from_dict({"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 100},
                         "train": {"batch_size": 4, "micro_batch_size": 2, "precision": "fp16", "max_steps": 30,
                                   "warmup_steps": 2, "accumulation": accumulation}}, name="fp16")
+    from gpt2_jax.sharding import make_mesh
+    from gpt2_jax.step import build_trainer
+
+    # the state the conversion writes is the one the trainer restores into (structure, shapes, dtypes)
+    trainer = build_trainer(config, make_mesh(config.mesh, jax.devices()[:1]))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), trainer.abstract_state) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), jax_side.abstract_state(config))
     state, extra = random_jax_state(config)
     save_jax_run(tmp_path / "jax", state, config, 34, extra)
     convert_run(tmp_path / "jax", tmp_path / "torch", "torch-run")
