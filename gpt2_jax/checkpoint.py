@@ -35,6 +35,7 @@ from gpt2_common.errors import UserError
 from gpt2_common.faults import warn
 from gpt2_common.files import share_like_open
 from gpt2_common.manifest import DamagedCheckpoint, NoManifest, files_under, verify_manifest, write_manifest
+from gpt2_common.train_state import WeightsOnly
 from gpt2_common.weights import Weights
 from gpt2_jax.layout import BEST_DIR, PARTIAL_SUFFIX  # noqa: F401 (the layout: what a checkpoint looks like)
 from gpt2_jax.layout import step_dir as _step_dir
@@ -142,6 +143,21 @@ def read_meta(path: str | Path) -> dict:
     step_dir = _step_dir(path)
     verify(step_dir, only="meta/")
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+
+
+def read_train_state(step_dir: str | Path, abstract_state: Any) -> tuple[Any, dict]:
+    """(state, meta) of one step folder as numpy arrays in the structure of `abstract_state`, read without a
+    manager: nothing in its run directory changes (restore() sets newer steps aside; this is for readers that must
+    leave a run as it is, such as a conversion). Checks the manifest first (DamagedCheckpoint)."""
+    step_dir = Path(step_dir)
+    verify(step_dir)
+    meta = read_meta(step_dir)
+    if "opt_state" not in ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree:
+        raise WeightsOnly(f"'{step_dir}' holds weights only (written by convert.py --to jax), no optimizer state")
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_state)
+    state = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=abstract_state, restore_args=restore_args))
+    return state, meta
 
 
 def load_checkpoint_params(path: str | Path, shardings: Any = None) -> tuple[Config, Any]:

@@ -8,12 +8,19 @@
   python scripts/convert.py gpt2_124M.bin gpt2-hf --to hf               # llm.c's model file
   python scripts/convert.py runs/small gpt2_124M_bf16.bin --to llmc --dtype bf16
   python scripts/convert.py runs/small nanogpt_out --to nanogpt          # writes nanogpt_out/ckpt.pt
+  python scripts/convert.py runs/small runs/small-torch --to torch-run   # the whole run, continued by PyTorch
+  python scripts/convert.py runs/small-torch runs/small-jax --to jax-run --step 4000
 
 The source's form is detected (gpt2_formats). Every tensor's name and shape is checked against the source's config
 before anything is written, and the destination appears whole or not at all. JAX and PyTorch outputs are
 weights-only checkpoints (no optimizer state) that --init-from, sampling and evaluation read; a Hugging Face output
 loads in transformers.GPT2LMHeadModel.from_pretrained (and, for GPT-2's vocabulary, AutoTokenizer and pipeline); a
 nanoGPT output loads in nanoGPT's sample.py; an llm.c output in llm.c's train_gpt2 (version 3 fp32, 5 bf16).
+
+--to torch-run and --to jax-run turn a run of one trainer into a run directory of the other with its whole training
+state (weights, AdamW's moments and count, the schedule's and the loader's positions, the best validation loss, the
+skipped steps, the fp16 loss scale), config.toml and a copy of metrics.jsonl: the other trainer's plain command
+continues it (gpt2_formats.runs).
 """
 
 import argparse
@@ -24,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpt2_formats  # noqa: E402
+from gpt2_formats.runs import RUN_FORMS, convert_run  # noqa: E402
 from gpt2_common.cli import path_arg  # noqa: E402
 from gpt2_common.errors import UserError, as_typed, run_cli  # noqa: E402
 from gpt2_common.flops import num_params  # noqa: E402
@@ -38,15 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "PyTorch checkpoint (.pt, run dir or checkpoints/), a Hugging Face GPT-2 directory, nanoGPT's "
                         "ckpt.pt (or its out_dir, or a bare state dict) or an llm.c model .bin")
     parser.add_argument("dst", type=path_arg, help="where to write: a folder for jax, hf and nanogpt, a .pt file for "
-                        "torch, a .bin file for llmc; must not exist")
-    parser.add_argument("--to", required=True, choices=gpt2_formats.FORMS, help="the destination's form")
+                        "torch, a .bin file for llmc, a run directory for jax-run and torch-run; must not exist")
+    parser.add_argument("--to", required=True, choices=(*gpt2_formats.FORMS, *RUN_FORMS),
+                        help="the destination's form: weights (jax, torch, hf, nanogpt, llmc), or a run of the other "
+                        "trainer with the whole training state (jax-run, torch-run)")
+    parser.add_argument("--step", type=int, default=None, metavar="N",
+                        help="--to jax-run|torch-run: the source run's checkpoint of step N (default: its newest "
+                        "that reads back)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="--to llmc: the tensors' dtype (llm.c's version 3 or 5; default: %(default)s)")
     return parser
 
 
-def convert(src: str, dst: str, to: str, dtype: str = "fp32") -> str:
-    """Reads src in whatever form it is, writes dst in form `to`; returns what it did, in words."""
+def convert(src: str, dst: str, to: str, dtype: str = "fp32", step: int | None = None) -> str:
+    """Reads src in whatever form it is, writes dst in form `to`; returns what it did, in words (and for a run, the
+    command that continues it on a line of its own)."""
+    if to in RUN_FORMS:
+        if dtype != "fp32":
+            raise UserError(f"--dtype {dtype} is for --to llmc; a run keeps its fp32 state")
+        return convert_run(src, dst, to, step)
+    if step is not None:
+        raise UserError("--step is for --to jax-run|torch-run; to convert the weights of one checkpoint, give its "
+                        "step folder or .pt file as the source")
     if Path(dst).exists():
         raise UserError(f"'{dst}' already exists; remove it or choose another destination")
     check_not_in_use(dst)  # not into a run directory that a trainer holds
@@ -62,8 +83,8 @@ def convert(src: str, dst: str, to: str, dtype: str = "fp32") -> str:
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    done = convert(args.src, args.dst, args.to, args.dtype)
-    print(f"{as_typed(done)}; {time.perf_counter() - start:.1f} s")
+    done, *then = as_typed(convert(args.src, args.dst, args.to, args.dtype, args.step)).split("\n")
+    print(f"{done}; {time.perf_counter() - start:.1f} s", *then, sep="\n")
 
 
 if __name__ == "__main__":

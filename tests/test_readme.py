@@ -10,6 +10,7 @@ command, this test fails until it changes too.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,13 @@ READ_CONVERTED = [
 ]
 READ_JAX_CONVERTED = 'python scripts/sample.py --checkpoint shakespeare_jax --prompt "ROMEO:"'
 SERVE = "python scripts/serve.py --checkpoint runs/shakespeare --framework jax"
+MOVED = [  # "Continue a run in the other framework": steps 1-10 in JAX, 11-20 in PyTorch, 21-30 in JAX again
+    "python scripts/train_jax.py --config shakespeare --run-dir runs/moved --stop-at 10",
+    "python scripts/convert.py runs/moved runs/moved-torch --to torch-run",
+    "python scripts/train_torch.py --config runs/moved-torch/config.toml --run-dir runs/moved-torch --stop-at 20",
+    "python scripts/convert.py runs/moved-torch runs/moved-jax --to jax-run",
+    "python scripts/train_jax.py --config runs/moved-jax/config.toml --run-dir runs/moved-jax",
+]
 PREPARED_BY_TRAINING = "prepared by the trainers"  # a copy of data/shakespeare as the first training runs left it
 
 
@@ -130,6 +139,14 @@ def run_together(commands: list[str], cwd: Path) -> dict[str, subprocess.Complet
     return done
 
 
+def run_in_order(commands: list[str], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Runs the commands one after the other (each needs what the one before wrote)."""
+    done = {}
+    for command in commands:
+        done |= run_together([command], cwd)
+    return done
+
+
 def tree_state(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))}
 
@@ -157,9 +174,13 @@ def flow(clone) -> dict[str, subprocess.CompletedProcess]:
     prepare_data.py command runs last, over what they prepared (kept aside to compare)."""
     done = run_together([TRAIN_JAX, TRAIN_TORCH], clone)
     shutil.copytree(clone / "data" / "shakespeare", clone / PREPARED_BY_TRAINING)
-    done |= run_together(AFTER_TRAINING + INIT_FROM + CONVERT, clone)
-    done |= run_together(CONVERT_BACK + READ_CONVERTED, clone)
-    done |= run_together([READ_JAX_CONVERTED, PREPARE], clone)
+    with ThreadPoolExecutor(1) as beside:  # the run that moves between the trainers, one command at a time
+        moved = beside.submit(run_in_order, MOVED, clone)
+        done |= run_together(AFTER_TRAINING + INIT_FROM + CONVERT, clone)
+        done |= run_together(CONVERT_BACK + READ_CONVERTED, clone)
+        done |= run_together([READ_JAX_CONVERTED], clone)
+        done |= moved.result()
+    done |= run_together([PREPARE], clone)  # rewrites the shards: after every run that reads them
     return done
 
 
@@ -235,6 +256,27 @@ def test_weights_convert_to_every_form_and_back(flow, clone):
     for name, value in exported.items():
         assert np.array_equal(value, via_nanogpt[name]), name  # fp32 both ways
         np.testing.assert_allclose(via_llmc[name], value, rtol=1e-2, atol=1e-6, err_msg=name)  # through bf16
+
+
+def test_a_run_moved_between_the_trainers_keeps_the_curve_of_the_run_that_never_moved(flow, clone):
+    """JAX 1-10, PyTorch 11-20, JAX 21-30, each converted with its whole training state: the losses and validation
+    losses of runs/shakespeare, which trained 1-30 in JAX with the same config."""
+    out = [ok(flow[command]) for command in MOVED]
+    conversions = [(out[1], "runs/moved", "jax", "runs/moved-torch", "torch", 10),
+                   (out[3], "runs/moved-torch", "torch", "runs/moved-jax", "jax", 20)]
+    for printed, src, form, dst, trainer, step in conversions:
+        first, then = printed.splitlines()
+        assert first.startswith(f"{src} ({form} run, checkpoint {src}/checkpoints/"), first  # the paths as typed
+        assert f" -> {dst} ({trainer}-run): step {step} of 30, AdamW at update {step}, " in first, first
+        assert then == f"continue it with: python scripts/train_{trainer}.py --config {dst}/config.toml --run-dir {dst}"
+    assert "resumed from step 10 (runs/moved-torch/checkpoints/step_00000010.pt)" in out[2]
+    assert "resumed from step 20 (runs/moved-jax/checkpoints/20)" in out[4]
+    moved, stayed = ([json.loads(line) for line in (clone / run / "metrics.jsonl").read_text().splitlines()]
+                     for run in ("runs/moved-jax", "runs/shakespeare"))
+    for key, steps in (("loss", [10, 20, 30]), ("val_loss", [15, 30])):
+        ours, theirs = ([(r["step"], r[key]) for r in records if key in r] for records in (moved, stayed))
+        assert [step for step, _ in ours] == [step for step, _ in theirs] == steps, key
+        np.testing.assert_allclose([v for _, v in ours], [v for _, v in theirs], rtol=1e-4, err_msg=key)
 
 
 def test_serve_answers_health(flow, clone):

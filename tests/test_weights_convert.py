@@ -170,3 +170,10 @@ def test_torch_state_dicts_round_trip_through_torch_save(tmp_path):
     convert.main([str(tmp_path / "hf"), str(tmp_path / "x.pt"), "--to", "torch"])
     raw = torch.load(tmp_path / "x.pt", weights_only=True)
     assert set(raw) == {"format", "model", "config"}
+
+
+def test_step_is_for_run_conversions(tmp_path):
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    refused(tmp_path, [str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "hf", "--step", "3"],
+            r"^--step is for --to jax-run\|torch-run; to convert the weights of one checkpoint, give its step folder "
+            r"or \.pt file as the source$")

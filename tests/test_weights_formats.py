@@ -97,7 +97,7 @@ def test_gpt2_common_and_the_detector_import_no_framework(tmp_path):
     (tmp_path / "jax" / "checkpoints" / "1" / "meta").mkdir()
     code = f"""
 import gpt2_common.weights, gpt2_common.llmc, gpt2_common.nanogpt, gpt2_common.tokenizer, gpt2_common.faults
-import gpt2_formats
+import gpt2_common.train_state, gpt2_formats, gpt2_formats.runs
 assert gpt2_formats.detect({str(tmp_path / 'hf')!r}) == 'hf'
 assert gpt2_formats.detect({str(tmp_path / 'jax')!r}) == 'jax'
 gpt2_formats.check_framework({str(tmp_path / 'jax' / 'checkpoints')!r}, 'jax')
