@@ -249,7 +249,8 @@ def check_blob(local: Path, name: HubName, path: str) -> None:
         forget(local)
         kind = "SHA-256" if len(expected) == 64 else "git SHA-1"
         raise UserError(f"{name.text}: '{path}' does not match its checksum ({kind} {digest.hexdigest()[:12]}..., "
-                        f"expected {expected[:12]}...); it was deleted: run the same command again to download it again")
+                        f"expected {expected[:12]}...); it was deleted: run the same command again to download it "
+                        "again")
 
 
 def forget(local: Path) -> None:

@@ -318,7 +318,8 @@ def use_in_process(monkeypatch, hub_url: str, home, offline: bool = False) -> No
     for name, value in (("ENDPOINT", hub_url), ("HUGGINGFACE_CO_URL_TEMPLATE", hub_url +
                         "/{repo_id}/resolve/{revision}/{filename}"), ("HF_HOME", home),
                         ("HF_HUB_CACHE", os.path.join(home, "hub")),
-                        ("HF_ASSETS_CACHE", os.path.join(home, "assets")), ("HF_TOKEN_PATH", os.path.join(home, "token")),
+                        ("HF_ASSETS_CACHE", os.path.join(home, "assets")),
+                        ("HF_TOKEN_PATH", os.path.join(home, "token")),
                         ("HF_STORED_TOKENS_PATH", os.path.join(home, "stored_tokens")), ("HF_HUB_OFFLINE", offline),
                         ("HF_HUB_DISABLE_TELEMETRY", True), ("HF_HUB_DISABLE_PROGRESS_BARS", True)):
         monkeypatch.setattr(constants, name, value)

@@ -133,7 +133,8 @@ def test_no_network_and_offline_say_what_works(hub_repos, hub_home, monkeypatch)
     from fake_hub import use_in_process
 
     use_in_process(monkeypatch, "http://127.0.0.1:9", hub_home)  # nothing listens there
-    with pytest.raises(UserError, match=r"^cannot reach the Hub at http://127.0.0.1:9 \(ConnectionRefusedError: .*\) and "
+    with pytest.raises(UserError, match=r"^cannot reach the Hub at http://127.0.0.1:9 \(ConnectionRefusedError: .*\) "
+                       r"and "
                        r"hf:gpt2 "
                        r"is not \(all\) in the Hugging Face cache \(.*hf_home/hub\); check the network \(HF_ENDPOINT "
                        r"for a mirror\)\. Once its files are cached, HF_HUB_OFFLINE=1 reads them without the network$"):
