@@ -153,7 +153,7 @@ def build(hub: FakeHub, tmp: Path) -> HubRepos:
     rng = np.random.default_rng(5)
     alpaca_records = [{"instruction": f"Write {i} words about {rng.choice(WORDS)}.",
                        "input": "" if i % 3 else f"context {i}", "output": " ".join(rng.choice(WORDS, 12))}
-                      for i in range(60)]
+                      for i in range(600)]
     alpaca = {"README.md": ALPACA_CARD.encode(), "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet": parquet({
         key: [r[key] for r in alpaca_records] for key in ("instruction", "input", "output")})}
     for kind, repo, files in (("model", GPT2, gpt2_files(tmp)), ("dataset", FINEWEB, fineweb),
