@@ -4,6 +4,7 @@ is small (`ShardBuilder.state`), so a long preparation can record it and resume 
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -54,7 +55,13 @@ class _ShardWriter:
     def flush(self) -> None:
         if self.filled:
             path = self.out_dir / f"{self.split}_{len(self.paths):06d}.bin"
-            write_shard(path, self.buffer[:self.filled])
+            try:
+                write_shard(path, self.buffer[:self.filled])
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                raise UserError(f"no space left on the device for the shard '{path}' (its temporary file is removed); "
+                                "free space and run the same command again") from None
             self.paths.append(path)
             self.filled = 0
 

@@ -159,3 +159,27 @@ def test_a_run_with_other_settings_is_refused_and_keeps_the_folder(hub_repos, hu
                        r"\(max_tokens: 5000 -> None\); run its own command to finish it, or give another --out"):
         prepare_named(FINEWEB_NAME, tmp_path / "out", **SETTINGS)
     assert shard_bytes(tmp_path / "out") == before
+
+
+def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_run_resumes(hub_repos, hub_home, reference, tmp_path,
+                                                                      monkeypatch):
+    import errno
+    import os
+
+    from gpt2_common import shards
+
+    real, calls = shards.write_shard, []
+
+    def fills_up(path, tokens):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, tokens)
+
+    monkeypatch.setattr(shards, "write_shard", fills_up)
+    with pytest.raises(UserError, match=r"^no space left on the device for the shard '.*out/train_000001.bin' \(its "
+                       r"temporary file is removed\); free space and run the same command again$"):
+        prepare_named(FINEWEB_NAME, tmp_path / "out", **SETTINGS)
+    monkeypatch.setattr(shards, "write_shard", real)
+    prepare_named(FINEWEB_NAME, tmp_path / "out", **SETTINGS)
+    assert shard_bytes(tmp_path / "out") == reference
