@@ -155,3 +155,23 @@ def test_a_full_disk_is_one_line(hub_repos, hub_home, monkeypatch):
     with pytest.raises(UserError, match=r"^no space left on the device while downloading hf:gpt2 into .*hf_home/hub: "
                        r"free space there, or point HF_HOME at a larger disk$"):
         gpt2_formats.read_canonical("hf:gpt2")
+
+
+def test_names_import_huggingface_hub_only_when_given_and_never_a_framework(hub_repos, tmp_path):
+    """A script answers bad input before it imports a framework, and a path costs no import of huggingface_hub."""
+    import subprocess
+    import sys
+
+    from fake_hub import environ
+
+    local = local_copy(hub_repos, tmp_path)
+    code = (f"import sys, gpt2_formats, gpt2_common.cli\n"
+            f"assert gpt2_formats.detect({str(local)!r}) == 'hf'\n"
+            "assert 'huggingface_hub' not in sys.modules, 'a path imported huggingface_hub'\n"
+            "gpt2_formats.read_canonical('hf:gpt2')\n"
+            "assert 'huggingface_hub' in sys.modules\n"
+            "print(sorted(m for m in ('jax', 'torch', 'flax') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **environ(hub_repos.hub, tmp_path / "h")},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
