@@ -106,6 +106,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     config, weights = read_canonical(args.checkpoint)
     model = config.model
+    # HellaSwag's examples (`val` downloads them once) before the framework loads: a bad file is told at once
+    examples = evaluation.read_hellaswag(args.hellaswag) if args.hellaswag else None
     token_nll = importlib.import_module(f"gpt2_{args.framework}.evaluate").token_nll_fn(config, weights,
                                                                                        precision=args.precision)
     if args.shards:
@@ -114,7 +116,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         stride = args.stride or max(1, model.block_size // 2)
         result = {**evaluation.text_perplexity(args.text, model.block_size, stride, token_nll), "stride": stride}
     else:
-        result = evaluation.hellaswag_accuracy(evaluation.read_hellaswag(args.hellaswag), model.block_size, token_nll)
+        result = evaluation.hellaswag_accuracy(examples, model.block_size, token_nll)
     return {"checkpoint": args.checkpoint, "framework": args.framework, "precision": args.precision, **result}
 
 
