@@ -21,15 +21,15 @@ from gpt2_common.errors import UserError
 
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 BASE_URL_ENV = "GPT2_HELLASWAG_BASE_URL"
-# name -> (file, its git blob SHA-1 in rowanz/hellaswag, examples)
-SPLITS = {"val": ("hellaswag_val.jsonl", "0f5ee25d72216f12317d5d8a7b92deafa423d81e", 10_042)}
+# name -> (file, its git blob SHA-1 in rowanz/hellaswag); val holds 10,042 examples
+SPLITS = {"val": ("hellaswag_val.jsonl", "0f5ee25d72216f12317d5d8a7b92deafa423d81e")}
 
 
 def hellaswag_path(text: str) -> Path:
     """The local file that `text` names: a split name (val) fetched into the cache on first use, else the path."""
     if text not in SPLITS:
         return Path(text)
-    file, sha1, _ = SPLITS[text]
+    file, sha1 = SPLITS[text]
     target = cache_folder() / file
     if target.is_file():
         return target

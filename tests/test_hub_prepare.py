@@ -183,3 +183,22 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_run_resumes(hub_repos,
     monkeypatch.setattr(shards, "write_shard", real)
     prepare_named(FINEWEB_NAME, tmp_path / "out", **SETTINGS)
     assert shard_bytes(tmp_path / "out") == reference
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--source", "hf:HuggingFaceFW/fineweb-edu", "more.txt"], "--source hf:HuggingFaceFW/fineweb-edu names a whole "
+     "Hub dataset; prepare it alone (other inputs into another --out)"),
+    (["--source", "notes.txt", "--name", "sample-10BT"], "--name is for a Hub dataset (--source hf:OWNER/REPO); local "
+     "files are read as they are"),
+    (["--source", "notes.txt", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+])
+def test_prepare_data_refuses_flags_that_cannot_work_together(tmp_path, args, message):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_data", Path(__file__).parent.parent / "scripts" /
+                                                  "prepare_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(UserError) as err:
+        script.main([*args, "--out", str(tmp_path / "out")])
+    assert str(err.value) == message

@@ -23,7 +23,7 @@ def git_sha1(data: bytes) -> str:
 @pytest.fixture
 def fixture_hellaswag(hub_repos, monkeypatch):
     """`val` as the fake server's copy: its own SHA-1 stands in for the real file's."""
-    monkeypatch.setitem(hellaswag_file.SPLITS, "val", ("hellaswag_val.jsonl", git_sha1(hub_repos.hellaswag), 3))
+    monkeypatch.setitem(hellaswag_file.SPLITS, "val", ("hellaswag_val.jsonl", git_sha1(hub_repos.hellaswag)))
 
 
 def hellaswag_requests(hub_repos, since):
