@@ -149,7 +149,7 @@ def _unreachable_line(name: HubName, err: BaseException) -> str:
     if offline():
         return (f"HF_HUB_OFFLINE=1 and {name.text} is not (all) in the Hugging Face cache ({cache_dir()}); run once "
                 "without HF_HUB_OFFLINE to download it")
-    cause = _in_chain(err, Exception) if _is_network_error(err) else _root_cause(err)
+    cause = err if _is_network_error(err) else _root_cause(err)
     return (f"cannot reach the Hub at {endpoint()} ({type(cause).__name__}: {_first_line(cause)}) and {name.text} "
             f"is not (all) in the Hugging Face cache ({cache_dir()}); check the network (HF_ENDPOINT for a mirror). "
             "Once its files are cached, HF_HUB_OFFLINE=1 reads them without the network")
