@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from gpt2_common import hub
 from gpt2_common.config import CONFIG_DIR, Config, dumps_toml, load_config
 from gpt2_common.errors import UserError
 from gpt2_common.prepare import EMBEDDED_SOURCES
@@ -14,13 +15,36 @@ from gpt2_common.prepare import EMBEDDED_SOURCES
 def path_arg(text: str) -> str:
     """An argparse `type` for every file or directory argument: `~` expanded and made absolute here, at the edge,
     so that no library deeper down (orbax refuses relative paths) ever sees a path relative to the working
-    directory. Messages show paths under the working directory relative again (gpt2_common.errors.run_cli)."""
+    directory. Messages show paths under the working directory relative again (gpt2_common.errors.run_cli).
+    A Hub name (hf:REPO[@REVISION], gpt2_common.hub) passes through untouched; a bare word stays a path."""
+    if hub.is_name(text):
+        return text
     return os.path.abspath(os.path.expanduser(text))
 
 
 def source_arg(text: str) -> str:
     """prepare_data.py's --source: the name of an embedded corpus as it is, anything else a path or glob (path_arg)."""
     return text if text in EMBEDDED_SOURCES else path_arg(text)
+
+
+def hellaswag_arg(text: str) -> str:
+    """--hellaswag: a split's name (val: HellaSwag's validation file, fetched once into the cache) as it is, anything
+    else a path (path_arg)."""
+    from gpt2_common.hellaswag_file import SPLITS
+
+    return text if text in SPLITS else path_arg(text)
+
+
+def check_weights_arg(flag: str, value: str | None) -> None:
+    """A weights argument that cannot work, answered before a framework loads: a malformed Hub name, or a local
+    path that does not exist (with the Hub name of OpenAI's GPT-2 when it is named like one)."""
+    if value is None:
+        return
+    if hub.is_name(value):
+        hub.parse(value)
+    elif not os.path.exists(value):
+        raise UserError(f"{flag} '{value}' does not exist; give a checkpoint, run directory or Hugging Face "
+                        f"directory{hub.missing_hint(value)}")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +64,8 @@ def train_parser(description: str) -> argparse.ArgumentParser:
                         "runs/<config name>-torch for PyTorch); running again with the same run dir resumes")
     parser.add_argument("--init-from", default=None, type=path_arg,
                         help="start from these weights: a JAX or PyTorch run or checkpoint, a Hugging Face GPT-2 "
-                        "directory, a nanoGPT ckpt.pt or an llm.c model .bin")
+                        "directory or Hub name (hf:gpt2, hf:OWNER/REPO[@REVISION]), a nanoGPT ckpt.pt or an llm.c "
+                        "model .bin")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a run directory's checkpoints even though they were trained with another "
                         "config (keys beyond run control such as train.max_steps, train.eval_interval, logging.*)")
@@ -65,7 +90,8 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, does: str) -> None
     """--checkpoint and --framework, as every script that loads weights takes them; `does`: what the model does."""
     parser.add_argument("--checkpoint", required=True, type=path_arg,
                         help="weights in any form: a JAX or PyTorch run or checkpoint, a Hugging Face GPT-2 "
-                        "directory, a nanoGPT ckpt.pt or an llm.c model .bin")
+                        "directory or Hub name (hf:gpt2, hf:OWNER/REPO[@REVISION]), a nanoGPT ckpt.pt or an llm.c "
+                        "model .bin")
     parser.add_argument("--framework", choices=("jax", "torch"), default="jax",
                         help=f"which model {does} (default: %(default)s)")
 
@@ -79,9 +105,7 @@ def default_run_dir(config_name: str, framework: str) -> Path:
 def resolve_run(args: argparse.Namespace, framework: str) -> tuple[Config, Path]:
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config.name, framework)
-    if args.init_from is not None and not os.path.exists(args.init_from):
-        raise UserError(f"--init-from '{args.init_from}' does not exist; give a checkpoint, run directory or Hugging "
-                        "Face directory")
+    check_weights_arg("--init-from", args.init_from)
     return config, run_dir
 
 

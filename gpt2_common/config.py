@@ -259,9 +259,21 @@ def validate(config: Config) -> None:
         raise UserError(f"train.warmup_steps={t.warmup_steps} is longer than the run (train.max_steps={t.max_steps}), "
                         f"so the learning rate would never reach train.lr; set train.warmup_steps <= {t.max_steps} "
                         f"(e.g. --set train.warmup_steps={t.max_steps // 10})")
+    _check_data_names(config.data)
     axes = {"mesh.data": config.mesh.data, "mesh.fsdp": config.mesh.fsdp, "mesh.tensor": config.mesh.tensor}
     if any(v < 1 and v != -1 for v in axes.values()) or list(axes.values()).count(-1) > 1:
         raise UserError(f"mesh sizes must be positive, and one of them may be -1 (the devices left): got {axes}")
+
+
+def _check_data_names(data: DataConfig) -> None:
+    """A Hub dataset (hf:...) is read by name where it is read as it is: Alpaca's records. Token shards are made from
+    one first; say how, before anything loads."""
+    for key in ("train", "val"):
+        value = getattr(data, key)
+        if value.startswith("hf:") and data.format == "tokens":
+            raise UserError(f"data.{key} = '{value}' names a Hub dataset; make token shards of it first (python "
+                            f"scripts/prepare_data.py --source {value} --name CONFIG --out DIR) and set data.{key} to "
+                            f"DIR's {key}_*.bin")
 
 
 # (key, lowest, whether the lowest is allowed, highest, whether the highest is allowed): what the optimizer can use.

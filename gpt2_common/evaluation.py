@@ -21,6 +21,7 @@ import numpy as np
 from gpt2_common.config import Config
 from gpt2_common.data import IGNORE_INDEX as IGNORE  # the one ignore index; gpt2_jax/evaluate.py imports this name
 from gpt2_common.errors import UserError
+from gpt2_common.hellaswag_file import hellaswag_path
 from gpt2_common.tokenizer import get_tokenizer
 
 TokenNLL = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -109,8 +110,9 @@ class HellaSwagExample:
 
 def read_hellaswag(path: str | Path) -> list[HellaSwagExample]:
     """HellaSwag's released JSONL (`ctx`, `endings`, `label`), rendered as build-nanogpt does: the context's tokens,
-    then " " + ending; the ending's tokens are the ones scored."""
-    path = Path(path)
+    then " " + ending; the ending's tokens are the ones scored. `path` may name a split (val: fetched once into the
+    cache, gpt2_common.hellaswag_file)."""
+    path = hellaswag_path(str(path))
     if not path.is_file():
         raise UserError(f"HellaSwag file '{path}' does not exist")
     enc = get_tokenizer()

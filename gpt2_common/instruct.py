@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_common.data import IGNORE_INDEX, EpochOrder
+from gpt2_common import hub
 from gpt2_common.errors import UserError
+from gpt2_common.hub_datasets import record_files
 from gpt2_common.tokenizer import EOT_TOKEN, get_tokenizer
 
 PROMPT_WITH_INPUT = (
@@ -37,10 +39,15 @@ def format_prompt(instruction: str, input: str = "") -> str:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Records from a JSON array (Alpaca's release) or JSONL, each checked; errors name the line."""
+    """Records from a JSON array (Alpaca's release), JSONL or Parquet (the Hub's form), each checked; errors name
+    the line (the row of a Parquet file). A Hub dataset's name (hf:tatsu-lab/alpaca) reads its train split."""
+    if hub.is_name(str(path)):
+        return [record for file in record_files(str(path)) for record in read_records(file)]
     path = Path(path)
     if not path.is_file():
         raise UserError(f"instruction data '{path}' does not exist")
+    if path.suffix == ".parquet":
+        return _checked(path, _parquet_records(path))
     text = path.read_text(encoding="utf-8")
     records: list[tuple[int, object]] = []
     if text.lstrip().startswith("["):
@@ -64,6 +71,22 @@ def read_records(path: str | Path) -> list[dict]:
                 records.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    return _checked(path, records)
+
+
+def _parquet_records(path: Path) -> list[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:
+        raise UserError(f"'{path}' is not a readable Parquet file ({err})") from None
+    # a record without input has "" in Alpaca's Parquet, null in some copies of it
+    return [(row, {**record, "input": record.get("input") or ""} if isinstance(record, dict) else record)
+            for row, record in enumerate(table.to_pylist(), 1)]
+
+
+def _checked(path: Path, records: list[tuple[int, object]]) -> list[dict]:
     checked = []
     for number, record in records:
         if not isinstance(record, dict):

@@ -8,27 +8,21 @@ from __future__ import annotations
 
 import glob
 import json
-import multiprocessing as mp
 import os
 import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
-
-from gpt2_common.data import write_shard
 from gpt2_common.errors import UserError
-from gpt2_common.tokenizer import encode_document
+from gpt2_common.shards import DEFAULT_SHARD_TOKENS, PrepareResult, ShardBuilder, tokenize_into
 
 EMBEDDED_SOURCES = ("shakespeare",)
 # Where each embedded corpus is prepared on first use (relative to the working directory, as the presets say).
 EMBEDDED_HOMES = {"shakespeare": "data/shakespeare"}
-DEFAULT_SHARD_TOKENS = 100_000_000  # build-nanogpt's shard size: 200 MB of uint16
 
 
 # --- sources of documents ------------------------------------------------------------------------------------------
@@ -134,100 +128,16 @@ def file_documents(paths: list[Path], text_field: str = "text") -> Iterator[str]
 
 # --- tokenizing and writing ----------------------------------------------------------------------------------------
 
-@dataclass
-class PrepareResult:
-    train_tokens: int
-    val_tokens: int
-    documents: int
-    shards: list[Path]
-
-
-class _ShardWriter:
-    """Buffers tokens and writes numbered shards of at most `shard_tokens` tokens."""
-
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
-        self.filled = 0
-        self.total = 0
-        self.paths: list[Path] = []
-
-    def add(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            take = min(tokens.size, self.shard_tokens - self.filled)
-            self.buffer[self.filled:self.filled + take] = tokens[:take]
-            self.filled += take
-            self.total += take
-            tokens = tokens[take:]
-            if self.filled == self.shard_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.filled:
-            path = self.out_dir / f"{self.split}_{len(self.paths):06d}.bin"
-            write_shard(path, self.buffer[:self.filled])
-            self.paths.append(path)
-            self.filled = 0
-
-
-def _encode_group(texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(encode_document(text), dtype=np.uint16) for text in texts]
-
-
-def _groups(documents: Iterable[str], chars: int = 1 << 20) -> Iterator[list[str]]:
-    """Documents in groups of about a megabyte: large enough to pay for the trip to a worker, small enough to
-    keep every worker busy whether the input is a few plays or millions of web pages."""
-    group, size = [], 0
-    for text in documents:
-        group.append(text)
-        size += len(text)
-        if size >= chars:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
-
-
 def prepare(documents: Iterable[str], out_dir: str | os.PathLike, *, val_fraction: float = 0.05,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None, progress: bool = True,
-            source: str = "") -> PrepareResult:
-    """Tokenizes documents in `workers` processes and writes train_*.bin / val_*.bin shards and meta.json."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    train = _ShardWriter(out_dir, "train", shard_tokens)
-    val = _ShardWriter(out_dir, "val", shard_tokens)
-    workers = workers or max(1, (os.cpu_count() or 1))
+            source: str = "", max_tokens: int | None = None) -> PrepareResult:
+    """Tokenizes documents in `workers` processes and writes train_*.bin / val_*.bin shards and meta.json; with
+    `max_tokens`, stops after the document that reaches it."""
+    builder = ShardBuilder(out_dir, val_fraction, shard_tokens)
     bar = _progress(progress)
-    count = 0
-    # One worker tokenizes in this process: a trainer that has started JAX or torch threads must not fork.
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
-        groups = _groups(documents)
-        for encoded in pool.imap(_encode_group, groups) if pool else map(_encode_group, groups):
-            for tokens in encoded:
-                # Deterministic split: a document goes to validation while validation is short of its share.
-                if val.total < val_fraction * (train.total + val.total):
-                    val.add(tokens)
-                else:
-                    train.add(tokens)
-                count += 1
-                bar.update(tokens.size)
-    finally:
-        if pool:
-            pool.terminate()
+    tokenize_into(builder, documents, workers=workers, bar=bar, max_tokens=max_tokens)
     bar.close()
-    if count == 0:
-        raise UserError("the inputs hold no documents")
-    train.flush()
-    val.flush()
-    if val_fraction > 0 and not val.paths:
-        raise UserError("too few documents to hold any out for validation; add data or pass --val-fraction 0")
-    meta = {"source": source, "documents": count, "train_tokens": train.total, "val_tokens": val.total,
-            "tokenizer": "gpt2", "vocab_size": 50257}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return PrepareResult(train.total, val.total, count, train.paths + val.paths)
+    return builder.finish(source, **({"max_tokens": max_tokens} if max_tokens else {}))
 
 
 def _progress(enabled: bool):

@@ -6,6 +6,10 @@
     nanogpt  nanoGPT's ckpt.pt (or the out_dir holding it), or a bare nanoGPT state dict   gpt2_torch.nanogpt
     llmc     an llm.c model file (gpt2_124M.bin and its kin)                              gpt2_common.llmc
 
+and names of what lives on the Hugging Face Hub: `hf:REPO[@REVISION]` (`hf:gpt2` ... `hf:gpt2-xl` are OpenAI's
+GPT-2s), fetched into the user's Hugging Face cache by gpt2_common.hub and then read as the hf form. A bare word is
+always a local path.
+
 The entry points (scripts, and the trainers' --init-from) use this package; the layers below never do: gpt2_common
 imports no framework, and each framework package owns its own checkpoint layout (gpt2_jax.layout,
 gpt2_torch.layout) and files. Detection looks at names, directory layouts and a file's first bytes, so it imports
@@ -18,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gpt2_common import llmc
+from gpt2_common import hub, llmc
 from gpt2_common.config import Config, ModelConfig
 from gpt2_common.errors import UserError
 from gpt2_common.weights import Weights, fit_to_model, is_hf_dir, load_hf, orphan_weight_file, save_hf
@@ -33,11 +37,22 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 _PICKLE_MAGIC = b"\x80"  # the legacy torch.save format starts with a pickle protocol opcode
 
 
+def local(path: str | os.PathLike) -> Path:
+    """The local path of a weights source: a Hub name (hf:...) fetched into the Hugging Face cache, anything else as
+    it is (never the network)."""
+    if hub.is_name(path):
+        return hub.weights_folder(path)
+    return Path(path)
+
+
 def detect(path: str | os.PathLike) -> str:
     """Which of FORMS `path` holds, from its files alone; one UserError line naming what it found otherwise."""
+    if hub.is_name(path):
+        local(path)
+        return "hf"
     path = Path(path)
     if not path.exists():
-        raise UserError(f"'{path}' does not exist")
+        raise UserError(f"'{path}' does not exist{hub.missing_hint(path)}")
     if path.is_file():
         return _detect_file(path)
     if is_hf_dir(path):
@@ -90,11 +105,13 @@ def _read_torch_state(path: Path):
 
 
 def read_canonical(path: str | os.PathLike) -> tuple[Config, Weights]:
-    """The config and canonical weights of any form this reads; each framework is imported only for its own form."""
+    """The config and canonical weights of any form this reads (or a Hub name); each framework is imported only for
+    its own form."""
     form = detect(path)
     if form == "hf":
-        model, weights = load_hf(path, read_torch_file=_read_torch_state)
-        return Config(name=Path(path).name, model=model), weights
+        model, weights = load_hf(local(path), read_torch_file=_read_torch_state)
+        name = hub.parse(path).repo.rsplit("/", 1)[-1] if hub.is_name(path) else Path(path).name
+        return Config(name=name, model=model), weights
     if form == "llmc":
         return llmc.read_llmc(path)
     if form == "nanogpt":

@@ -30,6 +30,7 @@ from gpt2_common.faults import check_same_config, check_same_model, warn
 from gpt2_common.flops import peak_flops
 from gpt2_common.loaders import data_paths, open_loaders
 from gpt2_common.metrics import check_logging_packages
+from gpt2_common.named_inputs import fetch_named_inputs
 from gpt2_common.runlock import set_aside
 from gpt2_formats import check_framework, init_weights
 from gpt2_jax import checkpoint, distributed, sharding
@@ -68,6 +69,10 @@ class JaxBackend:
         self.is_main, self.multi_process = jax.process_index() == 0, jax.process_count() > 1
         check_framework(self.checkpoint_dir, "jax")
         check_logging_packages(config.logging)
+        if self.multi_process:  # one process fetches what the run names on the Hub; the others then find it cached
+            if self.is_main:
+                fetch_named_inputs(config, init_from)
+            multihost_utils.sync_global_devices("gpt2_jax: named inputs fetched")
         self.mesh = sharding.make_mesh(config.mesh, devices)
         self.trainer = _cached_trainer(config, self.mesh)
         self.train_loader, self.val_loader = _loaders(config, self.trainer)

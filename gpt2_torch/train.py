@@ -28,6 +28,7 @@ from gpt2_common.faults import check_same_config, check_same_model, warn
 from gpt2_common.flops import peak_flops
 from gpt2_common.errors import UserError
 from gpt2_common.loaders import data_paths, open_loaders
+from gpt2_common.named_inputs import fetch_named_inputs
 from gpt2_common.metrics import check_logging_packages
 from gpt2_common.runlock import set_aside
 from gpt2_formats import check_framework, init_weights
@@ -61,8 +62,10 @@ class TorchBackend:
         check_divides(t.micro_batch_size, env.world_size, "processes (torchrun's nproc_per_node x nodes)")
         check_framework(self.checkpoint_dir, "torch")
         check_logging_packages(config.logging)
-        if env.is_main and config.data.format == "tokens":
-            data_paths(config)  # prepares an embedded corpus once, before the other ranks look for its shards
+        if env.is_main:  # before the other ranks look: named inputs fetched, an embedded corpus prepared, once
+            fetch_named_inputs(config, init_from)
+            if config.data.format == "tokens":
+                data_paths(config)
         if env.world_size > 1:
             dist.barrier()
         self.train_loader, self.val_loader = open_loaders(config, env.rank, env.world_size, progress=False)

@@ -3,6 +3,7 @@
 
   python scripts/convert.py runs/small/checkpoints gpt2-small-hf --to hf
   python scripts/convert.py path/to/hf-gpt2 gpt2.pt --to torch
+  python scripts/convert.py hf:gpt2 gpt2-hf --to hf                     # OpenAI's GPT-2 from the Hub, as a folder
   python scripts/convert.py gpt2.pt gpt2-jax --to jax
   python scripts/convert.py out/ckpt.pt gpt2-jax --to jax               # nanoGPT's checkpoint (or its out/ folder)
   python scripts/convert.py gpt2_124M.bin gpt2-hf --to hf               # llm.c's model file
@@ -11,7 +12,8 @@
   python scripts/convert.py runs/small runs/small-torch --to torch-run   # the whole run, continued by PyTorch
   python scripts/convert.py runs/small-torch runs/small-jax --to jax-run --step 4000
 
-The source's form is detected (gpt2_formats). Every tensor's name and shape is checked against the source's config
+The source's form is detected (gpt2_formats); a Hub name (hf:gpt2, hf:OWNER/REPO[@REVISION]) is fetched into the
+Hugging Face cache first. Every tensor's name and shape is checked against the source's config
 before anything is written, and the destination appears whole or not at all. JAX and PyTorch outputs are
 weights-only checkpoints (no optimizer state) that --init-from, sampling and evaluation read; a Hugging Face output
 loads in transformers.GPT2LMHeadModel.from_pretrained (and, for GPT-2's vocabulary, AutoTokenizer and pipeline); a
@@ -43,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("src", type=path_arg, help="a JAX checkpoint (run dir, checkpoints/ or step folder), a "
-                        "PyTorch checkpoint (.pt, run dir or checkpoints/), a Hugging Face GPT-2 directory, nanoGPT's "
-                        "ckpt.pt (or its out_dir, or a bare state dict) or an llm.c model .bin")
+                        "PyTorch checkpoint (.pt, run dir or checkpoints/), a Hugging Face GPT-2 directory or Hub name "
+                        "(hf:gpt2), nanoGPT's ckpt.pt (or its out_dir, or a bare state dict) or an llm.c model .bin")
     parser.add_argument("dst", type=path_arg, help="where to write: a folder for jax, hf and nanogpt, a .pt file for "
                         "torch, a .bin file for llmc, a run directory for jax-run and torch-run; must not exist")
     parser.add_argument("--to", required=True, choices=(*gpt2_formats.FORMS, *RUN_FORMS),

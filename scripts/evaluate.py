@@ -3,12 +3,13 @@
 
   python scripts/evaluate.py --checkpoint runs/shakespeare --shards data/shakespeare
   python scripts/evaluate.py --checkpoint path/to/hf-gpt2 --text wiki.test.raw --stride 512
-  python scripts/evaluate.py --checkpoint runs/small --hellaswag hellaswag_val.jsonl --json
+  python scripts/evaluate.py --checkpoint hf:gpt2 --hellaswag val --json
 
-The checkpoint may be a JAX or PyTorch checkpoint (or run directory) or a Hugging Face GPT-2 directory. --shards
-reads the val_* shards of a directory from prepare_data.py (or every shard a glob names); --text scores each token
-once with up to block_size tokens of context, windows advancing by --stride; --hellaswag reads HellaSwag's JSONL
-(ctx, endings, label). Nothing is downloaded.
+The checkpoint may be a JAX or PyTorch checkpoint (or run directory), a Hugging Face GPT-2 directory or a Hub name
+(hf:gpt2, hf:OWNER/REPO). --shards reads the val_* shards of a directory from prepare_data.py (or every shard a glob
+names); --text scores each token once with up to block_size tokens of context, windows advancing by --stride;
+--hellaswag reads HellaSwag's JSONL (ctx, endings, label): a file, or `val`, the validation file build-nanogpt and
+llm.c use, downloaded once into the Hugging Face cache.
 """
 
 import argparse
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpt2_common.cli import add_checkpoint_arguments, path_arg  # noqa: E402
+from gpt2_common.cli import add_checkpoint_arguments, hellaswag_arg, path_arg  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 
 
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--shards", type=path_arg, metavar="DIR|GLOB", help="validation loss over token shards")
     what.add_argument("--text", type=path_arg, metavar="FILE", help="sliding-window perplexity of a UTF-8 text file")
-    what.add_argument("--hellaswag", type=path_arg, metavar="FILE", help="HellaSwag accuracy over a JSONL file")
+    what.add_argument("--hellaswag", type=hellaswag_arg, metavar="FILE|val", help="HellaSwag accuracy over a JSONL "
+                      "file, or over its validation set (val, downloaded once)")
     parser.add_argument("--stride", type=int, default=None, help="--text: how far each window advances "
                         "(default: half of block_size)")
     parser.add_argument("--batch-size", type=int, default=8, help="--shards: sequences per batch "
@@ -104,6 +106,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     config, weights = read_canonical(args.checkpoint)
     model = config.model
+    # HellaSwag's examples (`val` downloads them once) before the framework loads: a bad file is told at once
+    examples = evaluation.read_hellaswag(args.hellaswag) if args.hellaswag else None
     token_nll = importlib.import_module(f"gpt2_{args.framework}.evaluate").token_nll_fn(config, weights,
                                                                                        precision=args.precision)
     if args.shards:
@@ -112,7 +116,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         stride = args.stride or max(1, model.block_size // 2)
         result = {**evaluation.text_perplexity(args.text, model.block_size, stride, token_nll), "stride": stride}
     else:
-        result = evaluation.hellaswag_accuracy(evaluation.read_hellaswag(args.hellaswag), model.block_size, token_nll)
+        result = evaluation.hellaswag_accuracy(examples, model.block_size, token_nll)
     return {"checkpoint": args.checkpoint, "framework": args.framework, "precision": args.precision, **result}
 
 

@@ -3,8 +3,10 @@
 
   python scripts/sample.py --checkpoint runs/shakespeare --prompt "ROMEO:" --num-samples 3
   python scripts/sample.py --checkpoint path/to/hf-gpt2 --framework torch --prompt "The meaning of" --temperature 0
+  python scripts/sample.py --checkpoint hf:gpt2 --prompt "Hello, I'm a language model," --max-new-tokens 30
 
-The checkpoint may be a JAX or PyTorch checkpoint (or run directory) or a Hugging Face GPT-2 directory. Temperature 0
+The checkpoint may be a JAX or PyTorch checkpoint (or run directory), a Hugging Face GPT-2 directory or a Hub name
+(hf:gpt2, hf:OWNER/REPO[@REVISION], fetched once into the Hugging Face cache). Temperature 0
 is greedy; --top-k 0 and --top-p 1 turn those filters off. A completion ends at <|endoftext|>.
 """
 

@@ -76,6 +76,21 @@ MOVED = [  # "Continue a run in the other framework": steps 1-10 in JAX, 11-20 i
     "python scripts/convert.py runs/moved-torch runs/moved-jax --to jax-run",
     "python scripts/train_jax.py --config runs/moved-jax/config.toml --run-dir runs/moved-jax",
 ]
+# By name, against the fake Hub of tests/fake_hub.py (HF_ENDPOINT and HF_HOME in the environment, the commands as typed)
+HUB_PREPARE = [
+    "python scripts/prepare_data.py --source hf:HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb10B",
+    "python scripts/prepare_data.py --source hf:HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb_first "
+    "--max-tokens 100000000",
+    "python scripts/prepare_data.py --source hf:Salesforce/wikitext --name wikitext-103-raw-v1 --split test --out "
+    "data/wikitext103_test",
+]
+HUB_WEIGHTS = [
+    'python scripts/sample.py --checkpoint hf:gpt2 --prompt "Hello, I\'m a language model," --max-new-tokens 30 '
+    '--temperature 0',
+    "python scripts/convert.py hf:gpt2 gpt2_hf --to hf",
+    "python scripts/evaluate.py --checkpoint hf:gpt2 --hellaswag val --json",
+]
+FROM_PYTHON = "the README's From Python block"
 PREPARED_BY_TRAINING = "prepared by the trainers"  # a copy of data/shakespeare as the first training runs left it
 
 
@@ -123,15 +138,31 @@ def typed(command: str) -> tuple[list[str], dict[str, str]]:
     return argv(command)
 
 
-def start(command: str, cwd: Path, *extra: str) -> subprocess.Popen:
-    words, env = typed(command)
-    return subprocess.Popen([*words, *extra], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def python_block() -> str:
+    """The README's one ```python block (its From Python section)."""
+    (block,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    return block
 
 
-def run_together(commands: list[str], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
-    """Runs the commands side by side (they touch different files) and waits for all of them."""
-    procs = {command: start(command, cwd) for command in commands}
+def start(command: str, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    if command == FROM_PYTHON:
+        words, typed_env = [sys.executable, "-c", python_block()], dict(ENV)
+    else:
+        words, typed_env = typed(command)
+    return subprocess.Popen([*words, *extra], cwd=cwd, env={**typed_env, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_together(commands: list[str], cwd: Path, hub_env: dict[str, str] | None = None,
+                 hub_cwd: Path | None = None) -> dict[str, subprocess.CompletedProcess]:
+    """Runs the commands side by side (they touch different files) and waits for all of them; those by name
+    (HUB_PREPARE, HUB_WEIGHTS, FROM_PYTHON) with the fake Hub's environment, the first two in hub_cwd."""
+    def where(command: str) -> tuple[Path, dict[str, str] | None]:
+        if command in HUB_PREPARE + HUB_WEIGHTS:
+            return hub_cwd or cwd, hub_env
+        return cwd, hub_env if command == FROM_PYTHON else None
+
+    procs = {command: start(command, where(command)[0], env=where(command)[1]) for command in commands}
     done = {}
     for command, proc in procs.items():
         out, err = proc.communicate(timeout=TIMEOUT)
@@ -155,7 +186,17 @@ def tree_state(directory: Path) -> dict[str, int]:
 def clone(tmp_path_factory) -> Path:
     """The repository's files as a fresh clone has them (those git tracks or would, none that it ignores: no runs/,
     data/ or .venv/), copied into a folder whose name holds a space."""
-    target = tmp_path_factory.mktemp("readme") / "a clone"
+    return fresh_copy(tmp_path_factory.mktemp("readme") / "a clone")
+
+
+@pytest.fixture(scope="module")
+def hub_clone(tmp_path_factory) -> Path:
+    """A second fresh copy, for the commands by name: what they write under data/ stays out of the first copy's
+    (whose folder listing the bad-input table prints)."""
+    return fresh_copy(tmp_path_factory.mktemp("readme_by_name") / "a clone")
+
+
+def fresh_copy(target: Path) -> Path:
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, check=True).stdout
     for name in filter(None, listed.decode().split("\0")):
@@ -166,17 +207,27 @@ def clone(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def flow(clone) -> dict[str, subprocess.CompletedProcess]:
+def hub_env(hub_repos, tmp_path_factory) -> dict[str, str]:
+    """The environment that points huggingface_hub at the fake Hub (tests/conftest.py's session-wide server) with an
+    empty HF_HOME of the module's own, and HellaSwag's base URL at its copy there."""
+    from fake_hub import environ
+
+    return {**environ(hub_repos.hub, tmp_path_factory.mktemp("readme_hf_home")),
+            "GPT2_HELLASWAG_BASE_URL": hub_repos.hellaswag_base}
+
+
+@pytest.fixture(scope="module")
+def flow(clone, hub_clone, hub_env) -> dict[str, subprocess.CompletedProcess]:
     """The README's path after `make`: train both frameworks, then use what they wrote. Each wave runs side by side
     what needs only the waves before it (no two commands of a wave write the same files, but for the corpus that
     both first runs prepare), so that no core idles while a wave's slowest command finishes. As `make train` in a
     fresh clone, the trainers find no shards and prepare the embedded corpus themselves; the README's own
     prepare_data.py command runs last, over what they prepared (kept aside to compare)."""
-    done = run_together([TRAIN_JAX, TRAIN_TORCH], clone)
+    done = run_together([TRAIN_JAX, TRAIN_TORCH] + HUB_PREPARE + HUB_WEIGHTS, clone, hub_env, hub_clone)
     shutil.copytree(clone / "data" / "shakespeare", clone / PREPARED_BY_TRAINING)
     with ThreadPoolExecutor(1) as beside:  # the run that moves between the trainers, one command at a time
         moved = beside.submit(run_in_order, MOVED, clone)
-        done |= run_together(AFTER_TRAINING + INIT_FROM + CONVERT, clone)
+        done |= run_together(AFTER_TRAINING + INIT_FROM + CONVERT + [FROM_PYTHON], clone, hub_env)
         done |= run_together(CONVERT_BACK + READ_CONVERTED, clone)
         done |= run_together([READ_JAX_CONVERTED], clone)
         done |= moved.result()
@@ -277,6 +328,38 @@ def test_a_run_moved_between_the_trainers_keeps_the_curve_of_the_run_that_never_
         ours, theirs = ([(r["step"], r[key]) for r in records if key in r] for records in (moved, stayed))
         assert [step for step, _ in ours] == [step for step, _ in theirs] == steps, key
         np.testing.assert_allclose([v for _, v in ours], [v for _, v in theirs], rtol=1e-4, err_msg=key)
+
+
+def test_data_by_name_prepares_pinned_to_a_commit(flow, hub_clone, hub_repos):
+    for command in HUB_PREPARE:
+        out_dir = shlex.split(command)[shlex.split(command).index("--out") + 1]
+        assert f" shards under {out_dir} (" in ok(flow[command]), flow[command].stdout
+        meta = json.loads((hub_clone / out_dir / "meta.json").read_text())
+        repo = shlex.split(command)[3][len("hf:"):]
+        assert meta["source"] == f"hf:{repo}@{hub_repos.commits[repo]}"
+        assert "documents" in meta and (meta["name"], meta["split"]) in (("sample-10BT", "train"),
+                                                                          ("wikitext-103-raw-v1", "test"))
+    assert json.loads((hub_clone / "data/fineweb_first/meta.json").read_text())["max_tokens"] == 100_000_000
+
+
+def test_weights_by_name_sample_convert_and_evaluate(flow, hub_clone, hub_env):
+    sample, convert, hellaswag = HUB_WEIGHTS
+    assert ok(flow[sample]).startswith("Hello, I'm a language model,")
+    assert ok(flow[convert]).startswith("hf:gpt2 (hf) -> gpt2_hf (hf): GPT-2 of 2 layers")
+    assert (hub_clone / "gpt2_hf" / "model.safetensors").is_file()
+    # The fake server's HellaSwag file is not the released one: the command as typed fetches it, checks it and keeps
+    # nothing (tests/test_hub_run_inputs.py scores the fixture's file by name with its own checksum).
+    result = flow[hellaswag]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: HellaSwag's val file from http://127.0.0.1:"), result.stderr[-2000:]
+    assert "does not match its checksum" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not list((Path(hub_env["HF_HOME"]) / "assets").rglob("*.jsonl"))
+
+
+def test_the_from_python_block_runs_as_written(flow, clone):
+    out = ok(flow[FROM_PYTHON])
+    assert out.startswith("Hello, I'm a language model,") and "\nloss " in out, out[-2000:]
+    assert any((clone / "runs" / "notebook" / "checkpoints").iterdir())
 
 
 def test_serve_answers_health(flow, clone):
