@@ -42,7 +42,8 @@ def train_in_process(framework: str, config: Path, run_dir: Path, **kwargs):
 
     train = importlib.import_module(f"gpt2_{framework}.train").train
     extra = {"devices": __import__("jax").devices()[:1]} if framework == "jax" else {}
-    return train(load_config(str(config)), run_dir, sample_tokens=0, log=lambda _: None, **extra, **kwargs)
+    kwargs.setdefault("log", lambda _: None)
+    return train(load_config(str(config)), run_dir, sample_tokens=0, **extra, **kwargs)
 
 
 def losses(run_dir: Path) -> list[tuple]:
@@ -66,6 +67,26 @@ def test_resume_from_an_earlier_checkpoint_replays_the_steps_after_it_exactly(fr
     aside = list((run_dir / "set_aside").iterdir())
     assert len(aside) == 1 and aside[0].name.startswith("after_step_4_")
     assert {p.name for p in aside[0].iterdir()} >= {step_checkpoint(framework, run_dir, s).name for s in (6, 8)}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_shard_cut_short_mid_run_ends_the_run_with_one_line_naming_it(framework, tmp_path, torch_one_thread):
+    """The PyTorch trainer died of SIGBUS there (exit 135, no message) while it memory-mapped its shards."""
+    from gpt2_common.errors import UserError
+
+    config, shard, run_dir = write_config(tmp_path), tmp_path / "data" / "train.bin", tmp_path / "run"
+    size = shard.stat().st_size
+
+    def log(line: str) -> None:
+        if line.split()[:2] == ["step", "3/8"]:
+            os.truncate(shard, size // 2)
+
+    with pytest.raises(UserError) as err:
+        train_in_process(framework, config, run_dir, log=log)
+    assert str(err.value).startswith(f"shard '{shard}' was cut short ({size // 2} bytes now, {size} when the run "
+                                     "opened it) while this process read it; put back the shards")
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3]
+    assert step_checkpoint(framework, run_dir, 2).exists()
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
