@@ -122,7 +122,8 @@ CASES = [
     ("a batch that does not divide over the devices", "jax:--set train.micro_batch_size=4 train.batch_size=8",
      "train.micro_batch_size=4 does not divide over 8 data-parallel devices"),
     ("TensorBoard asked for, not installed", "--set logging.tensorboard=true",
-     "logging.tensorboard=true needs TensorBoard: pip install tensorboard"),
+     "logging.tensorboard=true needs tensorboardX: pip install '.[tensorboard]' (or pip install tensorboardX), "
+     "or set logging.tensorboard=false"),
     ("W&B asked for, not installed", "--set logging.wandb=true", "logging.wandb=true needs Weights & Biases: pip install wandb"),
 ]
 PARAMS = [pytest.param(trainer, case, args, message, id=f"{trainer}: {case}")
@@ -133,7 +134,7 @@ PARAMS = [pytest.param(trainer, case, args, message, id=f"{trainer}: {case}")
 @pytest.mark.parametrize("trainer, case, args, message", PARAMS)
 def test_bad_input_is_one_line_and_exit_2(root, tmp_path, capsys, monkeypatch, trainer, case, args, message):
     if case.startswith(("TensorBoard", "W&B")):  # whatever this machine has installed: as if it had neither
-        for name in ("tensorboardX", "tensorboard", "wandb"):
+        for name in ("tensorboardX", "wandb"):
             monkeypatch.setitem(sys.modules, name, None)
     args, message = (text.replace("R/", f"{root}/").replace("{T}", trainer) for text in (args, message))
     args = args.split(":", 1)[1] if args.startswith(f"{trainer}:") else args
