@@ -311,9 +311,9 @@ class TokenLoader:
         shard_ids = np.searchsorted(self._first_window, windows, side="right") - 1
         starts = (windows - self._first_window[shard_ids]) * self.seq_len
         rows = np.empty((len(windows), self.seq_len + 1), dtype=np.int32)
-        for shard_id in np.unique(shard_ids):
-            picked = np.flatnonzero(shard_ids == shard_id)
-            shard = self.shards[shard_id]
+        by_shard = np.argsort(shard_ids, kind="stable")  # each shard opened once a batch, for all its rows
+        for picked in np.split(by_shard, np.flatnonzero(np.diff(shard_ids[by_shard])) + 1):
+            shard = self.shards[shard_ids[picked[0]]]
             tokens = shard.read_rows(starts[picked], self.seq_len + 1)
             check_ids(shard.path, int(tokens.min()) if tokens.dtype.kind == "i" else 0, int(tokens.max()),
                       self.vocab_size)
