@@ -255,10 +255,10 @@ class EpochOrder:
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch != self._cached_epoch:
-            order = np.arange(self.num_rows, dtype=np.int32 if self.num_rows < 2**31 else np.int64)
-            if self.shuffle:  # Generator.permutation(num_rows)'s order, in 4-byte ids: half its memory and time
-                np.random.default_rng([self.seed, epoch]).shuffle(order)
-            self._cached_order = order
+            if self.shuffle:
+                self._cached_order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            else:
+                self._cached_order = np.arange(self.num_rows)
             self._cached_epoch = epoch
         return self._cached_order
 
