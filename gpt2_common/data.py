@@ -4,7 +4,7 @@ A shard is a flat array of uint16 token ids, documents separated by <|endoftext|
 256-int32 header: magic 20240520, version 1, token count; then the tokens) and read it and build-nanogpt's `.npy`.
 
 Opening a shard reads its header only, so that a run over 10B tokens starts as fast as one over 10M; the loader
-reads each batch's rows with os.pread (no memory map: no pages held, and a file cut short under a running job is a
+reads each batch's rows with os.preadv (no memory map: no pages held, and a file cut short under a running job is a
 short read and one line, not a SIGBUS) and checks their token ids against the model's vocabulary as it reads them.
 
 The loader is a pure function of (seed, position, process index, process count): `loader.batch(position)` always
@@ -70,7 +70,7 @@ class Shard:
     """A token shard, opened but not read: where its tokens lie in the file, their type and count, and the largest
     id it holds where its header records it.
 
-    `read_rows` opens the file for each call and reads with os.pread: nothing is mapped or held between batches (a
+    `read_rows` opens the file for each call and reads with os.preadv: nothing is mapped or held between batches (a
     process's memory does not grow with the data), any number of shards costs no file descriptors, and a file that
     was truncated, rewritten or replaced since it was opened is an error that names it, never other tokens."""
 
@@ -78,7 +78,10 @@ class Shard:
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"shard '{self.path}' does not exist")
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as err:
+            raise UserError(f"shard '{self.path}' cannot be read: {err.strerror}") from None
         try:
             stat = os.fstat(fd)
             if self.path.suffix == ".npy":
@@ -132,13 +135,20 @@ class Shard:
 
 
 def _read_into(fd: int, buffer: np.ndarray, offset: int) -> int:
-    """Reads buffer.nbytes bytes at `offset` into a contiguous `buffer`; returns how many there were. os.preadv
-    reads straight into it (no copy) where the system has it."""
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, [buffer], offset)
-    data = os.pread(fd, buffer.nbytes, offset)
-    buffer.view(np.uint8)[:len(data)] = np.frombuffer(data, dtype=np.uint8)
-    return len(data)
+    """Reads buffer.nbytes bytes at `offset` into a contiguous `buffer`, up to the end of the file; returns how many
+    it read. os.preadv reads straight into it (no copy) where the system has it."""
+    into, done = memoryview(buffer).cast("B"), 0
+    while done < len(into):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [into[done:]], offset + done)
+        else:
+            data = os.pread(fd, len(into) - done, offset + done)
+            got = len(data)
+            into[done:done + got] = data
+        if got == 0:  # the end of the file
+            break
+        done += got
+    return done
 
 
 def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:

@@ -239,3 +239,14 @@ def test_rows_are_the_same_where_the_system_has_no_preadv(tmp_path, monkeypatch)
     expected = TokenLoader(paths, 8, 32, seed=1).batch(4)
     monkeypatch.delattr(os, "preadv", raising=False)
     np.testing.assert_array_equal(TokenLoader(paths, 8, 32, seed=1).batch(4)[0], expected[0])
+
+
+def test_a_shard_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
+    (path,) = make_shards(tmp_path, [100])
+
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refuse)  # (as root, a chmod would not stop the read)
+    with pytest.raises(UserError, match=f"^shard '{path}' cannot be read: Permission denied$"):
+        TokenLoader([path], 2, 8)
