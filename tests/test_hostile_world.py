@@ -16,7 +16,7 @@ import pytest
 from gpt2_common.config import load_config
 from gpt2_common.metrics import read_metrics
 from gpt2_common.runlock import lock_holder
-from tiny_run import write_run_config
+from tiny_run import train_steps, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -176,9 +176,6 @@ def test_kills_a_flipped_byte_a_failing_save_and_a_second_trainer_lose_nothing(f
         proc.started_at = time.time()
         return proc
 
-    def logged_steps():
-        return len([r for r in read_metrics(run_dir) if "loss" in r]) if (run_dir / "metrics.jsonl").exists() else 0
-
     def started(proc) -> bool:
         """It holds the run directory and has written metrics since: restored, and training."""
         metrics = run_dir / "metrics.jsonl"
@@ -193,8 +190,8 @@ def test_kills_a_flipped_byte_a_failing_save_and_a_second_trainer_lose_nothing(f
 
     for _ in range(3):  # SIGKILL at a random moment
         proc = start()
-        target = min(logged_steps() + rng.randint(1, 4), 15)
-        wait(proc, lambda: logged_steps() >= target)
+        target = min(train_steps(run_dir) + rng.randint(1, 4), 15)
+        wait(proc, lambda: train_steps(run_dir) >= target)
         time.sleep(rng.uniform(0, 0.2))
         proc.kill()
         proc.communicate()
