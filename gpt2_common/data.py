@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -70,63 +71,60 @@ class Shard:
     """A token shard, opened but not read: where its tokens lie in the file, their type and count, and the largest
     id it holds where its header records it.
 
-    `read_rows` opens the file for each call and reads with os.preadv: nothing is mapped or held between batches (a
-    process's memory does not grow with the data), any number of shards costs no file descriptors, and a file that
-    was truncated, rewritten or replaced since it was opened is an error that names it, never other tokens."""
+    The file stays open (as a memory map held it) and `read_rows` reads it with os.preadv: nothing is mapped or
+    held in memory between batches, so a process's memory does not grow with the data. A shard replaced by a rename
+    (as prepare_data.py writes, e.g. two runs preparing the embedded corpus at once) or removed is read as it was
+    when opened; one cut short or written over in place is an error that names it, never other tokens or a SIGBUS.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"shard '{self.path}' does not exist")
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as err:
             raise UserError(f"shard '{self.path}' cannot be read: {err.strerror}") from None
-        try:
-            stat = os.fstat(fd)
-            if self.path.suffix == ".npy":
-                self.dtype, self.offset, self.count, self.max_id = _npy_layout(self.path, fd)
-            else:
-                self.dtype, self.offset, self.count, self.max_id = _bin_layout(self.path, fd, stat.st_size)
-        finally:
-            os.close(fd)
+        weakref.finalize(self, os.close, self._fd)
+        stat = os.fstat(self._fd)
+        if self.path.suffix == ".npy":
+            self.dtype, self.offset, self.count, self.max_id = _npy_layout(self.path, self._fd)
+        else:
+            self.dtype, self.offset, self.count, self.max_id = _bin_layout(self.path, self._fd, stat.st_size)
         if stat.st_size < self.offset + self.count * self.dtype.itemsize:  # (a .bin's size was checked exactly)
             raise UserError(
                 f"shard '{self.path}' is truncated or corrupt: its header says {self.count} tokens "
                 f"({self.offset + self.count * self.dtype.itemsize} bytes) but the file has {stat.st_size} bytes; "
                 "prepare the data again")
-        self._identity = _identity(stat)
+        self._as_opened = (stat.st_size, stat.st_mtime_ns)
 
     def __len__(self) -> int:
         return self.count
 
     def read_rows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """[len(starts), length] tokens in the shard's own dtype: row i is tokens starts[i] .. starts[i]+length-1."""
+        self._check_unchanged()
         rows = np.empty((len(starts), length), dtype=self.dtype)
-        size = self.dtype.itemsize
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise UserError(self._changed("was removed")) from None
-        try:
-            now = _identity(os.fstat(fd))
-            if now != self._identity:
-                raise UserError(self._changed(_what_changed(self._identity, now)))
-            for row, start in zip(rows, starts):
-                if _read_into(fd, row, self.offset + int(start) * size) != row.nbytes:
-                    raise UserError(self._changed(f"was cut short ({os.fstat(fd).st_size} bytes now, "
-                                                  f"{self._identity[2]} when the run opened it)"))
-        finally:
-            os.close(fd)
+        for row, start in zip(rows, starts):
+            if _read_into(self._fd, row, self.offset + int(start) * self.dtype.itemsize) != row.nbytes:
+                self._check_unchanged()
+                raise UserError(self._changed("was cut short"))  # (and grew back since, to the size it had)
         return rows
 
     def read(self) -> np.ndarray:
         """All of the shard's tokens (for tools and tests; the loader reads rows)."""
-        tokens = np.fromfile(self.path, dtype=self.dtype, count=self.count, offset=self.offset)
-        if tokens.size != self.count:
-            raise UserError(self._changed(f"was cut short ({self.path.stat().st_size} bytes now, "
-                                          f"{self._identity[2]} when it was opened)"))
-        return tokens
+        return self.read_rows(np.zeros(1, dtype=np.int64), self.count)[0]
+
+    def _check_unchanged(self) -> None:
+        """The file was not written since it was opened: its size and modification time are as they were."""
+        stat = os.fstat(self._fd)
+        (size, modified) = self._as_opened
+        if stat.st_size < size:
+            raise UserError(self._changed(f"was cut short ({stat.st_size} bytes now, {size} when it was opened)"))
+        if stat.st_size != size:
+            raise UserError(self._changed(f"changed size ({stat.st_size} bytes now, {size} when it was opened)"))
+        if stat.st_mtime_ns != modified:
+            raise UserError(self._changed("was written to"))
 
     def _changed(self, what: str) -> str:
         return (f"shard '{self.path}' {what} while this process read it; put back the shards the run started "
@@ -149,20 +147,6 @@ def _read_into(fd: int, buffer: np.ndarray, offset: int) -> int:
             break
         done += got
     return done
-
-
-def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def _what_changed(then: tuple, now: tuple) -> str:
-    if then[:2] != now[:2]:
-        return "was replaced by another file"
-    if now[2] < then[2]:
-        return f"was cut short ({now[2]} bytes now, {then[2]} when the run opened it)"
-    if now[2] != then[2]:
-        return f"changed size ({now[2]} bytes now, {then[2]} when the run opened it)"
-    return "was written to"
 
 
 def _bin_layout(path: Path, fd: int, size: int) -> tuple[np.dtype, int, int, int | None]:

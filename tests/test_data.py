@@ -179,36 +179,48 @@ def test_reading_rows_costs_their_bytes_only(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change, message", [
-    ("truncate", "was cut short (1524 bytes now, 3024 when the run opened it)"),
-    ("truncate while reading", "was cut short (1524 bytes now, 3024 when the run opened it)"),
-    ("replace", "was replaced by another file"),
-    ("remove", "was removed"),
-    ("rewrite", "was written to"),
+    ("truncate", "was cut short (1524 bytes now, 3024 when it was opened)"),
+    ("truncate while reading", "was cut short (1524 bytes now, 3024 when it was opened)"),
+    ("append", "changed size (3044 bytes now, 3024 when it was opened)"),
+    ("copy over it", "was written to"),
 ])
-def test_a_shard_changed_under_a_reader_is_one_line_naming_it(tmp_path, monkeypatch, change, message):
-    """Rows are never read from another file than the one opened (a memory map died of SIGBUS on a cut shard)."""
-    (path,) = make_shards(tmp_path, [1000])
+def test_a_shard_written_under_a_reader_is_one_line_naming_it(tmp_path, monkeypatch, change, message):
+    """Rows are never read from a file other than the one opened (a memory map died of SIGBUS on a cut shard)."""
+    path, other = make_shards(tmp_path, [1000, 1000])
     loader = TokenLoader([path], 4, 10, vocab_size=50257)
     loader.batch(0)
     if change == "truncate while reading":  # between the check of its size and the read: a short read
         count_reads(monkeypatch, before_each=lambda: os.truncate(path, HEADER_BYTES + 500))
     elif change == "truncate":
         os.truncate(path, HEADER_BYTES + 500)
-    elif change == "replace":
-        write_shard(path, np.arange(1000))
-    elif change == "remove":
-        path.unlink()
-    else:  # the same size, new bytes: only the time it was written says so
-        stat = path.stat()
-        with open(path, "r+b") as f:
-            f.seek(HEADER_BYTES)
-            f.write(b"\1\0" * 10)
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    elif change == "append":
+        with open(path, "ab") as f:
+            f.write(b"\0" * 20)
+    else:  # `cp other path`: the same file, the same size, other bytes; only the time it was written says so
+        mtime = path.stat().st_mtime_ns
+        path.write_bytes(other.read_bytes())
+        os.utime(path, ns=(mtime, mtime + 10**9))  # (a filesystem's clock may be coarser than the two writes)
     with pytest.raises(UserError) as err:
         loader.batch(1)
     assert str(err.value) == f"shard '{path}' {message} while this process read it; put back the shards the run " \
         "started with (prepare new data into another folder, not over the shards of a running job), then run the " \
         "same command again to resume from the last checkpoint"
+
+
+@pytest.mark.parametrize("change", ["rename another over it", "remove"])
+def test_a_shard_replaced_or_removed_under_a_reader_is_read_as_it_was_opened(tmp_path, change):
+    """As a memory map did: two runs started together both prepare the embedded corpus, and the second to finish
+    renames its (identical) shards over those the first already reads."""
+    path, other = make_shards(tmp_path, [1000, 1000])
+    loader, again = TokenLoader([path], 4, 10, seed=1), TokenLoader([path], 4, 10, seed=1)
+    expected = [again.batch(position)[0] for position in range(1, 5)]
+    loader.batch(0)
+    if change == "remove":
+        path.unlink()
+    else:
+        os.replace(other, path)
+    for position, rows in zip(range(1, 5), expected):
+        np.testing.assert_array_equal(loader.batch(position)[0], rows)
 
 
 def test_npy_shards_of_any_integer_type_and_byte_order(tmp_path):

@@ -83,8 +83,8 @@ def test_a_shard_cut_short_mid_run_ends_the_run_with_one_line_naming_it(framewor
 
     with pytest.raises(UserError) as err:
         train_in_process(framework, config, run_dir, log=log)
-    assert str(err.value).startswith(f"shard '{shard}' was cut short ({size // 2} bytes now, {size} when the run "
-                                     "opened it) while this process read it; put back the shards")
+    assert str(err.value).startswith(f"shard '{shard}' was cut short ({size // 2} bytes now, {size} when it was "
+                                     "opened) while this process read it; put back the shards")
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3]
     assert step_checkpoint(framework, run_dir, 2).exists()
 
