@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -108,21 +109,21 @@ def trim_metrics(run_dir: str | os.PathLike, last_step: int) -> int:
 # --- TensorBoard and Weights & Biases -----------------------------------------------------------------------------
 
 def _tensorboard_writer_class():
-    """tensorboardX's SummaryWriter, else torch's (which needs the tensorboard package); a UserError if neither."""
+    """tensorboardX's SummaryWriter: TensorBoard's event files from numpy and protobuf. As it loads, tensorboardX
+    tries to load torch too, only to accept torch tensors (it is given floats here); where torch is not loaded
+    already, that attempt is made to fail, so that a JAX run does not load torch (seconds, and its memory) to log."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # the import system's own mark for a module that is not there
     try:
         from tensorboardX import SummaryWriter
-
-        return SummaryWriter
     except ImportError:
-        pass
-    try:
-        import tensorboard  # noqa: F401  (torch.utils.tensorboard is only a front end to it)
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter
-    except ImportError:
-        raise UserError("logging.tensorboard=true needs TensorBoard: pip install tensorboard (or tensorboardX), "
-                        "or set logging.tensorboard=false") from None
+        raise UserError("logging.tensorboard=true needs tensorboardX: pip install '.[tensorboard]' (or pip install "
+                        "tensorboardX), or set logging.tensorboard=false") from None
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _wandb_module():

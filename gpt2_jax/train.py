@@ -109,6 +109,7 @@ class JaxBackend:
                 if self.init_from else None
             self.state = self.trainer.init(jax.random.PRNGKey(self.config.train.seed), params)
             start = run.Start(initialised_from=self.init_from)
+        self.train_loader.batch(start.position)  # read once here: a bad shard ends the run before it writes anything
         self.val_batches = [self.trainer.put(self.val_loader.batch(i)) for i in range(self.config.train.eval_steps)]
         return start
 

@@ -111,6 +111,10 @@ class TorchBackend:
         self.compiled = torch.compile(self.raw_model) if t.compile else self.raw_model  # what evaluation runs
         self.model = DDP(self.compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if env.world_size > 1 else self.compiled
+        # The first batches are read once here: a shard of another tokenizer ends the run before it writes anything.
+        self.train_loader.batch(start.position)
+        for position in range(t.eval_steps):
+            self.val_loader.batch(position)
         return start
 
     def _set_aside_newer_than(self, chosen: Path) -> str | None:

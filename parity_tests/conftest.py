@@ -16,6 +16,7 @@ import torch
 
 from gpt2_common import weights as cw
 from gpt2_common.config import ModelConfig
+from tests.canonical_random import random_weights  # noqa: F401  (the parity tests import it from here)
 
 # At these sizes every torch op is microseconds of work, and handing it to a pool of threads costs more than it saves
 # (on two cores shared with other processes, many times more): one thread keeps the suite fast and its timing steady.
@@ -45,17 +46,6 @@ CASES = [
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])
 def case(request) -> Case:
     return request.param
-
-
-def random_weights(model: ModelConfig, seed: int = 0) -> cw.Weights:
-    """Canonical weights in which every tensor is random, LayerNorm scales included (around 1) and biases (around 0):
-    a tensor put in the wrong place, or transposed, changes the outputs."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in cw.canonical_shapes(model).items():
-        center = 1.0 if len(shape) == 1 and name.endswith(".weight") else 0.0
-        weights[name] = (center + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return weights
 
 
 def torch_model(weights: cw.Weights, model: ModelConfig):

@@ -2,7 +2,6 @@
 `_orig_mod.` prefixes, model_args, an AdamW state) against a forward pass written below from nanoGPT's equations
 (exact GELU, nn.Linear [out, in] weights), and exact-GELU Hugging Face models against transformers itself."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -22,21 +21,14 @@ from gpt2_jax.model import GPT as JaxGPT
 from gpt2_jax.weights import from_canonical as jax_from_canonical
 from gpt2_torch.model import GPT as TorchGPT
 from gpt2_torch.weights import from_canonical as torch_from_canonical
+from tests.script_module import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 ODD = dict(n_layer=3, n_head=3, n_embd=48, block_size=13, vocab_size=67, dropout=0.0)  # head_dim 16, vocab padded
 TOKENS = np.random.default_rng(1).integers(0, ODD["vocab_size"], (2, ODD["block_size"]))
 ATOL = 1e-5
 
 
-def load_convert():
-    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = load_convert()
+convert = load_script("convert")
 
 
 # --- nanoGPT, as its model.py computes and its train.py saves -------------------------------------------------------

@@ -20,25 +20,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpt2_common.bench import bench_parser  # noqa: E402
 from gpt2_common.errors import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--config", default="small", help="preset or path (default: %(default)s)")
-    parser.add_argument("--frameworks", default="jax,torch,hf", help="any of jax, torch, hf (transformers) "
-                        "(default: %(default)s)")
+    parser = bench_parser(__doc__, repeats=3, config="small", frameworks="jax,torch,hf")
     parser.add_argument("--batch-sizes", default="1,4,16", help="(default: %(default)s)")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=48, help="(default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default: %(default)s)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads for torch and transformers (default: torch's own choice)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     return parser
 
 

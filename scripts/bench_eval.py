@@ -21,22 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpt2_common.bench import bench_parser  # noqa: E402
 from gpt2_common.errors import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--config", default="shakespeare", help="preset or path (default: %(default)s)")
+    parser = bench_parser(__doc__, repeats=2, config="shakespeare", frameworks="jax,torch,hf")
     parser.add_argument("--shards", required=True, metavar="DIR|GLOB", help="token shards (a directory's val_*)")
-    parser.add_argument("--frameworks", default="jax,torch,hf", help="any of jax, torch, hf (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=10, help="batches a timed evaluation scores, and steps a timed "
                         "training window runs (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds (default: %(default)s)")
     parser.add_argument("--no-train", action="store_true", help="time evaluation only")
-    parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     return parser
 
 

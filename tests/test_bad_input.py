@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gpt2_common.config import load_config
-from gpt2_common.data import write_shard
+from gpt2_common.data import shard_header, write_shard
 from gpt2_common.errors import UserError, run_cli
 from gpt2_common.metrics import RunLog, read_metrics
 from gpt2_jax import checkpoint
@@ -63,6 +63,9 @@ def root(tmp_path_factory):
     (root / "truncated").mkdir()
     (root / "truncated" / "train.bin").write_bytes(b"\0" * 100)
     write_shard(root / "bigvocab" / "train.bin", rng.integers(0, 50257, 3000))
+    (root / "llmc").mkdir()  # llm.c's shards record no token ids in their header: checked as batches are read
+    (root / "llmc" / "train.bin").write_bytes(shard_header(3000).tobytes() + rng.integers(0, 50257, 3000,
+                                                                                          np.uint16).tobytes())
     (root / "none.jsonl").write_text("")
     (root / "c.toml").write_text(CONFIG.format(n_embd=32, root=root))
     (root / "wide.toml").write_text(CONFIG.format(n_embd=64, root=root))
@@ -100,6 +103,8 @@ CASES = [
     ("truncated shard", "--set data.train=R/truncated/train.bin", "shard 'R/truncated/train.bin' is truncated"),
     ("shards of another vocabulary", "--set data.train=R/bigvocab/train.bin",
      "shard 'R/bigvocab/train.bin' holds token id"),
+    ("another vocabulary, met in the first batch", "--set data.train=R/llmc/train.bin",
+     "shard 'R/llmc/train.bin' holds token id"),
     ("empty fine-tuning data", "--set data.format=alpaca data.train=R/none.jsonl", "'R/none.jsonl' holds no records"),
     ("--init-from that does not exist", "--init-from R/nowhere", "--init-from 'R/nowhere' does not exist"),
     ("--init-from of another shape", "--init-from R/torch_wide",
@@ -117,7 +122,8 @@ CASES = [
     ("a batch that does not divide over the devices", "jax:--set train.micro_batch_size=4 train.batch_size=8",
      "train.micro_batch_size=4 does not divide over 8 data-parallel devices"),
     ("TensorBoard asked for, not installed", "--set logging.tensorboard=true",
-     "logging.tensorboard=true needs TensorBoard: pip install tensorboard"),
+     "logging.tensorboard=true needs tensorboardX: pip install '.[tensorboard]' (or pip install tensorboardX), "
+     "or set logging.tensorboard=false"),
     ("W&B asked for, not installed", "--set logging.wandb=true", "logging.wandb=true needs Weights & Biases: pip install wandb"),
 ]
 PARAMS = [pytest.param(trainer, case, args, message, id=f"{trainer}: {case}")
@@ -128,7 +134,7 @@ PARAMS = [pytest.param(trainer, case, args, message, id=f"{trainer}: {case}")
 @pytest.mark.parametrize("trainer, case, args, message", PARAMS)
 def test_bad_input_is_one_line_and_exit_2(root, tmp_path, capsys, monkeypatch, trainer, case, args, message):
     if case.startswith(("TensorBoard", "W&B")):  # whatever this machine has installed: as if it had neither
-        for name in ("tensorboardX", "tensorboard", "wandb"):
+        for name in ("tensorboardX", "wandb"):
             monkeypatch.setitem(sys.modules, name, None)
     args, message = (text.replace("R/", f"{root}/").replace("{T}", trainer) for text in (args, message))
     args = args.split(":", 1)[1] if args.startswith(f"{trainer}:") else args
@@ -141,6 +147,7 @@ def test_bad_input_is_one_line_and_exit_2(root, tmp_path, capsys, monkeypatch, t
     assert exit_info.value.code == 2
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert before == {p: p.stat().st_mtime_ns for p in root.glob("*_run*/**/*") if p.is_file()}  # nothing touched
+    assert not (tmp_path / "run").exists()  # nor made
 
 
 def test_the_scripts_print_only_the_line(root):

@@ -52,3 +52,22 @@ def test_memory_plan_compiled_prints_the_compilers_sizes():
     assert cells[1:3] == ["8 x 64", "0"]
     state, temp, total = map(float, cells[3:])
     assert state > 0.03 and temp > 0.2 and abs(total - state - temp) < 0.011  # GiB; the logits alone are ~0.1
+
+
+def test_bench_data_runs_each_loader_in_its_own_process_beside_a_baseline(tmp_path):
+    out, shards = tmp_path / "data.json", tmp_path / "shards"
+    this_loader = ROOT / "gpt2_common" / "data.py"
+    done = run("bench_data.py", "--shards", "3", "--shard-tokens", "100000", "--rows", "8", "--seq-len", "64",
+               "--batches", "3", "--repeats", "2", "--baseline", str(this_loader), "--dir", str(shards),
+               "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["loaders"] == {"this checkout": str(this_loader), "baseline": str(this_loader)}
+    for runs in results["results"].values():
+        assert len(runs) == 2
+        for r in runs:
+            assert r["windows"] == 3 * (99_999 // 64) and len(r["batch_s"]) == 3
+            assert r["peak_rss_bytes"] >= r["rss_before_loader_bytes"] > 0
+    assert "baseline / this checkout, peak RSS:" in done.stdout
+    sizes = sorted(p.stat().st_size for p in shards.iterdir())
+    assert sizes == [1024 + 200_000] * 3 and all(p.stat().st_blocks * 512 < 2**20 for p in shards.iterdir())

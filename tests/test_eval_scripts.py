@@ -2,7 +2,7 @@
 independent computation by transformers' GPT2LMHeadModel on the same weights and tokens (files written here in the
 real formats), validation loss on shards, scripts/sample.py, and one-line errors."""
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -18,6 +18,7 @@ from gpt2_common.data import write_shard
 from gpt2_common.errors import UserError
 from gpt2_common.evaluation import hellaswag_accuracy, read_hellaswag, text_perplexity
 from gpt2_common.tokenizer import get_tokenizer
+from script_module import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=50257)
@@ -34,13 +35,6 @@ CONTEXTS = [
                                         "sits down on the grass quietly."]),
     ("Two kids build a sandcastle. They", ["add a moat.", "eat the sand.", "fly a plane.", "file taxes."]),
 ]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

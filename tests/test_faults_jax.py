@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ from gpt2_common.metrics import read_metrics
 from gpt2_jax.checkpoint import load_checkpoint_params, read_meta
 from gpt2_jax.train import train
 from nan_injection import train_with_nan_at
-from tiny_run import write_run_config
+from tiny_run import records, train_steps, wait_for, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_jax.py"
@@ -69,26 +68,8 @@ def finish(config: Path, run_dir: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended first: {proc.communicate()}")
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def train_steps(run_dir: Path) -> int:
-    return sum(1 for r in read_metrics(run_dir) if "loss" in r) if (run_dir / "metrics.jsonl").exists() else 0
-
-
 def partial_saves(run_dir: Path) -> list[Path]:
     return list((run_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
-
-
-def records(run_dir: Path) -> list[dict]:
-    keep = ("step", "loss", "grad_norm", "lr", "val_loss")
-    return [{k: r[k] for k in keep if k in r} for r in read_metrics(run_dir)]
 
 
 def steps_saved(run_dir: Path) -> list[int]:

@@ -21,7 +21,7 @@ from gpt2_common.metrics import read_metrics
 from gpt2_torch.checkpoint import list_checkpoints, load_checkpoint
 from gpt2_torch.train import main
 from nan_injection import train_with_nan_at
-from tiny_run import write_run_config
+from tiny_run import records, train_steps, wait_for, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_torch.py"
@@ -55,27 +55,8 @@ def start(config: Path, run_dir: Path, slow_saves: bool = False) -> subprocess.P
     return subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended first: {proc.communicate()}")
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def train_steps(run_dir: Path) -> int:
-    return sum(1 for r in read_metrics(run_dir) if "loss" in r) if (run_dir / "metrics.jsonl").exists() else 0
-
-
 def saving(run_dir: Path) -> bool:
     return any((run_dir / "checkpoints").glob(".step_*.tmp"))
-
-
-def records(run_dir: Path) -> list[dict]:
-    """What must match an uninterrupted run: every loss, grad norm, lr and validation loss, in order."""
-    keep = ("step", "loss", "grad_norm", "lr", "val_loss")
-    return [{k: r[k] for k in keep if k in r} for r in read_metrics(run_dir)]
 
 
 def finish(config: Path, run_dir: Path) -> subprocess.CompletedProcess:

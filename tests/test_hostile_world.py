@@ -16,7 +16,7 @@ import pytest
 from gpt2_common.config import load_config
 from gpt2_common.metrics import read_metrics
 from gpt2_common.runlock import lock_holder
-from tiny_run import write_run_config
+from tiny_run import train_steps, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -42,7 +42,8 @@ def train_in_process(framework: str, config: Path, run_dir: Path, **kwargs):
 
     train = importlib.import_module(f"gpt2_{framework}.train").train
     extra = {"devices": __import__("jax").devices()[:1]} if framework == "jax" else {}
-    return train(load_config(str(config)), run_dir, sample_tokens=0, log=lambda _: None, **extra, **kwargs)
+    kwargs.setdefault("log", lambda _: None)
+    return train(load_config(str(config)), run_dir, sample_tokens=0, **extra, **kwargs)
 
 
 def losses(run_dir: Path) -> list[tuple]:
@@ -66,6 +67,26 @@ def test_resume_from_an_earlier_checkpoint_replays_the_steps_after_it_exactly(fr
     aside = list((run_dir / "set_aside").iterdir())
     assert len(aside) == 1 and aside[0].name.startswith("after_step_4_")
     assert {p.name for p in aside[0].iterdir()} >= {step_checkpoint(framework, run_dir, s).name for s in (6, 8)}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_shard_cut_short_mid_run_ends_the_run_with_one_line_naming_it(framework, tmp_path, torch_one_thread):
+    """The PyTorch trainer died of SIGBUS there (exit 135, no message) while it memory-mapped its shards."""
+    from gpt2_common.errors import UserError
+
+    config, shard, run_dir = write_config(tmp_path), tmp_path / "data" / "train.bin", tmp_path / "run"
+    size = shard.stat().st_size
+
+    def log(line: str) -> None:
+        if line.split()[:2] == ["step", "3/8"]:
+            os.truncate(shard, size // 2)
+
+    with pytest.raises(UserError) as err:
+        train_in_process(framework, config, run_dir, log=log)
+    assert str(err.value).startswith(f"shard '{shard}' was cut short ({size // 2} bytes now, {size} when it was "
+                                     "opened) while this process read it; put back the shards")
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3]
+    assert step_checkpoint(framework, run_dir, 2).exists()
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -155,9 +176,6 @@ def test_kills_a_flipped_byte_a_failing_save_and_a_second_trainer_lose_nothing(f
         proc.started_at = time.time()
         return proc
 
-    def logged_steps():
-        return len([r for r in read_metrics(run_dir) if "loss" in r]) if (run_dir / "metrics.jsonl").exists() else 0
-
     def started(proc) -> bool:
         """It holds the run directory and has written metrics since: restored, and training."""
         metrics = run_dir / "metrics.jsonl"
@@ -172,8 +190,8 @@ def test_kills_a_flipped_byte_a_failing_save_and_a_second_trainer_lose_nothing(f
 
     for _ in range(3):  # SIGKILL at a random moment
         proc = start()
-        target = min(logged_steps() + rng.randint(1, 4), 15)
-        wait(proc, lambda: logged_steps() >= target)
+        target = min(train_steps(run_dir) + rng.randint(1, 4), 15)
+        wait(proc, lambda: train_steps(run_dir) >= target)
         time.sleep(rng.uniform(0, 0.2))
         proc.kill()
         proc.communicate()

@@ -10,19 +10,12 @@ import pytest
 
 from gpt2_jax.loss import fused_cross_entropy, fused_token_losses
 from gpt2_jax.model import cross_entropy, mask_padded_vocab
+from loss_inputs import head_inputs
 
 VOCAB, PADDED, B, T, C = 100, 128, 3, 12, 16
 
 
-def batch(seed: int = 0, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(B, T, C)), dtype)
-    embedding = jnp.asarray(rng.normal(size=(PADDED, C)) * 0.5, jnp.float32)
-    embedding = embedding.at[VOCAB:].set(3.0)  # padding rows that would take much probability if not masked
-    targets = rng.integers(0, VOCAB, (B, T)).astype(np.int32)
-    targets[0, :5] = -1  # ignored positions
-    targets[2, -1] = -1
-    return x, embedding, jnp.asarray(targets)
+batch = functools.partial(head_inputs, (B, T, C), VOCAB, PADDED)  # (seed, dtype) -> x, embedding, targets
 
 
 def plain_loss(x, embedding, targets, dtype=jnp.float32):

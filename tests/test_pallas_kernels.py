@@ -18,22 +18,14 @@ from gpt2_common.data import IGNORE_INDEX
 from gpt2_jax import pallas_loss
 from gpt2_jax.loss import fused_cross_entropy
 from gpt2_jax.model import build_model, cross_entropy
+from loss_inputs import head_inputs
 
 VOCAB, PADDED, B, T, C = 100, 136, 3, 12, 24  # 136 = 4 tiles of 32 and a ragged 8; 36 rows = 2 blocks of 16 and 4
 TILES = dict(block_rows=16, block_vocab=32, block_embd=16, block_out=16)  # C = 24: padded to 32, two output blocks
 BF16_RTOL = 2e-2  # bf16 operands, fp32 accumulation on both sides: they differ only in the order of fp32 sums
 
 
-def batch(seed: int = 0, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(B, T, C)), dtype)
-    embedding = jnp.asarray(rng.normal(size=(PADDED, C)) * 0.5, jnp.float32)
-    embedding = embedding.at[VOCAB:].set(3.0)  # padding rows that would take much probability if not masked
-    targets = rng.integers(0, VOCAB, (B, T)).astype(np.int32)
-    targets[0, :5] = IGNORE_INDEX
-    targets[2, -1] = IGNORE_INDEX
-    targets[1, 0] = VOCAB - 1  # the last real id: the ragged tile's last unmasked column
-    return x, embedding, jnp.asarray(targets)
+batch = functools.partial(head_inputs, (B, T, C), VOCAB, PADDED)  # (seed, dtype) -> x, embedding, targets
 
 
 def kernel_value_and_grads(x, embedding, targets, dtype=jnp.float32, **tiles):

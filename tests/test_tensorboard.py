@@ -3,6 +3,8 @@ back from the event files are the records written, and a resumed run's file tell
 after the checkpoint, which the first run wrote before it stopped."""
 
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -48,3 +50,20 @@ def test_the_run_log_writes_tensorboard_events_that_a_resumed_run_purges(tmp_pat
     starts = [e.step for e in events(second) if e.HasField("session_log") and e.session_log.status == 1]  # START
     assert starts == [11]  # TensorBoard discards the earlier files' events from this step on
     assert scalars(second) == [(15, "train/loss", 1.5)]
+
+
+def test_a_run_with_tensorboard_loads_no_framework(tmp_path):
+    """tensorboardX loads torch when it can, as it is imported: a JAX run that logs to TensorBoard must not."""
+    code = f"""
+import sys
+from gpt2_common.config import load_config
+from gpt2_common.metrics import RunLog
+log = RunLog({str(tmp_path)!r}, load_config("tiny", ["logging.tensorboard=true"]).logging, run_name="tiny")
+log.write({{"step": 5, "loss": 2.5}})
+log.close()
+print(" ".join(m for m in ("torch", "jax", "flax") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == []
+    (written,) = (tmp_path / "tensorboard").glob("events.*")
+    assert scalars(written) == [(5, "train/loss", 2.5)]

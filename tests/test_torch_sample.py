@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_common import weights as canonical
 from gpt2_common.config import Config, ModelConfig
 from gpt2_common.webapp import SampleOptions
 from gpt2_torch import sample
 from gpt2_torch.model import GPT, mask_padded_vocab
 from gpt2_torch.weights import from_canonical
+from canonical_random import random_weights
 
 # Tiny matrices: a team of threads costs more than it saves, and far more on cores shared with other work.
 torch.set_num_threads(1)
@@ -21,14 +21,6 @@ torch.set_num_threads(1)
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)  # padded to 128
 PROMPTS = [[5, 17, 3, 99, 42, 8, 1, 2, 3, 4, 5, 6, 7], [11], [60, 61, 62, 63, 64]]  # 13, 1 and 5 tokens
 NEW = 20  # every prompt runs past block_size (16), the 13-token one after 3 tokens
-
-
-def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.1) -> canonical.Weights:
-    """Random canonical weights, wider than GPT-2's init so that the next token's argmax wins by a clear margin
-    (a tie decided by rounding would make two correct implementations disagree)."""
-    rng = np.random.default_rng(seed)
-    return {name: ((1.0 if len(shape) == 1 and name.endswith(".weight") else 0.0) + std * rng.standard_normal(shape))
-            .astype(np.float32) for name, shape in canonical.canonical_shapes(config).items()}
 
 
 @functools.cache

@@ -1,7 +1,6 @@
 """scripts/convert.py: every direction between JAX, PyTorch and Hugging Face, and bad input refused in one line with
 nothing written."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from gpt2_jax.checkpoint import load_checkpoint_params
 from gpt2_torch import weights as tw
 from gpt2_torch.checkpoint import load_checkpoint_model
 from gpt2_torch.model import GPT as TorchGPT
+from script_module import load_script
 
 def jax_init_weights(path, model):
     """--init-from as the JAX trainer reads it: any form, through gpt2_formats, as params."""
@@ -36,14 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=100)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = load_script()
+convert = load_script("convert")
 
 
 def random_weights(seed: int = 0) -> cw.Weights:

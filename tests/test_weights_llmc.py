@@ -1,7 +1,6 @@
 """llm.c model files: a file written here by hand in the order llm.c's train_gpt2.py documents (write_model,
 write_tensors) is read, converted through every form and written back byte for byte, in fp32 and bf16."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,8 @@ import gpt2_formats
 from gpt2_common import weights as cw
 from gpt2_common.config import Config, ModelConfig
 from gpt2_common.errors import UserError
+from script_module import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(n_layer=2, n_head=3, n_embd=24, block_size=11, vocab_size=130)  # pads to 256 rows in llm.c
 # write_tensors' order (llm.c, train_gpt2.py): wte, wpe, then each of these over all layers, then ln_f
 PER_LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
@@ -21,14 +20,7 @@ PER_LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias
              "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
-def load_convert():
-    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = load_convert()
+convert = load_script("convert")
 
 
 def torch_named_parameters(seed: int = 0) -> dict[str, torch.Tensor]:

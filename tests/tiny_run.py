@@ -1,15 +1,18 @@
 """The run config that the fault and hostile-world tests train: a 2-layer, 32-wide model over 100 token ids with
 dropout (so that a resumed run's restored RNG and loader position matter), and random shards for it, written once
-under the test's folder."""
+under the test's folder; and what those tests read of a run that a process of theirs is training."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 
 from gpt2_common.data import write_shard
+from gpt2_common.metrics import read_metrics
 
 
 def write_run_config(root: Path, name: str, train: dict, *, model: dict | None = None, train_tokens: int = 12_000,
@@ -28,3 +31,24 @@ def write_run_config(root: Path, name: str, train: dict, *, model: dict | None =
     path = root / (file_name or f"config_{abs(hash(json.dumps(train, sort_keys=True))) % 10**8}.toml")
     path.write_text("\n".join(text) + "\n")
     return path
+
+
+def train_steps(run_dir: Path) -> int:
+    """The training steps logged so far (0 before the log exists)."""
+    return sum(1 for r in read_metrics(run_dir) if "loss" in r) if (run_dir / "metrics.jsonl").exists() else 0
+
+
+def records(run_dir: Path) -> list[dict]:
+    """What must match an uninterrupted run: every loss, grad norm, lr and validation loss, in order."""
+    keep = ("step", "loss", "grad_norm", "lr", "val_loss")
+    return [{k: r[k] for k in keep if k in r} for r in read_metrics(run_dir)]
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until predicate() holds, failing if `proc` ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended first: {proc.communicate()}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
