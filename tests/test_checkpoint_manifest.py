@@ -98,16 +98,16 @@ def test_torch_damaged_checkpoint_is_skipped_and_set_aside(tmp_path, capsys):
     path, checkpoint = newest_resumable(directory)
     err = capsys.readouterr().err
     assert path == checkpoint_path(directory, 2) and checkpoint["step"] == 2
-    assert f"warning: skipping checkpoint {newest}: checkpoint '{newest}' is damaged: file '{newest.name}' does " \
-           "not match its SHA-256" in err
-    assert f"warning: set checkpoint {newest} aside as {newest.name}.damaged" in err
+    assert f"warning: skipping checkpoint {newest}: it is damaged: file '{newest.name}' does not match its SHA-256" \
+           in err
+    [aside] = (tmp_path / "set_aside").iterdir()  # under the run directory, named for why
+    assert aside.name.startswith("damaged_step_4_") and f"warning: set checkpoint {newest} aside in {aside} " in err
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000004.pt", "step_00000004.pt.sha256"]
     # the resumed run saves step 4 again, and keeping 2 rotates out nothing it needs
     for step in (4, 6):
         save_checkpoint(torch_state(step), checkpoint_path(directory, step), keep=2)
-    assert [p.name for p in list_checkpoints(directory)] == ["step_00000004.pt", "step_00000006.pt"]
     assert sorted(p.name for p in directory.iterdir()) == [
-        "step_00000004.pt", "step_00000004.pt.damaged", "step_00000004.pt.sha256", "step_00000004.pt.sha256.damaged",
-        "step_00000006.pt", "step_00000006.pt.sha256"]
+        "step_00000004.pt", "step_00000004.pt.sha256", "step_00000006.pt", "step_00000006.pt.sha256"]
     assert load_checkpoint(newest)["step"] == 4
 
 
@@ -155,7 +155,7 @@ def test_torch_trainer_resumes_from_the_checkpoint_before_a_damaged_one(tmp_path
     capsys.readouterr()
     main(["--config", str(config), "--run-dir", str(run_dir)])
     err = capsys.readouterr().err
-    assert f"warning: skipping checkpoint {damaged}: checkpoint '{damaged}' is damaged" in err
+    assert f"warning: skipping checkpoint {damaged}: it is damaged: file" in err
     assert losses(run_dir) == first and len(first) == 6
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000004.pt", "step_00000006.pt"]
     for path in list_checkpoints(run_dir / "checkpoints"):
