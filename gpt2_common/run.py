@@ -153,6 +153,13 @@ class _Run:
             backend.close()
             return RunEnd(step, self.last_saved)
         end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
+        if end <= step:
+            kept = f"its checkpoint {as_typed(str(self.last_saved))} is kept" if self.last_saved else \
+                "it has no checkpoint yet"
+            self.say(f"--stop-at {stop_at}: the run is at step {step} already, so nothing was trained and {kept}; "
+                     "run the command again with a later --stop-at, or without it, to train")
+            backend.close()
+            return RunEnd(step, self.last_saved)
         if step == 0:
             self.say(model_summary(backend.param_counts()))
         accumulation = f" ({t.accumulation})" if t.grad_accum_steps > 1 and backend.framework == "jax" else ""

@@ -229,6 +229,18 @@ def test_a_background_save_that_fails_ends_the_run_at_the_next_step_naming_the_l
     assert err.value.exit_at_once and backend.updates == 17 and backend.of("close") == [()]
 
 
+def test_stop_at_where_the_run_is_already_says_so_and_trains_nothing(tmp_path):
+    backend = StandIn()
+    lines = go(tmp_path, backend, stop_at=0)
+    assert backend.of("step") == [] and backend.of("save") == [] and backend.of("close") == [()]
+    assert lines[-1] == ("--stop-at 0: the run is at step 0 already, so nothing was trained and it has no checkpoint "
+                         "yet; run the command again with a later --stop-at, or without it, to train")
+    resumed = StandIn(run.Start(step=7, position=14, resumed_from="ckpt/7"))
+    lines = go(tmp_path, resumed, stop_at=5)
+    assert resumed.of("step") == [] and "at step 7 already, so nothing was trained and its checkpoint ckpt/7 is " \
+        "kept" in lines[-1]
+
+
 def test_a_second_trainer_on_the_run_directory_is_refused(tmp_path):
     from gpt2_common.runlock import RunLock
 
