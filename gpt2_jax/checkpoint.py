@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ from flax import struct
 from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
 from gpt2_common.faults import warn
-from gpt2_common.files import share_like_open
+from gpt2_common.files import partial, share_like_open
 from gpt2_common.manifest import DamagedCheckpoint, NoManifest, files_under, verify_manifest, write_manifest
 from gpt2_common.weights import Weights
 from gpt2_jax.layout import BEST_DIR, PARTIAL_SUFFIX  # noqa: F401 (the layout: what a checkpoint looks like)
@@ -192,19 +190,15 @@ class WeightsOnlyState(struct.PyTreeNode):
 def write_weights(weights: Weights, config: Config, path: str | Path) -> None:
     """A weights-only checkpoint at `path` (a checkpoints folder holding step 0), which --init-from,
     load_checkpoint_params, sampling and evaluation read. Written by the trainer's own save into a temporary folder
-    that is renamed into place, so that a failed conversion leaves nothing behind."""
+    that is renamed into place, so that a failed conversion leaves nothing behind (and a killed one leaves what the
+    next conversion to `path` removes: gpt2_common.files.partial)."""
     path = Path(path)
     if path.exists():
         raise UserError(f"'{path}' already exists; remove it or choose another destination")
     state = WeightsOnlyState(step=np.zeros([], np.int32), params=from_canonical(weights, config.model))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with partial(path, directory=True) as tmp:  # a kill leaves it for the next conversion here to remove
         manager = checkpoint_manager(tmp, keep=1, async_save=False)
         save(manager, state, config, loader_position=0)
         manager.close()
         share_like_open(tmp)  # mkdtemp makes it private; the result is an ordinary directory
         os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

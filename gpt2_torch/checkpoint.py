@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 
 from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
-from gpt2_common.files import fsync_dir, share_like_open
+from gpt2_common.files import PARTIAL_SUFFIX, fsync_dir, partial, share_like_open
 from gpt2_common.faults import warn
 from gpt2_common.manifest import (MANIFEST_SUFFIX, DamagedCheckpoint, NoManifest, file_digest, read_manifest,
                                   verify_manifest, write_manifest)
@@ -58,10 +57,8 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: i
     checksum of a file that is not there (ignored), never a new step file without one (which would be read
     unverified, as a checkpoint from before checksums)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with partial(path) as tmp:  # a kill leaves it for the next save here (or the trainer's start) to remove
+        with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **checkpoint}, f)
             f.flush()
             os.fsync(f.fileno())
@@ -69,9 +66,6 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: i
         digest = file_digest(tmp)
         write_manifest(manifest_path(path), [path], known={path.name: digest})
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     fsync_dir(path.parent)  # the rename itself survives a power cut
     for old in list_checkpoints(path.parent)[:-keep]:
         old.unlink()
@@ -113,10 +107,11 @@ def link_or_save(checkpoint: dict[str, Any], path: str | os.PathLike, same_as: P
 
 
 def remove_partial_saves(checkpoint_dir: str | os.PathLike) -> None:
-    """Names, then deletes, the temporary files of saves that a kill cut short (they are never read)."""
+    """Names, then deletes, the temporary files of saves that a kill cut short (they are never read): the run holds
+    its directory, so no other process is writing them."""
     directory = Path(checkpoint_dir)
     if directory.is_dir():
-        for tmp in sorted(directory.glob(".*.tmp")):
+        for tmp in sorted([*directory.glob(f".*{PARTIAL_SUFFIX}"), *directory.glob(".*.tmp")]):
             warn(f"skipping partial checkpoint {tmp} (its save did not finish)")
             tmp.unlink(missing_ok=True)
 

@@ -71,7 +71,7 @@ def train_steps(run_dir: Path) -> int:
 
 
 def saving(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob(".step_*.tmp"))
+    return any((run_dir / "checkpoints").glob(".step_*.partial"))
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -113,14 +113,14 @@ def test_killed_at_random_moments_and_mid_save_resumes_exactly(reference, tmp_pa
     wait_for(lambda: saving(run_dir), proc)
     proc.kill()
     proc.wait()
-    partial = list((run_dir / "checkpoints").glob(".step_*.tmp"))
+    partial = list((run_dir / "checkpoints").glob(".step_*.partial"))
     assert partial, "the kill should have cut a save short"
     # 3: and once more, to the end
     done = finish(config, run_dir)
     assert "resumed from step" in done.stdout
     assert f"skipping partial checkpoint {partial[0]}" in done.stderr
     assert records(run_dir) == expected  # bit for bit, and no step twice in metrics.jsonl
-    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+    assert not list((run_dir / "checkpoints").glob(".*.tmp")) + list((run_dir / "checkpoints").glob(".*.partial"))
 
 
 def test_sigterm_and_sigint_stop_with_a_checkpoint_and_exit_0(reference, tmp_path):
