@@ -1,5 +1,6 @@
 """The JAX trainer: its backend for the run policy of gpt2_common/run.py (the steps that gpt2_jax.step compiles over
-the mesh, orbax checkpoints, evaluation and sampling), and its command line.
+the mesh, restoring with gpt2_jax/resume.py, saving with gpt2_jax/saves.py, evaluating with gpt2_jax/evaluate.py,
+sampling), and its command line: the JAX column of docs/architecture.md's backend table.
 
   python scripts/train_jax.py --config shakespeare [--run-dir DIR] [--init-from PATH] [--set KEY=VALUE ...]
 """
