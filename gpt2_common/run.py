@@ -319,8 +319,8 @@ class _Run:
                 with contextlib.suppress(Exception):
                     self.backend.close()
             failed = err.path if isinstance(err, SaveFailed) else None
-            good = [path for path in self.saved if path != failed and self.backend.verified(path)]
-            kept = f"the last good checkpoint ({as_typed(good[-1])}) is kept" if good else \
+            good = next((path for path in reversed(self.saved) if path != failed and self.backend.verified(path)), None)
+            kept = f"the last good checkpoint ({as_typed(good)}) is kept" if good else \
                 "no checkpoint of this run was saved" if not self.saved else "no checkpoint of this run reads back"
             what = f"checkpoint {as_typed(failed)}" if failed else \
                 f"the checkpoint of step {step} in {as_typed(str(self.run_dir / 'checkpoints'))}"
