@@ -231,6 +231,7 @@ def validate(config: Config) -> None:
         "train.micro_batch_size": t.micro_batch_size, "train.max_steps": t.max_steps,
         "train.log_interval": t.log_interval, "train.keep_checkpoints": t.keep_checkpoints,
     }
+    _check_int_ranges(config, positive)
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config key '{key}' must be positive, got {value}")
@@ -284,6 +285,18 @@ _RANGES = (
     ("grad_clip", 0.0, True, math.inf, False), ("weight_decay", 0.0, True, math.inf, False),
 )
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit (and JAX's PRNGKey takes them)
+# Every other integer key is counted, indexed or shaped in int32 somewhere (JAX runs without x64: the step counter,
+# the optimizer's count, array shapes), where a larger value would wrap around; TOML reads any size of integer.
+INT_MAX = 2**31 - 1
+
+
+def _check_int_ranges(config: Config, positive: dict[str, int]) -> None:
+    for section, cls in _SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            key, value = f"{section}.{f.name}", getattr(getattr(config, section), f.name)
+            if f.type == "int" and key != "train.seed" and value > INT_MAX:
+                low = 1 if key in positive else -1 if section == "mesh" else 0
+                raise UserError(f"{key}={value} is out of range; it must be in [{low}, {INT_MAX}]")
 
 
 def _check_optimizer_ranges(t: TrainConfig) -> None:

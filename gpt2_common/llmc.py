@@ -10,7 +10,6 @@ GELU is the tanh approximation. Only numpy is needed: bf16 is handled as the top
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from gpt2_common.config import Config, ModelConfig, validate
 from gpt2_common.errors import UserError
-from gpt2_common.files import share_like_open
+from gpt2_common.files import partial, share_like_open
 from gpt2_common.faults import warn
 from gpt2_common.weights import Weights, check_weights, is_linear_weight
 
@@ -151,10 +150,8 @@ def write_llmc(weights: Mapping[str, np.ndarray], model: ModelConfig, path: str 
     header = np.zeros(HEADER_INTS, "<i4")
     header[:8] = [MAGIC, {"fp32": 3, "bf16": 5}[dtype], model.block_size, model.vocab_size, model.n_layer,
                   model.n_head, model.n_embd, vocab_rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with partial(path) as tmp:  # a kill leaves it for the next conversion here to remove
+        with open(tmp, "wb") as f:
             f.write(header.tobytes())
             for name, shape in tensor_order(model, vocab_rows):
                 array = np.asarray(weights[name], np.float32)
@@ -167,7 +164,4 @@ def write_llmc(weights: Mapping[str, np.ndarray], model: ModelConfig, path: str 
                 f.write((array.astype("<f4") if dtype == "fp32" else _fp32_to_bf16(array).astype("<u2")).tobytes())
         share_like_open(tmp)  # mkstemp's 0600 -> what open() gives under the umask
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 

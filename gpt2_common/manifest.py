@@ -5,6 +5,11 @@ file's size: a flipped bit on a disk, a copy that went wrong, a byte written ove
 write a manifest as the last act of a save and check it before a checkpoint is read; a file that no longer matches
 makes the checkpoint damaged (DamagedCheckpoint), and the trainers skip it for the one before.
 
+A checkpoint is also what its name says: the manifest binds the step and the name. A PyTorch manifest must list the
+very file it sits beside, and a checkpoint's own record of its step (in the files the manifest covers) must be the
+step of its name, so that another step's checkpoint copied over this one (a restore from backup, a sync tool, a hand
+mistake) is damaged too, and not resumed as if it were this step.
+
 The manifest is in `sha256sum`'s own format ("<hex digest>  <path relative to the manifest>" a line), so that a user
 can check a checkpoint by hand: `cd checkpoints/8 && sha256sum -c manifest.sha256` (JAX), or
 `cd checkpoints && sha256sum -c step_00000008.pt.sha256` (PyTorch). SHA-256 runs at about 1-2 GB/s a core on CPUs
@@ -27,7 +32,12 @@ _LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 
 
 class DamagedCheckpoint(UserError):
-    """A checkpoint whose files no longer match the checksums written with it: skip it for the one before."""
+    """A checkpoint whose files no longer match the checksums written with it, or that holds another step than its
+    name says: skip it for the one before. `detail`: what is wrong with it, without the checkpoint's name."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class NoManifest(Exception):
@@ -95,11 +105,17 @@ def read_manifest(manifest: str | os.PathLike) -> dict[str, str]:
     return digests
 
 
-def verify_manifest(manifest: str | os.PathLike, only: str | None = None) -> None:
+def verify_manifest(manifest: str | os.PathLike, only: str | None = None, names: Iterable[str] | None = None) -> None:
     """Checks every file that `manifest` lists (or those whose relative path starts with `only`) against its digest;
-    DamagedCheckpoint names the first that is missing or differs, NoManifest if there is no manifest."""
+    DamagedCheckpoint names the first that is missing or differs, NoManifest if there is no manifest. `names`: the
+    files it must list, no more and no fewer (a manifest copied beside another checkpoint names the wrong one, and
+    would verify the wrong file)."""
     manifest = Path(manifest)
-    for name, digest in read_manifest(manifest).items():
+    listed = read_manifest(manifest)
+    if names is not None and set(listed) != set(names):
+        raise DamagedCheckpoint(f"its checksum file {manifest.name} lists {', '.join(sorted(listed))}, not "
+                                f"{', '.join(sorted(names))} (a copy of another checkpoint's?)")
+    for name, digest in listed.items():
         if only is not None and not name.startswith(only):
             continue
         path = manifest.parent / name

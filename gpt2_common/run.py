@@ -75,7 +75,10 @@ class Backend(Protocol):
     def evaluate(self) -> dict[str, float]: ...  # val_loss and/or hellaswag_acc, hellaswag_acc_norm
 
     def save(self, step: int, position: int, meta: dict, *, best: bool = False, same_as_last: bool = False) -> str:
-        """Saves the state (in the background where the framework can); returns the checkpoint's path."""
+        """Saves the state (in the background where the framework can); returns the checkpoint's path. A save in the
+        background that failed raises SaveFailed at the next save, at the next step or at close."""
+
+    def verified(self, path: str) -> bool: ...  # a checkpoint it saved is whole and matches its manifest
 
     def sample(self, max_new_tokens: int, seed: int) -> str: ...
 
@@ -127,6 +130,7 @@ class _Run:
         self.print_to_terminal = log is print
         self.skipped, self.best_val, self.last_saved, self.best_saved = 0, math.inf, None, None
         self.saved: list[str] = []  # the step checkpoints of this run's life, oldest first
+        self.closed = False  # the backend, once: after a failed save, before its line is written
 
     def go(self, stop_at: int | None, sample_tokens: int) -> RunEnd:
         backend, config, t = self.backend, self.config, self.config.train
@@ -149,6 +153,13 @@ class _Run:
             backend.close()
             return RunEnd(step, self.last_saved)
         end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
+        if end <= step:
+            kept = f"its checkpoint {as_typed(str(self.last_saved))} is kept" if self.last_saved else \
+                "it has no checkpoint yet"
+            self.say(f"--stop-at {stop_at}: the run is at step {step} already, so nothing was trained and {kept}; "
+                     "run the command again with a later --stop-at, or without it, to train")
+            backend.close()
+            return RunEnd(step, self.last_saved)
         if step == 0:
             self.say(model_summary(backend.param_counts()))
         accumulation = f" ({t.accumulation})" if t.grad_accum_steps > 1 and backend.framework == "jax" else ""
@@ -167,8 +178,10 @@ class _Run:
             step, stopped_by = self.loop(start.step, position, end)
         finally:  # an interrupted run still finishes the checkpoint it was writing, and keeps its metrics
             try:
-                with self.failed_saves_end_the_run(step if step is not None else "in flight"):
-                    backend.close()  # an asynchronous save's failure surfaces here
+                if not self.closed:
+                    with self.failed_saves_end_the_run(step if step is not None else "in flight"):
+                        self.closed = True
+                        backend.close()  # an asynchronous save's failure surfaces here
             finally:
                 self.runlog.close()
                 self.progress.close()
@@ -192,7 +205,8 @@ class _Run:
         evaluates = t.eval_steps > 0 or bool(self.config.data.hellaswag)
         tick, timed_steps, pending = time.perf_counter(), 0, None
         while step < end:
-            metrics_of_step = backend.step(position)
+            with self.failed_saves_end_the_run(step, only_saves=True):  # a background save's failure ends the run
+                metrics_of_step = backend.step(position)
             step, position, timed_steps = step + 1, position + accum, timed_steps + 1
             if pending is not None:  # the previous step's metrics: checked a step late, so the device never idles
                 self.check(*pending)
@@ -290,16 +304,24 @@ class _Run:
         return path
 
     @contextlib.contextmanager
-    def failed_saves_end_the_run(self, step):
+    def failed_saves_end_the_run(self, step, only_saves: bool = False):
+        """The first save that fails ends the run with one line naming it, its cause and the newest checkpoint that
+        verifies (after the saves still in flight have ended, quietly: a full disk fails them too)."""
         try:
             yield
         except UserError:
             raise
         except Exception as err:
+            if only_saves and not isinstance(err, SaveFailed):
+                raise
+            if not self.closed:
+                self.closed = True
+                with contextlib.suppress(Exception):
+                    self.backend.close()
             failed = err.path if isinstance(err, SaveFailed) else None
-            good = self.saved[:self.saved.index(failed)] if failed in self.saved else self.saved
-            kept = f"the last good checkpoint ({as_typed(good[-1])}) is kept" if good else \
-                "no checkpoint of this run was saved"
+            good = next((path for path in reversed(self.saved) if path != failed and self.backend.verified(path)), None)
+            kept = f"the last good checkpoint ({as_typed(good)}) is kept" if good else \
+                "no checkpoint of this run was saved" if not self.saved else "no checkpoint of this run reads back"
             what = f"checkpoint {as_typed(failed)}" if failed else \
                 f"the checkpoint of step {step} in {as_typed(str(self.run_dir / 'checkpoints'))}"
             raise SaveError(f"could not write {what}: {_cause(err)}; {kept}") from err

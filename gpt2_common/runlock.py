@@ -97,19 +97,3 @@ def lock_holder(lock: Path) -> str:
     except OSError:
         pass
     return "another process"
-
-
-def set_aside(paths: list[Path], run_dir: Path, step: int) -> Path | None:
-    """Moves checkpoints newer than the one a run resumes from (--resume-from) into
-    `<run dir>/set_aside/after_step_<step>_<time>/`, renamed, not deleted; returns that folder (None if nothing)."""
-    if not paths:
-        return None
-    import time
-
-    target = run_dir / "set_aside" / f"after_step_{step}_{time.strftime('%Y%m%d-%H%M%S')}"
-    target.mkdir(parents=True, exist_ok=False)
-    for path in paths:
-        relative = path.relative_to(run_dir / "checkpoints")
-        (target / relative).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target / relative)
-    return target

@@ -28,7 +28,7 @@ import numpy as np
 from gpt2_common.config import GPT2_VOCAB_SIZE, Config, ModelConfig, validate
 from gpt2_common.errors import UserError
 from gpt2_common.tokenizer import hf_tokenizer_files
-from gpt2_common.files import share_like_open
+from gpt2_common.files import partial, share_like_open
 
 Weights = dict[str, np.ndarray]
 
@@ -265,9 +265,7 @@ def save_hf(weights: Mapping[str, np.ndarray], model: ModelConfig, directory: st
     check_weights(weights, model, "the weights to save")
     if directory.exists() and not overwrite and (not directory.is_dir() or any(directory.iterdir())):
         raise UserError(f"'{directory}' already exists and is not empty; remove it or choose another destination")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with partial(directory, directory=True) as tmp:  # a kill leaves it for the next save here to remove
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(model), indent=2) + "\n")
         tensors = {k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in canonical_shapes(model)}
         # transformers refuses safetensors files whose metadata does not name the framework that wrote them.
@@ -281,9 +279,6 @@ def save_hf(weights: Mapping[str, np.ndarray], model: ModelConfig, directory: st
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         share_like_open(tmp)  # mkdtemp makes it private; the result is an ordinary directory
         _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _replace_dir(new: Path, directory: Path) -> None:

@@ -11,16 +11,19 @@ step metadata at the top, which it rewrites at commit, is left out). It is writt
 every file is in place and before the folder is renamed to `<step>`, so a step folder never exists without it, and
 orbax deletes the checkpoints beyond `keep` only after that commit: an older checkpoint is never rotated out before
 the newest is sealed. `restore` checks it first: a damaged checkpoint raises DamagedCheckpoint, which the resume
-loop skips for the one before; once an older step restores, the newer ones that were skipped are set aside as
-`<step>.damaged` (kept for a look), since the resumed run writes those steps again. A step folder without a manifest
-(written before checksums) restores unverified, with a warning.
+loop (gpt2_jax/resume.py) skips for the one before. A step folder without a manifest (written before checksums)
+restores unverified, with a warning.
+
+A step folder is what its name says: its meta (which the manifest covers) and its state record the step, and
+`read_meta` and `restore` refuse a folder whose step is not its name's (another step's folder copied over it) as
+damaged. A save never passes over a folder silently: orbax skips a step at or below the newest it finds, and `save`
+raises instead.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from flax import struct
 from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
 from gpt2_common.faults import warn
-from gpt2_common.files import share_like_open
+from gpt2_common.files import partial, share_like_open
 from gpt2_common.manifest import DamagedCheckpoint, NoManifest, files_under, verify_manifest, write_manifest
 from gpt2_common.train_state import WeightsOnly
 from gpt2_common.weights import Weights
@@ -44,7 +47,6 @@ from gpt2_jax.weights import from_canonical, to_canonical
 
 MANIFEST_NAME = "manifest.sha256"
 ITEMS = ("state", "meta")  # the folders of a step that the manifest covers
-DAMAGED_SUFFIX = ".damaged"
 _sealing: dict[Path, dict] = {}  # a manager's directory -> {"async": bool, "step": the step being committed}
 
 
@@ -81,7 +83,10 @@ def save(manager: ocp.CheckpointManager, state: Any, config: Config, loader_posi
     if sealing is not None:
         manager.wait_until_finished()  # the previous commit seals its own step (orbax would wait here anyway)
         sealing["step"] = step
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    if not manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta))):
+        raise FileExistsError(errno.EEXIST, f"step {manager.latest_step()} is there already, at or after step {step} "
+                              "(orbax would skip this save)", str(manager.directory))
     if sealing is not None and not sealing["async"] and jax.process_index() == 0:
         # a synchronous save has committed (renamed) its folder already: seal it now. Such managers write one-step
         # conversions into a temporary folder that their caller renames into place, so nothing is rotated first.
@@ -92,40 +97,31 @@ def save(manager: ocp.CheckpointManager, state: Any, config: Config, loader_posi
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """(state, meta) of `step` (default: the newest), each array placed by the sharding in `abstract_state`.
 
-    Checks the step's manifest first (DamagedCheckpoint if a file differs). Once it has restored, the newer steps
-    (those the caller skipped as unreadable) are set aside as `<step>.damaged`: orbax would neither save those
-    steps again nor rotate out anything but the good older ones while they are there."""
+    Checks the step's manifest first, and after restoring that the state and meta hold this step: DamagedCheckpoint
+    if a file differs or the folder holds another step."""
     step = manager.latest_step() if step is None else step
     step_dir = Path(manager.directory) / str(step)
     try:
         verify_manifest(step_dir / MANIFEST_NAME)
     except NoManifest:
         warn(f"checkpoint {step_dir} has no checksum manifest (written before checksums): restoring it unverified")
+    except DamagedCheckpoint as err:
+        raise _damaged(step_dir, err.detail) from None
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    _set_aside_newer(manager, step)
+    _check_step(step_dir, restored.meta.get("step"))
+    _check_step(step_dir, int(jax.device_get(restored.state.step)))
     return restored.state, restored.meta
 
 
-def _set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:
-    newer = [s for s in manager.all_steps() if s > step]
-    if not newer:
-        return
-    directory = Path(manager.directory)
-    if jax.process_index() == 0:
-        for s in newer:
-            target = directory / f"{s}{DAMAGED_SUFFIX}"
-            n = 1
-            while target.exists():
-                target, n = directory / f"{s}{DAMAGED_SUFFIX}.{n}", n + 1
-            os.rename(directory / str(s), target)
-            warn(f"set checkpoint {directory / str(s)} aside as {target} (it did not read back); delete it when "
-                 "you have looked")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def _check_step(step_dir: Path, held: int | None) -> None:
+    """A numbered step folder must hold its own step: not another step's folder copied over it."""
+    if held is not None and step_dir.name.isdigit() and int(held) != int(step_dir.name):
+        raise _damaged(step_dir, f"it holds step {held}, not {step_dir.name} (a copy of another step's checkpoint?)")
 
-        multihost_utils.sync_global_devices("gpt2_jax: damaged checkpoints set aside")
-    manager.reload()
+
+def _damaged(step_dir: Path, detail: str) -> DamagedCheckpoint:
+    return DamagedCheckpoint(f"checkpoint '{step_dir}' is damaged: {detail}", detail)
 
 
 def verify(step_dir: str | Path, only: str | None = None) -> None:
@@ -136,13 +132,17 @@ def verify(step_dir: str | Path, only: str | None = None) -> None:
     except NoManifest:
         pass
     except DamagedCheckpoint as err:
-        raise DamagedCheckpoint(f"checkpoint '{step_dir}' is damaged: {err}") from None
+        raise _damaged(Path(step_dir), err.detail) from None
 
 
 def read_meta(path: str | Path) -> dict:
+    """The meta record of a step folder (or of the newest in a run or checkpoints folder), verified, and checked to
+    be of the step the folder's name says."""
     step_dir = _step_dir(path)
     verify(step_dir, only="meta/")
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+    _check_step(step_dir, meta.get("step"))
+    return meta
 
 
 def read_train_state(step_dir: str | Path, abstract_state: Any) -> tuple[Any, dict]:
@@ -206,19 +206,15 @@ class WeightsOnlyState(struct.PyTreeNode):
 def write_weights(weights: Weights, config: Config, path: str | Path) -> None:
     """A weights-only checkpoint at `path` (a checkpoints folder holding step 0), which --init-from,
     load_checkpoint_params, sampling and evaluation read. Written by the trainer's own save into a temporary folder
-    that is renamed into place, so that a failed conversion leaves nothing behind."""
+    that is renamed into place, so that a failed conversion leaves nothing behind (and a killed one leaves what the
+    next conversion to `path` removes: gpt2_common.files.partial)."""
     path = Path(path)
     if path.exists():
         raise UserError(f"'{path}' already exists; remove it or choose another destination")
     state = WeightsOnlyState(step=np.zeros([], np.int32), params=from_canonical(weights, config.model))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with partial(path, directory=True) as tmp:  # a kill leaves it for the next conversion here to remove
         manager = checkpoint_manager(tmp, keep=1, async_save=False)
         save(manager, state, config, loader_position=0)
         manager.close()
         share_like_open(tmp)  # mkdtemp makes it private; the result is an ordinary directory
         os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -1,5 +1,6 @@
 """The JAX model's per-token negative log-likelihood, the one thing gpt2_common.evaluation needs from a framework
-(validation loss on shards, perplexity of a text, HellaSwag), as gpt2_torch/evaluate.py gives it for PyTorch."""
+(validation loss on shards, perplexity of a text, HellaSwag), as gpt2_torch/evaluate.py gives it for PyTorch; and
+the trainer's evaluation of its parameters (validation loss, HellaSwag) on its mesh."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpt2_common.evaluation import IGNORE, TokenNLL
+from gpt2_common.evaluation import IGNORE, TokenNLL, hellaswag_correct
 from gpt2_jax.model import GPT
+from gpt2_jax.step import Trainer
 
 MIN_WIDTH = 16
 
@@ -60,3 +62,18 @@ def token_nll_fn(config, weights, precision: str = "fp32") -> TokenNLL:
     from gpt2_jax.sample import load_model
 
     return model_token_nll(*load_model(config, weights, precision))
+
+
+def evaluate_params(trainer: Trainer, params: Any, val_batches: list, hellaswag: list | None) -> dict[str, float]:
+    """A training run's evaluation: the mean loss of the jitted eval step over the fixed validation batches, and with
+    data.hellaswag its accuracies, which every process scores whole (the parameters may span them all) and gets
+    alike."""
+    record = {}
+    if val_batches:
+        losses = [trainer.eval_step(params, batch) for batch in val_batches]
+        record["val_loss"] = float(np.mean(jax.device_get(losses)))
+    if hellaswag is not None:
+        token_nll = model_token_nll(trainer.model, params, trainer.mesh)
+        correct, correct_norm = hellaswag_correct(hellaswag, trainer.config.model.block_size, token_nll)
+        record.update(hellaswag_acc=correct / len(hellaswag), hellaswag_acc_norm=correct_norm / len(hellaswag))
+    return record

@@ -1,5 +1,6 @@
 """The JAX trainer: its backend for the run policy of gpt2_common/run.py (the steps that gpt2_jax.step compiles over
-the mesh, orbax checkpoints, evaluation and sampling), and its command line.
+the mesh, restoring with gpt2_jax/resume.py, saving with gpt2_jax/saves.py, evaluating with gpt2_jax/evaluate.py,
+sampling), and its command line: the JAX column of docs/architecture.md's backend table.
 
   python scripts/train_jax.py --config shakespeare [--run-dir DIR] [--init-from PATH] [--set KEY=VALUE ...]
 """
@@ -9,12 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import logging
-import math
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -23,20 +20,17 @@ from jax.sharding import Mesh
 
 from gpt2_common import run
 from gpt2_common.cli import resolve_run, train_parser
-from gpt2_common.config import Config, DataConfig, LoggingConfig, loads_toml
-from gpt2_common.errors import UserError
-from gpt2_common.evaluation import hellaswag_correct, training_hellaswag
-from gpt2_common.faults import check_same_config, check_same_model, warn
+from gpt2_common.config import Config, DataConfig, LoggingConfig
+from gpt2_common.evaluation import training_hellaswag
 from gpt2_common.flops import peak_flops
 from gpt2_common.loaders import data_paths, open_loaders
 from gpt2_common.metrics import check_logging_packages
 from gpt2_common.named_inputs import fetch_named_inputs
-from gpt2_common.runlock import set_aside
 from gpt2_formats import check_framework, init_weights
-from gpt2_jax import checkpoint, distributed, sharding
-from gpt2_jax.evaluate import model_token_nll
-from gpt2_jax.optim import uses_multisteps
+from gpt2_jax import distributed, resume, sharding
+from gpt2_jax.evaluate import evaluate_params
 from gpt2_jax.sample import sample_text
+from gpt2_jax.saves import AsyncSaves, verified
 from gpt2_jax.step import Trainer, build_trainer
 from gpt2_jax.weights import from_canonical
 
@@ -57,7 +51,8 @@ def _cached_trainer(config: Config, mesh: Mesh) -> Trainer:
 
 
 class JaxBackend:
-    """The run policy's backend on a mesh of devices: the train state lives here, between the policy's calls."""
+    """The run policy's backend on a mesh of devices: the train state lives here, between the policy's calls; its
+    restore half is gpt2_jax/resume.py, its save half gpt2_jax/saves.py."""
 
     framework = "jax"
 
@@ -79,11 +74,7 @@ class JaxBackend:
         self.hellaswag = training_hellaswag(config)
         peak = peak_flops(jax.devices()[0].device_kind, config.train.precision)
         self.peak_flops = peak * jax.device_count() if peak else None
-        self.state, self.manager, self.best_manager = None, None, None
-        self.pending: dict[int, str] = {}  # the checkpoint each manager last started writing
-        # A failed background save is reported once, as a line that names it (gpt2_common.run), not also as
-        # orbax's logged traceback.
-        logging.getLogger("absl").addFilter(_quiet_orbax_background_errors)
+        self.state, self.saves = None, AsyncSaves(self.checkpoint_dir, config.train.keep_checkpoints)
 
     def describe(self) -> str:
         return f"{jax.device_count()} {jax.devices()[0].device_kind} devices as {dict(self.mesh.shape)}"
@@ -93,17 +84,16 @@ class JaxBackend:
         return {"/".join(str(getattr(k, "key", k)) for k in path): int(np.prod(leaf.shape)) for path, leaf in leaves}
 
     def start(self) -> run.Start:
-        """The newest checkpoint that restores (each damaged one after it skipped with a warning), else new weights
-        (--init-from's, when given). Nothing is created in the run directory here: a refused start leaves it as
-        it was."""
-        _drop_partial_saves(self.checkpoint_dir, self.is_main)
-        set_aside_in = self._set_aside_newer_than(self.resume_from) if self.resume_from else None
-        if self.checkpoint_dir.is_dir():
-            self.manager = self._manager(self.checkpoint_dir, self.config.train.keep_checkpoints)
-        steps = sorted(self.manager.all_steps()) if self.manager else []
-        if steps:
-            start = self._restore(steps[-1:] if self.resume_from else steps)
-            start = dataclasses.replace(start, set_aside=set_aside_in)
+        """The newest checkpoint that restores (each one after it that does not skipped with a warning and set
+        aside), else new weights (--init-from's, when given). A refused start leaves the run directory as it was."""
+        resume.sweep_partial_saves(self.checkpoint_dir)
+        aside = resume.set_aside_after(self.checkpoint_dir, resume.chosen_step(self.resume_from, self.checkpoint_dir)) \
+            if self.resume_from else None
+        manager = self.saves.manager(create=False)
+        if manager is not None and manager.all_steps():
+            self.state, start = resume.resume(manager, self.trainer, self.config, newest_only=bool(self.resume_from),
+                                              allow_config_change=self.allow_config_change, init_from=self.init_from)
+            start = dataclasses.replace(start, set_aside=str(aside) if aside else None)
         else:
             params = from_canonical(init_weights(self.init_from, self.config.model), self.config.model) \
                 if self.init_from else None
@@ -113,54 +103,8 @@ class JaxBackend:
         self.val_batches = [self.trainer.put(self.val_loader.batch(i)) for i in range(self.config.train.eval_steps)]
         return start
 
-    def _set_aside_newer_than(self, chosen: str) -> str | None:
-        """--resume-from: the step folder it names stays the newest; the newer ones (and a newer best) move aside."""
-        chosen = Path(chosen)
-        steps = sorted(int(d.name) for d in self.checkpoint_dir.glob("*") if d.name.isdigit() and d.is_dir())
-        if chosen.parent != self.checkpoint_dir or not chosen.name.isdigit() or int(chosen.name) not in steps:
-            raise UserError(f"--resume-from '{chosen}' is not a checkpoint of this run; give one of its step folders "
-                            f"({', '.join(str(self.checkpoint_dir / str(s)) for s in steps) or 'it has none'})")
-        step, best = int(chosen.name), self.checkpoint_dir / checkpoint.BEST_DIR
-        newer = [self.checkpoint_dir / str(s) for s in steps if s > step]
-        newer += [d for d in best.glob("*") if d.name.isdigit() and int(d.name) > step]
-        where = set_aside(newer, self.run_dir, step) if self.is_main else None
-        if self.multi_process:
-            multihost_utils.sync_global_devices("gpt2_jax: newer checkpoints set aside")
-        return str(where) if where else None
-
-    def _restore(self, steps: list[int]) -> run.Start:
-        config, directory = self.config, self.checkpoint_dir
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                self.trainer.abstract_state, self.trainer.state_shardings)
-        for step in reversed(steps):
-            step_dir = directory / str(step)
-            try:
-                saved = loads_toml(checkpoint.read_meta(step_dir)["config_toml"])
-            except Exception as err:
-                warn(f"skipping checkpoint {step_dir}: its meta does not read ({_first_line(err)}); trying the one "
-                     "before")
-                continue
-            check_same_model(saved, config, self.run_dir)
-            _check_resumable(saved, config, directory)
-            check_same_config(saved, config, self.run_dir, self.allow_config_change)
-            try:
-                self.state, meta = checkpoint.restore(self.manager, abstract, step)
-            except Exception as err:
-                warn(f"skipping checkpoint {step_dir}: it does not restore ({_first_line(err)}); trying the one before")
-                continue
-            if self.init_from:
-                warn(f"--init-from {self.init_from} ignored: the run resumes from its own checkpoint")
-            best = meta.get("best_val_loss")
-            return run.Start(step=int(meta["step"]), position=int(meta["loader_position"]),
-                             skipped_steps=int(meta.get("skipped_steps", 0)),
-                             best_val_loss=math.inf if best is None else float(best), resumed_from=str(step_dir))
-        if self.resume_from:
-            raise UserError(f"--resume-from '{self.resume_from}' does not restore (see the warning above); give "
-                            "another of the run's checkpoints")
-        raise UserError(f"none of the {len(steps)} checkpoints in '{directory}' restores; move them away to start "
-                        "afresh, or give another --run-dir")
-
     def step(self, position: int) -> Callable[[], run.StepMetrics]:
+        self.saves.raise_failed()  # a background save that failed ends the run before another step
         self.state, metrics = self.trainer.step(self.state, self.train_loader, position)
 
         def host_metrics() -> run.StepMetrics:
@@ -174,35 +118,14 @@ class JaxBackend:
         return self.train_loader.epoch_of(position)
 
     def evaluate(self) -> dict[str, float]:
-        record = {}
-        if self.val_batches:
-            losses = [self.trainer.eval_step(self.state.params, batch) for batch in self.val_batches]
-            record["val_loss"] = float(np.mean(jax.device_get(losses)))
-        if self.hellaswag is not None:
-            record.update(_hellaswag_scores(self.trainer, self.state.params, self.hellaswag))
-        return record
+        return evaluate_params(self.trainer, self.state.params, self.val_batches, self.hellaswag)
 
     def save(self, step: int, position: int, meta: dict, *, best: bool = False, same_as_last: bool = False) -> str:
         """An async orbax save (every process calls it; orbax writes each shard once)."""
-        if best:
-            if self.best_manager is None:  # checkpoints/best: the lowest validation loss so far, made on first use
-                self.best_manager = self._manager(self.checkpoint_dir / checkpoint.BEST_DIR, 1)
-            manager, directory = self.best_manager, self.checkpoint_dir / checkpoint.BEST_DIR
-        else:
-            if self.manager is None:
-                self.manager = self._manager(self.checkpoint_dir, self.config.train.keep_checkpoints)
-            manager, directory = self.manager, self.checkpoint_dir
-        try:  # orbax waits for the previous save first: its failure surfaces here, and names its own checkpoint
-            manager.wait_until_finished()
-        except Exception as err:
-            raise run.SaveFailed(self.pending.get(id(manager), str(directory)), err) from err
-        path = str(directory / str(step))
-        try:
-            checkpoint.save(manager, self.state, self.config, position, meta)
-        except Exception as err:
-            raise run.SaveFailed(path, err) from err
-        self.pending[id(manager)] = path
-        return path
+        return self.saves.save(step, self.state, self.config, position, meta, best=best)
+
+    def verified(self, path: str) -> bool:
+        return verified(path)
 
     def sample(self, max_new_tokens: int, seed: int) -> str:
         """Every process joins the generation (the parameters may span them all)."""
@@ -224,22 +147,7 @@ class JaxBackend:
         return stats.get("bytes_in_use") if stats else None
 
     def close(self) -> None:
-        managers, self.manager, self.best_manager = [m for m in (self.manager, self.best_manager) if m], None, None
-        failure = None
-        for manager in managers:
-            try:
-                manager.wait_until_finished()
-            except Exception as err:  # keep closing the other; report the first failure
-                failure = failure or run.SaveFailed(self.pending.get(id(manager), str(self.checkpoint_dir)), err)
-            finally:
-                manager.close()
-        logging.getLogger("absl").removeFilter(_quiet_orbax_background_errors)
-        if failure is not None:
-            raise failure
-
-    @staticmethod
-    def _manager(directory: Path, keep: int):
-        return checkpoint.checkpoint_manager(directory, keep)
+        self.saves.close()
 
 
 def train(config: Config, run_dir: str | Path, *, init_from: str | None = None, resume_from: str | None = None,
@@ -254,21 +162,6 @@ def train(config: Config, run_dir: str | Path, *, init_from: str | None = None, 
 
 # --- helpers of the backend -----------------------------------------------------------------------------------------
 
-def _quiet_orbax_background_errors(record: logging.LogRecord) -> bool:
-    """Drops orbax's own error records (with their tracebacks) while a run is on: every failure of a save reaches
-    the backend as an exception too, at the next save or at close, and the run reports it as one line."""
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-def _drop_partial_saves(checkpoint_dir: Path, main_process: bool) -> None:
-    """Names, then deletes, the temporary folders of saves that a kill cut short (orbax never reads them)."""
-    pattern = f"*{checkpoint.PARTIAL_SUFFIX}*"
-    for partial in sorted([*checkpoint_dir.glob(pattern), *(checkpoint_dir / checkpoint.BEST_DIR).glob(pattern)]):
-        if main_process and partial.is_dir():
-            warn(f"skipping partial checkpoint {partial} (its save did not finish)")
-            shutil.rmtree(partial, ignore_errors=True)
-
-
 def _loaders(config: Config, trainer: Trainer):
     """Train and validation loaders for this process's rows of every micro-batch."""
     if config.data.format == "tokens" and jax.process_count() > 1:
@@ -278,32 +171,6 @@ def _loaders(config: Config, trainer: Trainer):
     t = config.train
     index, count = sharding.process_rows(trainer.micro_batch_sharding, (t.micro_batch_size, config.model.block_size))
     return open_loaders(config, index, count, progress=jax.process_index() == 0)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-
-
-def _check_resumable(saved: Config, config: Config, directory) -> None:
-    """A checkpoint restores only into a train state of the same structure; say which setting differs."""
-    differences = []
-    if uses_multisteps(saved.train) != uses_multisteps(config.train):
-        differences.append(f"train.accumulation or the number of micro-batches ({saved.train.accumulation}, "
-                           f"{saved.train.grad_accum_steps} vs now {config.train.accumulation}, "
-                           f"{config.train.grad_accum_steps})")
-    if (saved.train.precision == "fp16") != (config.train.precision == "fp16"):
-        differences.append(f"train.precision ({saved.train.precision} vs now {config.train.precision})")
-    if differences:
-        raise UserError(f"{directory} holds checkpoints of another setup: {'; '.join(differences)}; run with the "
-                        "config that wrote them, or pass another --run-dir")
-
-
-def _hellaswag_scores(trainer: Trainer, params: Any, examples: list) -> dict[str, float]:
-    """Every process scores every example (the parameters may span them all) and gets the same counts."""
-    token_nll = model_token_nll(trainer.model, params, trainer.mesh)
-    correct, correct_norm = hellaswag_correct(examples, trainer.config.model.block_size, token_nll)
-    return {"hellaswag_acc": correct / len(examples), "hellaswag_acc_norm": correct_norm / len(examples)}
 
 
 # --- command line ---------------------------------------------------------------------------------------------------

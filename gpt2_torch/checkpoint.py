@@ -10,16 +10,17 @@ its tail, a copy cut short) is skipped on resume for the one before it (newest_r
 
 Damage that keeps a file's size (a flipped bit, a byte written over) is caught by a checksum: each save ends by
 writing `step_XXXXXXXX.pt.sha256` beside the file (sha256sum's format: `sha256sum -c` checks it by hand), and only
-then are older checkpoints rotated out. load_checkpoint checks it first; a file that no longer matches is a
-DamagedCheckpoint, skipped on resume and, once an older one reads, set aside as `step_XXXXXXXX.pt.damaged`. A file
-without its .sha256 (written before checksums, or a kill between the two renames) is read unverified.
+then are older checkpoints rotated out. load_checkpoint checks it first, and that the checksum file names this very
+file and the file holds the step its name says (another step's checkpoint copied over it, with or without its
+.sha256, is not this step); a file that fails is a DamagedCheckpoint, skipped on resume and, once an older one
+reads, set aside under `<run dir>/set_aside/damaged_step_N_<time>/` (gpt2_common.setaside). A file without its
+.sha256 (written before checksums, or a kill between the two renames) is read unverified.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,13 @@ import torch
 
 from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
-from gpt2_common.files import fsync_dir, share_like_open
+from gpt2_common.files import PARTIAL_SUFFIX, fsync_dir, partial, share_like_open
 from gpt2_common.faults import warn
 from gpt2_common.manifest import (MANIFEST_SUFFIX, DamagedCheckpoint, NoManifest, file_digest, read_manifest,
                                   verify_manifest, write_manifest)
-
+from gpt2_common.setaside import set_aside
 from gpt2_common.weights import Weights
-from gpt2_torch.layout import BEST_NAME, FORMAT, checkpoint_path, list_checkpoints  # noqa: F401 (the layout)
+from gpt2_torch.layout import BEST_NAME, FORMAT, checkpoint_path, list_checkpoints, step_of  # noqa: F401 (the layout)
 from gpt2_torch.weights import from_canonical, to_canonical
 
 RESUME_KEYS = ("step", "loader_position", "model", "optimizer", "scaler", "rng", "config")
@@ -56,10 +57,8 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: i
     checksum of a file that is not there (ignored), never a new step file without one (which would be read
     unverified, as a checkpoint from before checksums)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with partial(path) as tmp:  # a kill leaves it for the next save here (or the trainer's start) to remove
+        with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **checkpoint}, f)
             f.flush()
             os.fsync(f.fileno())
@@ -67,13 +66,22 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike, keep: i
         digest = file_digest(tmp)
         write_manifest(manifest_path(path), [path], known={path.name: digest})
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     fsync_dir(path.parent)  # the rename itself survives a power cut
     for old in list_checkpoints(path.parent)[:-keep]:
         old.unlink()
         manifest_path(old).unlink(missing_ok=True)
+
+
+def verified(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint file that matches its checksum file (what a failed run may name as kept)."""
+    path = Path(path)
+    try:
+        verify_manifest(manifest_path(path), names=[path.name])
+    except NoManifest:
+        pass
+    except (DamagedCheckpoint, OSError):
+        return False
+    return path.is_file()
 
 
 def link_or_save(checkpoint: dict[str, Any], path: str | os.PathLike, same_as: Path | None) -> None:
@@ -99,10 +107,11 @@ def link_or_save(checkpoint: dict[str, Any], path: str | os.PathLike, same_as: P
 
 
 def remove_partial_saves(checkpoint_dir: str | os.PathLike) -> None:
-    """Names, then deletes, the temporary files of saves that a kill cut short (they are never read)."""
+    """Names, then deletes, the temporary files of saves that a kill cut short (they are never read): the run holds
+    its directory, so no other process is writing them."""
     directory = Path(checkpoint_dir)
     if directory.is_dir():
-        for tmp in sorted(directory.glob(".*.tmp")):
+        for tmp in sorted([*directory.glob(f".*{PARTIAL_SUFFIX}"), *directory.glob(".*.tmp")]):
             warn(f"skipping partial checkpoint {tmp} (its save did not finish)")
             tmp.unlink(missing_ok=True)
 
@@ -123,25 +132,43 @@ def newest_resumable(checkpoint_dir: str | os.PathLike, strict: bool = False) ->
             missing = [key for key in RESUME_KEYS if key not in checkpoint]
             if missing:
                 raise UserError(f"'{path}' lacks {', '.join(missing)}")
-            _set_aside(found[len(found) - newer:])
+            _set_aside_damaged(found[len(found) - newer:])
+            where = set_aside_after(checkpoint_dir, checkpoint["step"])  # a newer best.pt: a kill, or damage above
+            if where:
+                warn(f"set {Path(checkpoint_dir) / BEST_NAME} aside in {where} (newer than step {checkpoint['step']}, "
+                     "which the run resumes from and replays)")
             return path, checkpoint
         except UserError as err:
-            warn(f"skipping checkpoint {path}: {str(err).split('; ')[0]}; trying the one before it")
+            why = f"it is damaged: {err.detail}" if isinstance(err, DamagedCheckpoint) else str(err).split('; ')[0]
+            warn(f"skipping checkpoint {path}: {why}; trying the one before it")
     if found:
         raise UserError(f"none of the {len(found)} checkpoints in '{checkpoint_dir}' reads back; move them away to "
                         "start afresh, or give another --run-dir")
     return None
 
 
-def _set_aside(skipped: list[Path]) -> None:
-    """Renames the newer checkpoints that a resume skipped to *.damaged (kept for a look): left in place, they would
-    count among the `keep` newest and rotate out the good ones that the resumed run saves."""
+def _set_aside_damaged(skipped: list[Path]) -> None:
+    """Moves the newer checkpoints that a resume skipped (with their checksum files) under the run directory's
+    set_aside/, kept for a look: left in place, they would count among the `keep` newest and rotate out the good
+    ones that the resumed run saves."""
     for path in skipped:
-        target = path.with_name(path.name + ".damaged")
-        os.replace(path, target)
-        if manifest_path(path).exists():
-            os.replace(manifest_path(path), manifest_path(path).with_name(manifest_path(path).name + ".damaged"))
-        warn(f"set checkpoint {path} aside as {target.name} (it did not read back); delete it when you have looked")
+        where = set_aside([path, manifest_path(path)], path.parent.parent, f"damaged_step_{step_of(path)}")
+        warn(f"set checkpoint {path} aside in {where} (it did not read back); delete it when you have looked")
+
+
+def set_aside_after(checkpoint_dir: str | os.PathLike, step: int) -> Path | None:
+    """Moves the step files newer than `step` (and a newer best.pt), with their checksum files, under
+    `<run dir>/set_aside/after_step_<step>_<time>/`, for a run that resumes from `step` and writes those steps again;
+    returns that folder (None if nothing was newer)."""
+    directory = Path(checkpoint_dir)
+    newer = [f for f in list_checkpoints(directory) if step_of(f) > step]
+    best = directory / BEST_NAME
+    try:
+        if best.is_file() and load_checkpoint(best, mmap=True)["step"] > step:
+            newer.append(best)
+    except (UserError, KeyError):  # unreadable, or weights alone: the next best replaces it
+        pass
+    return set_aside([p for f in newer for p in (f, manifest_path(f))], directory.parent, f"after_step_{step}")
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
@@ -149,11 +176,11 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     it against its checksum file first (DamagedCheckpoint if it differs; unverified if there is none)."""
     path = Path(path)
     try:
-        verify_manifest(manifest_path(path))
+        verify_manifest(manifest_path(path), names=[path.name])
     except NoManifest:
         pass
     except DamagedCheckpoint as err:
-        raise DamagedCheckpoint(f"checkpoint '{path}' is damaged: {err}; delete it to use the one before") from None
+        raise _damaged(path, err.detail) from None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
@@ -165,7 +192,14 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a gpt2_torch checkpoint (format {FORMAT}); convert it with scripts/convert.py")
+    named, held = step_of(path), checkpoint.get("step")
+    if named is not None and held is not None and held != named:
+        raise _damaged(path, f"it holds step {held}, not {named} (a copy of another step's checkpoint?)")
     return checkpoint
+
+
+def _damaged(path: Path, detail: str) -> DamagedCheckpoint:
+    return DamagedCheckpoint(f"checkpoint '{path}' is damaged: {detail}; delete it to use the one before", detail)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -21,6 +21,12 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike, step: int) -> Path:
     return Path(checkpoint_dir) / f"step_{step:08d}.pt"
 
 
+def step_of(path: str | os.PathLike) -> int | None:
+    """The step that a step file's name says (step_00000040.pt: 40); None for other names (best.pt, weights.pt)."""
+    match = STEP_FILE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """The step_XXXXXXXX.pt files of a directory, oldest first."""
     directory = Path(checkpoint_dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from gpt2_common import nanogpt
 from gpt2_common.config import Config
 from gpt2_common.errors import UserError
-from gpt2_common.files import share_like_open
+from gpt2_common.files import partial, share_like_open
 from gpt2_common.faults import warn
 from gpt2_common.weights import Weights
 from gpt2_torch.layout import FORMAT
@@ -118,14 +117,9 @@ def write_nanogpt(weights: Weights, config: Config, path: str | os.PathLike) -> 
     # no "dataset" in config: nanoGPT's sample.py then encodes with GPT-2's BPE rather than looking for a meta.pkl
     checkpoint = {"model": state, "model_args": model_args, "iter_num": 0, "best_val_loss": float("inf"),
                   "config": {"converted_from": config.name}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with partial(path) as tmp:  # a kill leaves it for the next conversion here to remove
+        with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
         share_like_open(tmp)  # mkstemp's 0600 -> what open() gives under the umask
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 

@@ -30,11 +30,10 @@ from gpt2_common.errors import UserError
 from gpt2_common.loaders import data_paths, open_loaders
 from gpt2_common.named_inputs import fetch_named_inputs
 from gpt2_common.metrics import check_logging_packages
-from gpt2_common.runlock import set_aside
 from gpt2_formats import check_framework, init_weights
 from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save, list_checkpoints,
                                    load_checkpoint, newest_resumable, remove_partial_saves, restore_rng_state,
-                                   save_checkpoint)
+                                   save_checkpoint, set_aside_after, verified)
 from gpt2_torch.distributed import Distributed, gather_objects, mean_over_ranks, setup_distributed, to_device
 from gpt2_torch.evaluate import model_token_nll
 from gpt2_torch.model import GPT
@@ -93,7 +92,8 @@ class TorchBackend:
         if env.is_main:
             remove_partial_saves(self.checkpoint_dir)
             if self.resume_from:
-                set_aside_in = self._set_aside_newer_than(Path(self.resume_from))
+                where = set_aside_after(self.checkpoint_dir, self._chosen_step(Path(self.resume_from)))
+                set_aside_in = str(where) if where else None
             found = newest_resumable(self.checkpoint_dir, strict=bool(self.resume_from))
         choice = [found[0] if found else None]
         if env.world_size > 1:
@@ -117,19 +117,13 @@ class TorchBackend:
             self.val_loader.batch(position)
         return start
 
-    def _set_aside_newer_than(self, chosen: Path) -> str | None:
-        """--resume-from: the step file it names stays the newest; the newer ones (and a newer best.pt) move aside."""
+    def _chosen_step(self, chosen: Path) -> int:
+        """--resume-from's step; one line if it names no step file of this run."""
         files = list_checkpoints(self.checkpoint_dir)
         if chosen not in files:
             raise UserError(f"--resume-from '{chosen}' is not a checkpoint of this run; give one of its step files "
                             f"({', '.join(str(f) for f in files) or 'it has none'})")
-        step = load_checkpoint(chosen, mmap=True)["step"]
-        newer = files[files.index(chosen) + 1:]
-        best = self.checkpoint_dir / BEST_NAME
-        if best.is_file() and load_checkpoint(best, mmap=True)["step"] > step:
-            newer.append(best)
-        where = set_aside(newer, self.run_dir, step)
-        return str(where) if where else None
+        return load_checkpoint(chosen, mmap=True)["step"]
 
     def _restore(self, path: Path, state: dict) -> run.Start:
         saved = loads_toml(state["config"])
@@ -219,6 +213,9 @@ class TorchBackend:
             except Exception as err:
                 raise run.SaveFailed(str(target), err) from err
         return str(self.checkpoint_dir / BEST_NAME if best else path)
+
+    def verified(self, path: str) -> bool:
+        return verified(path)
 
     def sample(self, max_new_tokens: int, seed: int) -> str:
         if not self.env.is_main:

@@ -13,8 +13,10 @@
   python scripts/convert.py runs/small-torch runs/small-jax --to jax-run --step 4000
 
 The source's form is detected (gpt2_formats); a Hub name (hf:gpt2, hf:OWNER/REPO[@REVISION]) is fetched into the
-Hugging Face cache first. Every tensor's name and shape is checked against the source's config
-before anything is written, and the destination appears whole or not at all. JAX and PyTorch outputs are
+Hugging Face cache first. Every tensor's name and shape is checked against the source's config before anything is
+written, and the destination appears whole or not at all: it is written under a hidden `.NAME.XXXXXXXX.partial`
+beside it and renamed into place, and a conversion killed mid-write leaves that partial for the next conversion to
+the same destination to remove. JAX and PyTorch outputs are
 weights-only checkpoints (no optimizer state) that --init-from, sampling and evaluation read; a Hugging Face output
 loads in transformers.GPT2LMHeadModel.from_pretrained (and, for GPT-2's vocabulary, AutoTokenizer and pipeline); a
 nanoGPT output loads in nanoGPT's sample.py; an llm.c output in llm.c's train_gpt2 (version 3 fp32, 5 bf16).
@@ -36,6 +38,7 @@ import gpt2_formats  # noqa: E402
 from gpt2_formats.runs import RUN_FORMS, convert_run  # noqa: E402
 from gpt2_common.cli import path_arg  # noqa: E402
 from gpt2_common.errors import UserError, as_typed, run_cli  # noqa: E402
+from gpt2_common.files import check_destination  # noqa: E402
 from gpt2_common.flops import num_params  # noqa: E402
 from gpt2_common.runlock import check_not_in_use  # noqa: E402
 
@@ -72,10 +75,14 @@ def convert(src: str, dst: str, to: str, dtype: str = "fp32", step: int | None =
                         "step folder or .pt file as the source")
     if Path(dst).exists():
         raise UserError(f"'{dst}' already exists; remove it or choose another destination")
+    check_destination(dst)  # not under a file, nor where no file can be made (/proc, a read-only disk)
     check_not_in_use(dst)  # not into a run directory that a trainer holds
     form = gpt2_formats.detect(src)
     config, canonical = gpt2_formats.read_canonical(src)
-    gpt2_formats.write(canonical, config, dst, to, dtype)  # only the frameworks these two forms need are imported
+    try:
+        gpt2_formats.write(canonical, config, dst, to, dtype)  # only the frameworks these two forms need are imported
+    except OSError as err:  # a full disk, a folder gone or made read-only meanwhile: the writers leave nothing
+        raise UserError(f"cannot write '{dst}': {err.strerror or err}; nothing was written there") from None
     m = config.model
     return (f"{src} ({form}) -> {dst} ({to}): GPT-2 of {m.n_layer} layers, {m.n_embd} wide, {m.n_head} heads, "
             f"context {m.block_size}, vocabulary {m.vocab_size}, {m.activation} activation, "

@@ -1,8 +1,9 @@
 """Checksummed checkpoints (issue 19, item 1): damage that keeps a checkpoint's size (4 KiB XORed in the middle of
 its largest file) is caught by the manifest written with it, skipped with a warning that names it, and the one
-before is resumed; the damaged one is set aside, so that the resumed run saves its steps again and never rotates
-out a good checkpoint for it. Checked below the training loops (which need no change for it) and through the
-PyTorch trainer's command line (a tiny model: seconds)."""
+before is resumed; the damaged one is set aside under the run directory's set_aside/, so that the resumed run saves
+its steps again and never rotates out a good checkpoint for it. A checkpoint is also what its name says: another
+step's copied over it is damaged too. Checked below the training loops and through both trainers (a tiny model:
+seconds)."""
 
 import shutil
 import struct
@@ -98,16 +99,16 @@ def test_torch_damaged_checkpoint_is_skipped_and_set_aside(tmp_path, capsys):
     path, checkpoint = newest_resumable(directory)
     err = capsys.readouterr().err
     assert path == checkpoint_path(directory, 2) and checkpoint["step"] == 2
-    assert f"warning: skipping checkpoint {newest}: checkpoint '{newest}' is damaged: file '{newest.name}' does " \
-           "not match its SHA-256" in err
-    assert f"warning: set checkpoint {newest} aside as {newest.name}.damaged" in err
+    assert f"warning: skipping checkpoint {newest}: it is damaged: file '{newest.name}' does not match its SHA-256" \
+           in err
+    [aside] = (tmp_path / "set_aside").iterdir()  # under the run directory, named for why
+    assert aside.name.startswith("damaged_step_4_") and f"warning: set checkpoint {newest} aside in {aside} " in err
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000004.pt", "step_00000004.pt.sha256"]
     # the resumed run saves step 4 again, and keeping 2 rotates out nothing it needs
     for step in (4, 6):
         save_checkpoint(torch_state(step), checkpoint_path(directory, step), keep=2)
-    assert [p.name for p in list_checkpoints(directory)] == ["step_00000004.pt", "step_00000006.pt"]
     assert sorted(p.name for p in directory.iterdir()) == [
-        "step_00000004.pt", "step_00000004.pt.damaged", "step_00000004.pt.sha256", "step_00000004.pt.sha256.damaged",
-        "step_00000006.pt", "step_00000006.pt.sha256"]
+        "step_00000004.pt", "step_00000004.pt.sha256", "step_00000006.pt", "step_00000006.pt.sha256"]
     assert load_checkpoint(newest)["step"] == 4
 
 
@@ -155,7 +156,7 @@ def test_torch_trainer_resumes_from_the_checkpoint_before_a_damaged_one(tmp_path
     capsys.readouterr()
     main(["--config", str(config), "--run-dir", str(run_dir)])
     err = capsys.readouterr().err
-    assert f"warning: skipping checkpoint {damaged}: checkpoint '{damaged}' is damaged" in err
+    assert f"warning: skipping checkpoint {damaged}: it is damaged: file" in err
     assert losses(run_dir) == first and len(first) == 6
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000004.pt", "step_00000006.pt"]
     for path in list_checkpoints(run_dir / "checkpoints"):
@@ -183,23 +184,11 @@ def abstract_state() -> State:
                         jax_state(0))
 
 
-def resume(manager, abstract):
-    """The trainer's resume loop (gpt2_jax/train.py): newest first, any exception from restore skips that step."""
-    from gpt2_common.faults import warn
-
-    for step in reversed(sorted(manager.all_steps())):
-        try:
-            return jax_checkpoint.restore(manager, abstract, step)
-        except Exception as err:
-            warn(f"skipping checkpoint {step}: it does not restore ({type(err).__name__}: {err})")
-    return None
-
-
 def largest_array_file(step_dir: Path) -> Path:
     return max((p for p in (step_dir / "state" / "ocdbt.process_0" / "d").iterdir()), key=lambda p: p.stat().st_size)
 
 
-def test_jax_damaged_checkpoint_is_skipped_set_aside_and_saved_again(tmp_path, capsys):
+def test_jax_damaged_checkpoint_is_refused_by_restore_and_its_step_saved_again_once_moved(tmp_path):
     directory = tmp_path / "checkpoints"
     manager = jax_checkpoint.checkpoint_manager(directory, keep=2)  # async saves, as the trainer makes them
     for step in (2, 4):
@@ -209,17 +198,18 @@ def test_jax_damaged_checkpoint_is_skipped_set_aside_and_saved_again(tmp_path, c
         verify_manifest(directory / str(step) / jax_checkpoint.MANIFEST_NAME)
     xor_middle(largest_array_file(directory / "4"))
     abstract = abstract_state()
-    capsys.readouterr()
-    state, meta = resume(manager, abstract)
-    err = capsys.readouterr().err
+    with pytest.raises(DamagedCheckpoint, match=f"checkpoint '{directory / '4'}' is damaged: file 'state/ocdbt"):
+        jax_checkpoint.restore(manager, abstract, 4)
+    state, meta = jax_checkpoint.restore(manager, abstract, 2)
     assert int(state.step) == 2 and meta["loader_position"] == 2
     np.testing.assert_array_equal(state.params["w"], jax_state(2).params["w"])
-    assert "warning: skipping checkpoint 4: it does not restore (DamagedCheckpoint: file 'state/ocdbt.process_0/d/" \
-           in err and "does not match its SHA-256 in manifest.sha256" in err
-    assert f"warning: set checkpoint {directory / '4'} aside as {directory / '4.damaged'}" in err
-    assert manager.all_steps() == [2]
-    # orbax saves no step at or below its newest: with the damaged 4 left in place, the resumed run's save of step 4
-    # was silently dropped, and step 6 would have rotated out the good step 2 and kept the damaged one
+    # orbax saves no step at or below its newest: with the damaged 4 in place, a save of step 4 (or 3) was silently
+    # dropped; now it raises, and the trainer's resume moves the damaged step aside first (gpt2_jax/resume.py)
+    with pytest.raises(FileExistsError, match="step 4 is there already, at or after step 3"):
+        jax_checkpoint.save(manager, jax_state(3), CONFIG, loader_position=3)
+    (tmp_path / "aside").mkdir()
+    (directory / "4").rename(tmp_path / "aside" / "4")
+    manager.reload()
     for step in (4, 6):
         jax_checkpoint.save(manager, jax_state(step), CONFIG, loader_position=step)
     manager.wait_until_finished()
@@ -239,6 +229,23 @@ def test_jax_damaged_meta_and_params_are_refused_by_the_readers(tmp_path):
     meta.write_bytes(meta.read_bytes().replace(b"n_layer = 1", b"n_layer = 7"))  # parses, and would mislead
     with pytest.raises(DamagedCheckpoint, match=f"checkpoint '{directory / '1'}' is damaged: file 'meta/metadata'"):
         jax_checkpoint.read_meta(directory)
+
+
+def test_jax_step_folder_holding_another_step_is_refused_by_the_readers(tmp_path):
+    """The manifest binds the step and the name: a folder copied over another step's verifies file by file, but
+    its meta and state hold their own step, which must be the folder's name."""
+    directory = tmp_path / "checkpoints"
+    manager = jax_checkpoint.checkpoint_manager(directory, keep=2, async_save=False)
+    jax_checkpoint.save(manager, jax_state(2), CONFIG, loader_position=2)
+    shutil.copytree(directory / "2", directory / "4")
+    manager.reload()
+    verify_manifest(directory / "4" / jax_checkpoint.MANIFEST_NAME)  # every file as it was written
+    with pytest.raises(DamagedCheckpoint, match=f"checkpoint '{directory / '4'}' is damaged: it holds step 2, not 4"):
+        jax_checkpoint.read_meta(directory)
+    with pytest.raises(DamagedCheckpoint, match="it holds step 2, not 4"):
+        jax_checkpoint.restore(manager, abstract_state(), 4)
+    assert int(jax_checkpoint.restore(manager, abstract_state(), 2)[0].step) == 2
+    manager.close()
 
 
 def test_jax_checkpoint_without_manifest_restores_with_a_warning(tmp_path, capsys):
@@ -288,10 +295,11 @@ def test_jax_trainer_resumes_from_the_checkpoint_before_a_damaged_one(tmp_path, 
     capsys.readouterr()
     train(config, run_dir, sample_tokens=0, devices=jax.devices()[:1], log=print)
     err = capsys.readouterr().err
-    assert f"warning: skipping checkpoint {checkpoints / '6'}: it does not restore (DamagedCheckpoint: file " \
-           "'state/ocdbt.process_0/d/" in err
-    assert f"warning: set checkpoint {checkpoints / '6'} aside as {checkpoints / '6.damaged'}" in err
+    assert f"warning: skipping checkpoint {checkpoints / '6'}: it is damaged: file 'state/ocdbt.process_0/d/" in err
+    [aside] = (run_dir / "set_aside").iterdir()
+    assert aside.name.startswith("damaged_step_6_") and (aside / "6" / "state").is_dir()
+    assert f"warning: set checkpoint {checkpoints / '6'} aside in {aside} (it did not read back)" in err
     assert losses() == first and len(first) == 6
-    assert sorted(p.name for p in checkpoints.iterdir() if p.name[0].isdigit()) == ["4", "6", "6.damaged"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["4", "6"]
     for step in (4, 6):
         verify_manifest(checkpoints / str(step) / jax_checkpoint.MANIFEST_NAME)

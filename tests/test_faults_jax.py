@@ -1,6 +1,7 @@
 """The JAX trainer under faults, as real processes: SIGKILL at a random moment and in the middle of an orbax save,
 then the same command again, must give exactly the losses of an uninterrupted run; SIGTERM stops with a checkpoint
-and exit 0; damaged checkpoints are skipped; a NaN loss is skipped or stops the run by train.nan_policy."""
+and exit 0; damaged checkpoints, and a step folder holding another step's checkpoint, are skipped and set aside; a
+NaN loss is skipped or stops the run by train.nan_policy."""
 
 import os
 import random
@@ -143,7 +144,7 @@ def test_damaged_checkpoints_are_skipped_for_the_one_before(reference, tmp_path,
     capsys.readouterr()
     run(config, run_dir)
     out, err = capsys.readouterr()
-    assert f"warning: skipping checkpoint {checkpoints / '12'}: it does not restore" in err
+    assert f"warning: skipping checkpoint {checkpoints / '12'}: it is damaged: file 'state/" in err
     assert f"warning: skipping checkpoint {checkpoints / '9'}: its meta does not read" in err
     assert "resumed from step 6" in out
     assert records(run_dir) == expected
@@ -153,12 +154,42 @@ def test_damaged_checkpoints_are_skipped_for_the_one_before(reference, tmp_path,
     assert [p.name for p in (checkpoints / "best").iterdir()] == [str(best_step)]
     assert read_meta(checkpoints / "best")["best_val_loss"] == best_loss
     assert load_checkpoint_params(checkpoints / "best")[0].model.n_embd == 32
-    # the damaged steps were set aside (12.damaged, 9.damaged) and saved again by the resumed run
-    assert (checkpoints / "12.damaged").is_dir() and (checkpoints / "9.damaged").is_dir()
+    # the damaged steps were set aside under set_aside/, each named for why, and saved again by the resumed run;
+    # so was the best one newer than step 6 (the replay saved it again)
+    aside = {p.name.rsplit("_", 1)[0]: p for p in (run_dir / "set_aside").iterdir()}
+    assert (aside["damaged_step_12"] / "12").is_dir() and (aside["damaged_step_9"] / "9").is_dir()
+    assert set(aside) <= {"damaged_step_12", "damaged_step_9", "after_step_6"}
+    assert best_step <= 6 or (aside["after_step_6"] / "best" / str(best_step)).is_dir()
     for step in (3, 6, 9, 12):
         shutil.rmtree(checkpoints / str(step) / "meta")
     with pytest.raises(UserError, match="none of the 4 checkpoints"):
         run(config, run_dir)
+
+
+def test_a_step_folder_holding_another_steps_checkpoint_is_set_aside_and_saved_again(reference, tmp_path, capsys):
+    """Issue 32's repro: another step's folder copied over a step folder (a restore from backup, a sync tool, a hand
+    mistake) was resumed as if it were that step, with no warning, and the save of that step was then skipped while
+    the run said it saved, so every rerun went back. Now the folder is damaged (its meta holds another step), set
+    aside, the step before resumed, and the step saved again: the losses are an uninterrupted run's."""
+    config, _ = reference
+    run_dir = tmp_path / "run"
+    run(config, run_dir)
+    expected = records(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    for step in (9, 12):
+        shutil.rmtree(checkpoints / str(step))
+    shutil.copytree(checkpoints / "6", checkpoints / "12", symlinks=True)  # cp -a 6 12
+    capsys.readouterr()
+    run(config, run_dir)
+    out, err = capsys.readouterr()
+    assert f"warning: skipping checkpoint {checkpoints / '12'}: it is damaged: it holds step 6, not 12" in err
+    assert f"resumed from step 6 ({checkpoints / '6'})" in out
+    [aside] = [p for p in (run_dir / "set_aside").iterdir() if p.name.startswith("damaged_step_12_")]
+    assert (aside / "12" / "state").is_dir()  # kept for a look, as it was
+    assert records(run_dir) == expected and steps_saved(run_dir) == [3, 6, 9, 12]
+    assert read_meta(checkpoints / "12")["step"] == 12
+    run(config, run_dir)
+    assert f"resumed from step 12 ({checkpoints / '12'})" in capsys.readouterr().out  # and not back to 6
 
 
 def test_a_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(reference, tmp_path, capsys):

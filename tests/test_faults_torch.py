@@ -1,6 +1,7 @@
 """The PyTorch trainer under faults, as real processes: SIGKILL at random moments and in the middle of a checkpoint
 write, then the same command again, must give exactly the losses of an uninterrupted run; SIGTERM/SIGINT stop with a
-checkpoint and exit 0; damaged checkpoints are skipped; a NaN loss is skipped or stops the run by train.nan_policy."""
+checkpoint and exit 0; damaged checkpoints, and a step file holding another step's checkpoint, are skipped and set
+aside; a NaN loss is skipped or stops the run by train.nan_policy."""
 
 import os
 import random
@@ -17,6 +18,7 @@ import torch
 from gpt2_common.data import write_shard
 from gpt2_common.errors import UserError, run_cli
 from gpt2_common.config import load_config
+from gpt2_common.manifest import file_digest
 from gpt2_common.metrics import read_metrics
 from gpt2_torch.checkpoint import list_checkpoints, load_checkpoint
 from gpt2_torch.train import main
@@ -56,7 +58,7 @@ def start(config: Path, run_dir: Path, slow_saves: bool = False) -> subprocess.P
 
 
 def saving(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob(".step_*.tmp"))
+    return any((run_dir / "checkpoints").glob(".step_*.partial"))
 
 
 def finish(config: Path, run_dir: Path) -> subprocess.CompletedProcess:
@@ -92,14 +94,14 @@ def test_killed_at_random_moments_and_mid_save_resumes_exactly(reference, tmp_pa
     wait_for(lambda: saving(run_dir), proc)
     proc.kill()
     proc.wait()
-    partial = list((run_dir / "checkpoints").glob(".step_*.tmp"))
+    partial = list((run_dir / "checkpoints").glob(".step_*.partial"))
     assert partial, "the kill should have cut a save short"
     # 3: and once more, to the end
     done = finish(config, run_dir)
     assert "resumed from step" in done.stdout
     assert f"skipping partial checkpoint {partial[0]}" in done.stderr
     assert records(run_dir) == expected  # bit for bit, and no step twice in metrics.jsonl
-    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+    assert not list((run_dir / "checkpoints").glob(".*.tmp")) + list((run_dir / "checkpoints").glob(".*.partial"))
 
 
 def test_sigterm_and_sigint_stop_with_a_checkpoint_and_exit_0(reference, tmp_path):
@@ -143,6 +145,39 @@ def test_damaged_checkpoints_are_skipped_for_the_one_before(reference, tmp_path,
     files[-4].write_bytes(b"PK")
     with pytest.raises(UserError, match="none of the 4 checkpoints"):
         main(["--config", str(config), "--run-dir", str(run_dir)])
+
+
+def test_a_step_file_holding_another_steps_checkpoint_is_set_aside_and_saved_again(reference, tmp_path, capsys):
+    """Issue 32's repro: step 6's file and its .sha256 copied over step 12's verified (the checksum file named step
+    6's file) and resumed as step 6 with no warning. Now the checksum file must name the file it sits beside and the
+    file must hold its name's step: step 12 is damaged, set aside, step 6 resumed, and step 12 saved again."""
+    import shutil
+
+    config, _ = reference
+    run_dir = tmp_path / "run"
+    main(["--config", str(config), "--run-dir", str(run_dir)])
+    expected = records(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    for step in (9, 12):
+        (checkpoints / f"step_{step:08d}.pt").unlink()
+        (checkpoints / f"step_{step:08d}.pt.sha256").unlink()
+    for suffix in ("", ".sha256"):  # cp -a step_00000006.pt* over step 12
+        shutil.copy2(checkpoints / f"step_00000006.pt{suffix}", checkpoints / f"step_00000012.pt{suffix}")
+    capsys.readouterr()
+    main(["--config", str(config), "--run-dir", str(run_dir)])
+    out, err = capsys.readouterr()
+    twelve = checkpoints / "step_00000012.pt"
+    assert f"warning: skipping checkpoint {twelve}: it is damaged: its checksum file step_00000012.pt.sha256 lists " \
+           "step_00000006.pt, not step_00000012.pt" in err
+    assert f"resumed from step 6 ({checkpoints / 'step_00000006.pt'})" in out
+    [aside] = [p for p in (run_dir / "set_aside").iterdir() if p.name.startswith("damaged_step_12_")]
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000012.pt", "step_00000012.pt.sha256"]
+    assert records(run_dir) == expected and load_checkpoint(twelve)["step"] == 12
+    # the file alone, with a checksum file made for it by hand: its own step still gives it away
+    shutil.copy2(checkpoints / "step_00000006.pt", twelve)
+    (checkpoints / "step_00000012.pt.sha256").write_text(f"{file_digest(twelve)}  step_00000012.pt\n")
+    with pytest.raises(UserError, match="is damaged: it holds step 6, not 12"):
+        load_checkpoint(twelve)
 
 
 def test_best_checkpoint_and_one_per_pass_over_the_data(reference, tmp_path):

@@ -70,6 +70,12 @@ SETTINGS = [  # --set value -> the line (the valid range in it)
     ("train.eps=0", "train.eps=0.0 is out of range; it must be in (0, inf)"),
     ("train.grad_clip=-1", "train.grad_clip=-1.0 is out of range; it must be in [0, inf)"),
     ("train.weight_decay=-0.1", "train.weight_decay=-0.1 is out of range; it must be in [0, inf)"),
+    # integers that would wrap around in int32 where they are used (issue 32): TOML reads any size
+    ("train.max_steps=99999999999999999999999",
+     "train.max_steps=99999999999999999999999 is out of range; it must be in [1, 2147483647]"),
+    ("train.eval_interval=2147483648", "train.eval_interval=2147483648 is out of range; it must be in [0, 2147483647]"),
+    ("model.vocab_size=4294967296", "model.vocab_size=4294967296 is out of range; it must be in [1, 2147483647]"),
+    ("mesh.data=9223372036854775808", "mesh.data=9223372036854775808 is out of range; it must be in [-1, 2147483647]"),
 ]
 
 
@@ -88,6 +94,7 @@ def test_the_edges_of_the_ranges_are_accepted(config_file):
                                             "train.weight_decay=0"])
     assert config.train.lr == 0 and config.train.beta2 == 0.999999
     assert load_config(str(config_file), [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+    assert load_config(str(config_file), [f"train.max_steps={2**31 - 1}"]).train.max_steps == 2**31 - 1
 
 
 def test_a_config_file_that_is_not_utf8(config_file, tmp_path, capsys):

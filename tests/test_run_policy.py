@@ -82,6 +82,9 @@ class StandIn:
         self.calls.append(("save", step, position, best, meta["best_val_loss"]))
         return f"ckpt/{'best' if best else step}"
 
+    def verified(self, path):
+        return True
+
     def sample(self, max_new_tokens, seed):
         self.calls.append(("sample", self.updates, max_new_tokens))
         return "text"
@@ -199,6 +202,43 @@ def test_a_failing_save_ends_the_run_with_one_line_naming_the_cause(tmp_path):
     assert str(err.value) == ("could not write the checkpoint of step 16 in " + str(tmp_path / "run" / "checkpoints") +
                               ": No space left on device: '/runs/x/checkpoints/16'; the last good checkpoint "
                               "(ckpt/8) is kept")
+
+
+def test_a_background_save_that_fails_ends_the_run_at_the_next_step_naming_the_last_that_verifies(tmp_path):
+    """An asynchronous save (JAX's) fails after save() returned: the backend says so at the next step, and the run
+    ends there, after the saves still in flight have ended (their failures unsaid), naming the newest checkpoint
+    that verifies: not the failed one, not one still half-written."""
+    class FullDiskLater(StandIn):
+        def step(self, position):
+            if self.updates == 17:  # the save of step 16 has failed in the background
+                raise run.SaveFailed("ckpt/16", OSError(28, "No space left on device", "/runs/x/ckpt/16/d/0"))
+            return super().step(position)
+
+        def verified(self, path):
+            return path != "ckpt/16"
+
+        def close(self):
+            super().close()
+            raise run.SaveFailed("ckpt/best", OSError(28, "No space left on device"))  # a second failure: unsaid
+
+    backend = FullDiskLater()
+    with pytest.raises(UserError) as err:
+        go(tmp_path, backend, config(eval_steps=0))
+    assert str(err.value) == ("could not write checkpoint ckpt/16: No space left on device: '/runs/x/ckpt/16/d/0'; "
+                              "the last good checkpoint (ckpt/8) is kept")
+    assert err.value.exit_at_once and backend.updates == 17 and backend.of("close") == [()]
+
+
+def test_stop_at_where_the_run_is_already_says_so_and_trains_nothing(tmp_path):
+    backend = StandIn()
+    lines = go(tmp_path, backend, stop_at=0)
+    assert backend.of("step") == [] and backend.of("save") == [] and backend.of("close") == [()]
+    assert lines[-1] == ("--stop-at 0: the run is at step 0 already, so nothing was trained and it has no checkpoint "
+                         "yet; run the command again with a later --stop-at, or without it, to train")
+    resumed = StandIn(run.Start(step=7, position=14, resumed_from="ckpt/7"))
+    lines = go(tmp_path, resumed, stop_at=5)
+    assert resumed.of("step") == [] and "at step 7 already, so nothing was trained and its checkpoint ckpt/7 is " \
+        "kept" in lines[-1]
 
 
 def test_a_second_trainer_on_the_run_directory_is_refused(tmp_path):

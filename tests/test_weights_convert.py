@@ -144,6 +144,64 @@ def test_an_existing_destination_is_left_alone(tmp_path):
     assert (tmp_path / "out.pt").read_text() == "mine"
 
 
+def test_a_destination_under_a_file_or_where_no_file_can_be_made(tmp_path):
+    """Issue 32: a destination under a file raised FileExistsError, one under /proc FileNotFoundError (tracebacks);
+    both are one line now, before the source is read."""
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    (tmp_path / "notes.md").write_text("mine")
+    refused(tmp_path, [str(tmp_path / "hf"), str(tmp_path / "notes.md" / "out"), "--to", "hf"],
+            f"^cannot write '{tmp_path / 'notes.md' / 'out'}': '{tmp_path / 'notes.md'}' is a file, not a folder; "
+            "choose another destination$")
+    refused(tmp_path, [str(tmp_path / "hf"), "/proc/gpt2_hf", "--to", "hf"],
+            "^cannot write '/proc/gpt2_hf': '/proc' does not take new files; choose another destination$")
+
+
+# convert.py --to hf, killed by SIGKILL while safetensors writes the weights
+KILLED_MID_WRITE = """
+import os, runpy, sys
+import safetensors.numpy
+def half_then_killed(tensors, path, metadata=None):
+    open(path, "wb").write(b"half")
+    os.kill(os.getpid(), 9)
+safetensors.numpy.save_file = half_then_killed
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+# any writer that goes through gpt2_common.files.partial, killed mid-write
+KILLED_IN_PARTIAL = """
+import os, sys
+from gpt2_common.files import partial
+tmp = partial(sys.argv[1], directory=sys.argv[2] == "dir").__enter__()
+(tmp / "half" if tmp.is_dir() else tmp).write_bytes(b"half a file")
+os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.parametrize("to, name", [("hf", "out_hf"), ("jax", "out_jax"), ("torch", "out.pt"), ("llmc", "out.bin")])
+def test_a_conversion_killed_mid_write_leaves_what_the_next_one_removes(tmp_path, capsys, to, name):
+    """Issue 32: a conversion killed mid-write left a hidden temporary folder that no later run removed. The next
+    conversion to the same destination now removes it (its writer's lock died with it), and never one that another
+    process is still writing."""
+    from gpt2_common.files import partial
+
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    dst = tmp_path / name
+    if to == "hf":  # the issue's own case, through the script
+        killed = [KILLED_MID_WRITE, str(ROOT / "scripts" / "convert.py"), str(tmp_path / "hf"), str(dst), "--to", to]
+    else:
+        killed = [KILLED_IN_PARTIAL, str(dst), "file" if "." in name else "dir"]
+    with partial(dst, directory="." not in name) as busy:  # another writer of it, at work throughout
+        subprocess.run([sys.executable, "-c", *killed], check=False, capture_output=True)
+        [left] = [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.") and p != busy]
+        assert left.name.endswith(".partial") and busy.exists()
+        capsys.readouterr()
+        convert.main([str(tmp_path / "hf"), str(dst), "--to", to])
+        assert f"warning: removing {left}, left by a write of {dst} that did not finish" in capsys.readouterr().err
+        assert not left.exists() and busy.exists() and dst.exists()
+    written = [name, f"{name}.sha256"] if to == "torch" else [name]  # a .pt carries its checksum file
+    assert sorted(p.name for p in tmp_path.iterdir() if p != busy) == sorted(["hf", *written])
+
+
 def test_a_torch_destination_must_be_a_pt_file(tmp_path):
     cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
     refused(tmp_path, [str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "torch"], r"name the destination like")
