@@ -5,21 +5,21 @@ module (gpt2_jax.train_state, gpt2_torch.train_state) into the canonical train s
 and written as a run directory of the other trainer: config.toml (the config the checkpoint was trained with), a
 copy of metrics.jsonl up to its step (so that curves and plots go on), and that one checkpoint, written by the
 other trainer's own save with its checksum manifest. The other trainer resumes it with its plain command. The
-destination appears whole or not at all (a temporary folder beside it, renamed into place); the source is only read.
+destination appears whole or not at all: it is written under a hidden `.NAME.XXXXXXXX.partial` beside it and renamed
+into place (gpt2_common.files.partial: a conversion killed mid-write leaves that for the next conversion to the same
+destination to remove); the source is only read.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 
 from gpt2_common.cli import write_run_config
 from gpt2_common.errors import UserError, as_typed
 from gpt2_common.faults import warn
-from gpt2_common.files import share_like_open
+from gpt2_common.files import check_destination, partial, share_like_open
 from gpt2_common.runlock import check_not_in_use
 from gpt2_common.train_state import (FRAMEWORK_NAMES, CannotContinue, TrainState, WeightsOnly, continuation_warnings,
                                      copy_metrics, run_dir_of)
@@ -48,6 +48,7 @@ def convert_run(src: str | os.PathLike, dst: str | os.PathLike, to: str, step: i
     target, dst = RUN_FORMS[to], Path(dst)
     if dst.exists():
         raise UserError(f"'{dst}' already exists; remove it or choose another destination")
+    check_destination(dst)  # not under a file, nor where no file can be made (/proc, a read-only disk)
     check_not_in_use(dst)
     if Path(src).absolute() in dst.absolute().parents:
         raise UserError(f"'{dst}' is inside '{src}', which a conversion only reads; choose a destination outside it")
@@ -70,17 +71,12 @@ def convert_run(src: str | os.PathLike, dst: str | os.PathLike, to: str, step: i
     for line in continuation_warnings(state, form, target):
         warn(line)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with partial(dst, directory=True) as tmp:  # a kill leaves it for the next conversion here to remove
         write_run_config(state.config, tmp)
         copied = copy_metrics(run_dir_of(checkpoint), tmp, state.step)
         _train_state_module(target).write_run(state, tmp)
         share_like_open(tmp)  # mkdtemp makes it private; the result is an ordinary directory
         os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     t = state.config.train
     resume = shlex.join(["python", f"scripts/train_{target}.py", "--config", as_typed(str(dst / "config.toml")),
                          "--run-dir", as_typed(str(dst))])

@@ -365,6 +365,47 @@ def test_with_dropout_the_run_converts_and_says_it_continues_statistically(tmp_p
     assert (tmp_path / "torch" / "checkpoints" / "step_00000017.pt").is_file()
 
 
+def test_a_destination_under_a_file_or_where_no_file_can_be_made_is_one_line(runs, tmp_path):
+    (tmp_path / "notes.md").write_text("mine")
+    with pytest.raises(UserError, match=f"^cannot write '{tmp_path / 'notes.md' / 'out'}': '{tmp_path / 'notes.md'}' "
+                       "is a file, not a folder; choose another destination$"):
+        convert_run(runs / "jax", tmp_path / "notes.md" / "out", "torch-run")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.md"]
+    with pytest.raises(UserError, match="^cannot write '/proc/moved': '/proc' does not take new files; choose "
+                       "another destination$"):
+        convert_run(runs / "torch", "/proc/moved", "jax-run")
+
+
+def test_a_conversion_killed_mid_write_leaves_what_the_next_one_removes(runs, tmp_path, monkeypatch, capsys):
+    """The destination is written under a locked `.NAME.XXXXXXXX.partial` beside it (gpt2_common.files.partial), as
+    the weight conversions' are: a conversion killed mid-write (here: its save fails, and the clean-up that a kill
+    would skip is skipped) leaves it for the next conversion to the same destination to remove, and never removes
+    one that another process is still writing. (A temporary folder of mkdtemp's stayed for good.)"""
+    from gpt2_common import files
+
+    class Killed(BaseException):
+        pass
+
+    def killed_mid_save(*args, **kwargs):
+        raise Killed
+
+    dst = tmp_path / "moved"
+    with files.partial(dst, directory=True) as busy:  # another writer of it, at work throughout
+        with monkeypatch.context() as kill:
+            kill.setattr(files, "_remove", lambda path: None)
+            kill.setattr(torch_side, "save_checkpoint", killed_mid_save)
+            with pytest.raises(Killed):
+                convert_run(runs / "jax", dst, "torch-run")
+        [left] = [p for p in tmp_path.iterdir() if p != busy]
+        assert left.name.startswith(".moved.") and left.name.endswith(".partial") and (left / "config.toml").is_file()
+        capsys.readouterr()
+        convert_run(runs / "jax", dst, "torch-run")
+        assert f"warning: removing {left}, left by a write of {dst} that did not finish" in capsys.readouterr().err
+        assert not left.exists() and busy.is_dir()
+    assert [p.name for p in tmp_path.iterdir() if p != busy] == ["moved"]
+    assert (dst / "checkpoints" / "step_00000020.pt").is_file()
+
+
 @pytest.mark.parametrize("to", ["torch-run", "jax-run"])
 def test_a_conversion_that_fails_half_way_leaves_no_destination(runs, tmp_path, monkeypatch, to):
     """The checkpoint's save fails (a full disk) after config.toml and metrics.jsonl are written: nothing appears."""
