@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -274,10 +276,51 @@ def test_the_source_is_only_read(runs, tmp_path):
     assert {name: files_of(runs / name) for name in ("jax", "torch")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporary folder left beside them
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl"]
-    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir()] == ["step_00000020.pt",
-                                                                           "step_00000020.pt.sha256"]
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == [
+        "best.pt", "best.pt.sha256", "step_00000020.pt", "step_00000020.pt.sha256"]  # its best: step 20's evaluation
     assert loads_toml((tmp_path / "b" / "config.toml").read_text()) == loads_toml(
         (runs / "torch" / "config.toml").read_text())
+
+
+# --- the best checkpoint -------------------------------------------------------------------------------------------
+
+BEST = {"jax": ("checkpoints", "best", str(STEPS)), "torch": ("checkpoints", "best.pt")}  # where each trainer keeps it
+
+
+@pytest.mark.parametrize("src, to, trainer", [("jax", "torch-run", "torch"), ("torch", "jax-run", "jax")])
+def test_the_best_checkpoint_converts_and_the_continued_run_names_it(runs, tmp_path, src, to, trainer):
+    """The source's best (step 20's evaluation, its last step) becomes the destination's, with the same weights, and
+    the continued run's closing line names it (it named a best that was not there, issue 29's follow-up)."""
+    from gpt2_jax.train import train as train_jax
+    from gpt2_torch.train import train as train_torch
+
+    said = convert_run(runs / src, tmp_path / "run", to)
+    assert said.splitlines()[0].endswith(f", metrics.jsonl up to it, its best checkpoint (step {STEPS})")
+    best = tmp_path / "run" / Path(*BEST[trainer])
+    (_, ours), (_, theirs) = read_canonical(best), read_canonical(runs / src / Path(*BEST[src]))
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+    lines = []
+    config = loads_toml((tmp_path / "run" / "config.toml").read_text())
+    continued = {"sample_tokens": 0, "log": lines.append}
+    if trainer == "jax":
+        train_jax(config, tmp_path / "run", devices=jax.devices()[:1], **continued)
+    else:
+        train_torch(config, tmp_path / "run", **continued)
+    closing = next(line for line in lines if line.startswith("checkpoints: ")).splitlines()[0]
+    val_loss = next(r["val_loss"] for r in map(json.loads, (runs / src / "metrics.jsonl").read_text().splitlines())
+                    if r.get("step") == STEPS and "val_loss" in r)
+    assert closing.endswith(f", {best} (best, val loss {val_loss:.4f})"), closing
+
+
+@pytest.mark.parametrize("src, to", [("jax", "torch-run"), ("torch", "jax-run")])
+def test_a_step_before_the_best_converts_without_one(runs, tmp_path, src, to):
+    """--step 10, where the source's best is step 20's: the best of the steps up to 10 was replaced by a later one
+    (the trainers keep one), so the destination has none, and says why."""
+    said = convert_run(runs / src, tmp_path / "run", to, step=HALF)
+    assert said.splitlines()[0].endswith(f", no best checkpoint (the source's is of step {STEPS}, after step {HALF})")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == (
+        ["step_00000010.pt", "step_00000010.pt.sha256"] if to == "torch-run" else [str(HALF)])
 
 
 def test_what_cannot_continue_is_refused_in_one_line(runs, tmp_path):
