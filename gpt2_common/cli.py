@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Callable
 
 from gpt2_common import hub
 from gpt2_common.config import CONFIG_DIR, Config, dumps_toml, load_config
@@ -20,6 +21,20 @@ def path_arg(text: str) -> str:
     if hub.is_name(text):
         return text
     return os.path.abspath(os.path.expanduser(text))
+
+
+def output_arg(what: str) -> Callable[[str], str]:
+    """An argparse `type` for a path that a script writes (`what`: its flag, for the message): path_arg's, but a
+    Hub name is refused in one line, since hf: names are read and never written (path_arg passes them through, and
+    a writer would make a folder literally called `hf:x`)."""
+
+    def output_path(text: str) -> str:
+        if hub.is_name(text):
+            raise UserError(f"{what} '{text}' is a Hugging Face Hub name, and hf: names are sources only; give a "
+                            "local path to write to")
+        return path_arg(text)
+
+    return output_path
 
 
 def source_arg(text: str) -> str:
@@ -59,7 +74,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def train_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--run-dir", default=None, type=path_arg,
+    parser.add_argument("--run-dir", default=None, type=output_arg("--run-dir"),
                         help="where config.toml, metrics.jsonl and checkpoints/ go (default: runs/<config name>; "
                         "runs/<config name>-torch for PyTorch); running again with the same run dir resumes")
     parser.add_argument("--init-from", default=None, type=path_arg,
