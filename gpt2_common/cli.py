@@ -13,6 +13,12 @@ from gpt2_common.errors import UserError
 from gpt2_common.prepare import EMBEDDED_SOURCES
 
 
+# The most new tokens one generation may ask for: the trainers' --sample-tokens, and the bound for sample.py's
+# --max-new-tokens to share. A longer text is the work of several calls (1M tokens are ~750k words); a typo of 10**9
+# would otherwise sample for hours at the end of a run, after its last checkpoint is written.
+MAX_NEW_TOKENS = 1_000_000
+
+
 def path_arg(text: str) -> str:
     """An argparse `type` for every file or directory argument: `~` expanded and made absolute here, at the edge,
     so that no library deeper down (orbax refuses relative paths) ever sees a path relative to the working
@@ -48,6 +54,18 @@ def hellaswag_arg(text: str) -> str:
     from gpt2_common.hellaswag_file import SPLITS
 
     return text if text in SPLITS else path_arg(text)
+
+
+def sample_tokens_arg(text: str) -> int:
+    """--sample-tokens: a whole number in [0, MAX_NEW_TOKENS], refused in one line otherwise."""
+    try:
+        tokens = int(text)
+    except ValueError:
+        raise UserError(f"--sample-tokens must be a whole number of tokens, got '{text}'") from None
+    if not 0 <= tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--sample-tokens {tokens} is out of range; it must be in [0, {MAX_NEW_TOKENS}] (0: no "
+                        "sample)")
+    return tokens
 
 
 def check_weights_arg(flag: str, value: str | None) -> None:
@@ -97,8 +115,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop with a checkpoint once STEP optimizer steps are done (e.g. to fit a job's time "
                         "limit); the schedule still runs to train.max_steps, and running again resumes")
-    parser.add_argument("--sample-tokens", type=int, default=200,
-                        help="tokens of text to sample at the end of training (0: no sample)")
+    parser.add_argument("--sample-tokens", type=sample_tokens_arg, default=200, metavar="N",
+                        help=f"tokens of text to sample at the end of training (0: no sample; at most "
+                        f"{MAX_NEW_TOKENS:,})")
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, does: str) -> None:
