@@ -315,6 +315,23 @@ def _nearest_divisor(n: int, near: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - near))
 
 
+def mesh_shape(config: MeshConfig, device_count: int) -> dict[str, int]:
+    """The mesh axes' sizes (data, fsdp, tensor) over `device_count` devices, with a -1 axis taking the devices
+    the others leave (gpt2_jax.sharding builds the mesh from them; the trainer's launch checks them first)."""
+    sizes = {"data": config.data, "fsdp": config.fsdp, "tensor": config.tensor}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    described = " x ".join(f"{k}={v}" for k, v in sizes.items())
+    if -1 in sizes.values():
+        if device_count % fixed:
+            raise UserError(f"mesh {described}: {device_count} devices do not divide by {fixed}; "
+                            f"make the fixed mesh sizes multiply to a divisor of {device_count}")
+        sizes = {k: (device_count // fixed if v == -1 else v) for k, v in sizes.items()}
+    elif fixed != device_count:
+        raise UserError(f"mesh {described} needs {fixed} devices but this job has {device_count}; "
+                        f"make the sizes multiply to {device_count}, or set one of them to -1")
+    return sizes
+
+
 def check_divides(micro_batch_size: int, batch_shards: int, what: str = "data-parallel devices") -> None:
     """A micro-batch is split evenly over the devices (or processes) that take batch rows."""
     if micro_batch_size % batch_shards:

@@ -154,17 +154,24 @@ def documents_for(sources: list[str], text_field: str = "text") -> Iterator[str]
     return file_documents(expand_inputs(sources), text_field)
 
 
+def embedded_home_to_prepare(source: str, train_pattern: str) -> Path | None:
+    """The home of embedded corpus `source` if `data.train` points there and it holds no shards yet (a first run
+    prepares it); None otherwise."""
+    if glob.glob(train_pattern) or (os.path.isdir(train_pattern) and any(Path(train_pattern).glob("*.bin"))):
+        return None
+    out_dir = Path(train_pattern) if os.path.isdir(train_pattern) or not any(c in train_pattern for c in "*?[") \
+        else Path(os.path.dirname(train_pattern))
+    return out_dir if os.path.abspath(out_dir) == os.path.abspath(EMBEDDED_HOMES[source]) else None
+
+
 def ensure_embedded_prepared(source: str, train_pattern: str, progress: bool = True) -> None:
     """Prepares the embedded corpus a config names into its home (EMBEDDED_HOMES), once, when `data.train` points
     there. A `data.train` elsewhere is the user's own data: nothing is prepared, and shards that do not exist are
     the missing-data error, whatever data.source says."""
     if source not in EMBEDDED_SOURCES:
         raise UserError(f"data.source '{source}' is not an embedded corpus ({', '.join(EMBEDDED_SOURCES)})")
-    if glob.glob(train_pattern) or (os.path.isdir(train_pattern) and any(Path(train_pattern).glob("*.bin"))):
-        return
-    out_dir = Path(train_pattern) if os.path.isdir(train_pattern) or not any(c in train_pattern for c in "*?[") \
-        else Path(os.path.dirname(train_pattern))
-    if os.path.abspath(out_dir) != os.path.abspath(EMBEDDED_HOMES[source]):
+    out_dir = embedded_home_to_prepare(source, train_pattern)
+    if out_dir is None:
         return
     print(f"preparing the embedded '{source}' corpus into {out_dir} (once)", file=sys.stderr)
     # As `prepare_data.py --source NAME --out HOME` prepares it (the same shards, byte for byte), into a staging

@@ -54,8 +54,7 @@ class RunLock:
             holder = lock_holder(lock)
             self._file.close()
             self._file = None
-            raise UserError(f"run directory '{self.run_dir}' is in use by {holder}; wait for it to finish, stop it, "
-                            "or give another --run-dir") from None
+            raise _in_use(self.run_dir, holder) from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -68,6 +67,29 @@ class RunLock:
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
         self._file = None
+
+
+def _in_use(run_dir: Path, holder: str) -> UserError:
+    return UserError(f"run directory '{run_dir}' is in use by {holder}; wait for it to finish, stop it, or give "
+                     "another --run-dir")
+
+
+def check_free(run_dir: str | os.PathLike) -> None:
+    """RunLock's refusal, asked before a trainer loads its framework: the run directory is held by another run.
+    Takes and lets go of the lock at once (RunLock takes it for the run's life later)."""
+    lock = Path(run_dir) / LOCK_NAME
+    if not lock.is_file():
+        return
+    try:
+        f = open(lock, "a", encoding="ascii")
+    except OSError:  # the run's own lock will say what is wrong
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(Path(run_dir), lock_holder(lock)) from None
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def check_not_in_use(path: str | os.PathLike) -> None:

@@ -149,6 +149,16 @@ def fit_to_model(weights: Weights, model: ModelConfig, target: ModelConfig, sour
     positions (as nanoGPT's crop_block_size does, to fine-tune GPT-2 on shorter sequences); a longer one has no
     learned positions to start from, so it is an error.
     """
+    check_fits(model, target, source)
+    fitted = dict(weights)
+    fitted["transformer.wpe.weight"] = weights["transformer.wpe.weight"][: target.block_size]
+    return fitted
+
+
+def check_fits(model: ModelConfig, target: ModelConfig, source: str) -> None:
+    """One UserError line, naming the model.* keys to set, if weights of `model`'s shape cannot start a model built
+    from `target` (fit_to_model's check, which a trainer also makes from a source's config alone, before its
+    framework loads)."""
     fixes = [f"model.{key}={getattr(model, key)}" for key in ("n_layer", "n_head", "n_embd", "vocab_size",
                                                               "activation")
              if getattr(model, key) != getattr(target, key)]
@@ -157,9 +167,6 @@ def fit_to_model(weights: Weights, model: ModelConfig, target: ModelConfig, sour
     if fixes:
         raise UserError(f"{source} is a different GPT-2 than the config: {_vocab_mismatch(model, target)}set "
                         f"{' '.join(fixes)} (e.g. with --set) to start from it")
-    fitted = dict(weights)
-    fitted["transformer.wpe.weight"] = weights["transformer.wpe.weight"][: target.block_size]
-    return fitted
 
 
 def _vocab_mismatch(model: ModelConfig, target: ModelConfig) -> str:

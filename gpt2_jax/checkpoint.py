@@ -40,12 +40,11 @@ from gpt2_common.files import partial, share_like_open
 from gpt2_common.manifest import DamagedCheckpoint, NoManifest, files_under, verify_manifest, write_manifest
 from gpt2_common.train_state import WeightsOnly
 from gpt2_common.weights import Weights
-from gpt2_jax.layout import BEST_DIR, PARTIAL_SUFFIX  # noqa: F401 (the layout: what a checkpoint looks like)
+from gpt2_jax.layout import BEST_DIR, MANIFEST_NAME, PARTIAL_SUFFIX  # noqa: F401 (the layout: what a checkpoint looks like)
 from gpt2_jax.layout import step_dir as _step_dir
 from gpt2_jax.weights import from_canonical, to_canonical
 
 
-MANIFEST_NAME = "manifest.sha256"
 ITEMS = ("state", "meta")  # the folders of a step that the manifest covers
 _sealing: dict[Path, dict] = {}  # a manager's directory -> {"async": bool, "step": the step being committed}
 

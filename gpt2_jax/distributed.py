@@ -10,8 +10,6 @@ import argparse
 import os
 from typing import Mapping
 
-import jax
-
 from gpt2_common.errors import UserError
 
 ENV_VARS = {
@@ -42,6 +40,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise UserError(f"a multi-process launch needs {', '.join(missing)} too (or {', '.join(ENV_VARS.values())})")
     if not 0 <= given["process_id"] < given["num_processes"]:
         raise UserError(f"--process-id {given['process_id']} must be in [0, --num-processes {given['num_processes']})")
+    import jax  # here, not above: the launch adds this module's flags before any framework loads
+
     # CPU processes need a collectives library to form one job (GPUs and TPUs bring their own); without it a
     # multi-process CPU computation fails at its first all-reduce.
     try:

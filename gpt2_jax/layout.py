@@ -7,12 +7,14 @@ meta/ (JSON); checkpoints/best/<step> for the best validation loss. gpt2_jax.che
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from gpt2_common.errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"  # a run directory's folder of step folders
 BEST_DIR = "best"  # checkpoints/best/<step>: the lowest validation loss so far (train.keep_best)
+MANIFEST_NAME = "manifest.sha256"  # a step folder's checksums of its files (gpt2_common.manifest), written last
 PARTIAL_SUFFIX = ".orbax-checkpoint-tmp"  # a step folder's name while orbax writes it; renamed when finalized
 
 
@@ -45,3 +47,23 @@ def step_dir(path: str | Path) -> Path:
         raise UserError(f"no JAX checkpoint in '{path}'; give a run directory, its checkpoints/ folder or one "
                         "step folder of it")
     return steps[-1]
+
+
+def resume_step(chosen: str | Path, checkpoint_dir: str | Path) -> int:
+    """--resume-from's step: it must name a step folder of this run's checkpoints/ (one line otherwise)."""
+    chosen, steps = Path(chosen), step_dirs(checkpoint_dir)
+    if chosen.parent != Path(checkpoint_dir) or chosen not in steps:
+        raise UserError(f"--resume-from '{chosen}' is not a checkpoint of this run; give one of its step folders "
+                        f"({', '.join(str(s) for s in steps) or 'it has none'})")
+    return int(chosen.name)
+
+
+def saved_config_toml(step_folder: str | Path) -> str | None:
+    """The config a step folder was saved with (its meta record, orbax's JSON), read without JAX or orbax; None
+    where it does not read (a damaged or half-written folder: the restore says why)."""
+    try:
+        meta = json.loads((Path(step_folder) / "meta" / "metadata").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = meta.get("config_toml") if isinstance(meta, dict) else None
+    return config if isinstance(config, str) else None

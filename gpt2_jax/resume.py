@@ -40,15 +40,6 @@ def sweep_partial_saves(checkpoint_dir: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def chosen_step(chosen: str, checkpoint_dir: Path) -> int:
-    """--resume-from's step: it must name a step folder of this run's checkpoints/."""
-    chosen, steps = Path(chosen), step_dirs(checkpoint_dir)
-    if chosen.parent != checkpoint_dir or chosen not in steps:
-        raise UserError(f"--resume-from '{chosen}' is not a checkpoint of this run; give one of its step folders "
-                        f"({', '.join(str(s) for s in steps) or 'it has none'})")
-    return int(chosen.name)
-
-
 def set_aside_after(checkpoint_dir: Path, step: int) -> Path | None:
     """Moves the step folders newer than `step`, and the newer best ones, under set_aside/after_step_<step>_<time>/;
     returns that folder (None if nothing was newer)."""

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gpt2_common.config import MeshConfig
+from gpt2_common.config import MeshConfig, mesh_shape
 from gpt2_common.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -36,22 +36,6 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
-
-
-def mesh_shape(config: MeshConfig, device_count: int) -> dict[str, int]:
-    """The axis sizes, with a -1 axis taking the devices the others leave."""
-    sizes = {"data": config.data, "fsdp": config.fsdp, "tensor": config.tensor}
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    described = " x ".join(f"{k}={v}" for k, v in sizes.items())
-    if -1 in sizes.values():
-        if device_count % fixed:
-            raise UserError(f"mesh {described}: {device_count} devices do not divide by {fixed}; "
-                            f"make the fixed mesh sizes multiply to a divisor of {device_count}")
-        sizes = {k: (device_count // fixed if v == -1 else v) for k, v in sizes.items()}
-    elif fixed != device_count:
-        raise UserError(f"mesh {described} needs {fixed} devices but this job has {device_count}; "
-                        f"make the sizes multiply to {device_count}, or set one of them to -1")
-    return sizes
 
 
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:

@@ -7,7 +7,6 @@ sampling), and its command line: the JAX column of docs/architecture.md's backen
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 from pathlib import Path
@@ -19,7 +18,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from gpt2_common import run
-from gpt2_common.cli import resolve_run, train_parser
 from gpt2_common.config import Config, DataConfig, LoggingConfig
 from gpt2_common.evaluation import training_hellaswag
 from gpt2_common.flops import peak_flops
@@ -27,7 +25,8 @@ from gpt2_common.loaders import data_paths, open_loaders
 from gpt2_common.metrics import check_logging_packages
 from gpt2_common.named_inputs import fetch_named_inputs
 from gpt2_formats import check_framework, init_weights
-from gpt2_jax import distributed, resume, sharding
+from gpt2_jax import resume, sharding
+from gpt2_jax.layout import resume_step
 from gpt2_jax.evaluate import evaluate_params
 from gpt2_jax.sample import sample_text
 from gpt2_jax.saves import AsyncSaves, verified
@@ -87,7 +86,7 @@ class JaxBackend:
         """The newest checkpoint that restores (each one after it that does not skipped with a warning and set
         aside), else new weights (--init-from's, when given). A refused start leaves the run directory as it was."""
         resume.sweep_partial_saves(self.checkpoint_dir)
-        aside = resume.set_aside_after(self.checkpoint_dir, resume.chosen_step(self.resume_from, self.checkpoint_dir)) \
+        aside = resume.set_aside_after(self.checkpoint_dir, resume_step(self.resume_from, self.checkpoint_dir)) \
             if self.resume_from else None
         manager = self.saves.manager(create=False)
         if manager is not None and manager.all_steps():
@@ -175,16 +174,8 @@ def _loaders(config: Config, trainer: Trainer):
 
 # --- command line ---------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = train_parser("Train GPT-2 with JAX (Flax, optax, orbax) on a mesh of devices; running the same "
-                          "command again resumes from the run directory's newest checkpoint.")
-    distributed.add_arguments(parser)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    config, run_dir = resolve_run(args, "jax")
-    train(config, run_dir, init_from=args.init_from, resume_from=args.resume_from, stop_at=args.stop_at,
-          sample_tokens=args.sample_tokens, allow_config_change=args.allow_config_change)
+    """scripts/train_jax.py: its flags and config are checked without JAX first (gpt2_formats.launch)."""
+    from gpt2_formats.launch import train_main
+
+    train_main("jax", argv)

@@ -21,19 +21,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2_common import run
-from gpt2_common.cli import resolve_run, train_parser
 from gpt2_common.config import Config, check_divides, dumps_toml, loads_toml
 from gpt2_common.evaluation import hellaswag_correct, training_hellaswag
 from gpt2_common.faults import check_same_config, check_same_model, warn
 from gpt2_common.flops import peak_flops
-from gpt2_common.errors import UserError
 from gpt2_common.loaders import data_paths, open_loaders
 from gpt2_common.named_inputs import fetch_named_inputs
 from gpt2_common.metrics import check_logging_packages
 from gpt2_formats import check_framework, init_weights
-from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save, list_checkpoints,
+from gpt2_torch.checkpoint import (BEST_NAME, capture_rng_state, checkpoint_path, link_or_save,
                                    load_checkpoint, newest_resumable, remove_partial_saves, restore_rng_state,
                                    save_checkpoint, set_aside_after, verified)
+from gpt2_torch.layout import resume_step
 from gpt2_torch.distributed import Distributed, gather_objects, mean_over_ranks, setup_distributed, to_device
 from gpt2_torch.evaluate import model_token_nll
 from gpt2_torch.model import GPT
@@ -92,7 +91,7 @@ class TorchBackend:
         if env.is_main:
             remove_partial_saves(self.checkpoint_dir)
             if self.resume_from:
-                where = set_aside_after(self.checkpoint_dir, self._chosen_step(Path(self.resume_from)))
+                where = set_aside_after(self.checkpoint_dir, resume_step(self.resume_from, self.checkpoint_dir))
                 set_aside_in = str(where) if where else None
             found = newest_resumable(self.checkpoint_dir, strict=bool(self.resume_from))
         choice = [found[0] if found else None]
@@ -116,14 +115,6 @@ class TorchBackend:
         for position in range(t.eval_steps):
             self.val_loader.batch(position)
         return start
-
-    def _chosen_step(self, chosen: Path) -> int:
-        """--resume-from's step; one line if it names no step file of this run."""
-        files = list_checkpoints(self.checkpoint_dir)
-        if chosen not in files:
-            raise UserError(f"--resume-from '{chosen}' is not a checkpoint of this run; give one of its step files "
-                            f"({', '.join(str(f) for f in files) or 'it has none'})")
-        return load_checkpoint(chosen, mmap=True)["step"]
 
     def _restore(self, path: Path, state: dict) -> run.Start:
         saved = loads_toml(state["config"])
@@ -253,9 +244,7 @@ def train(config: Config, run_dir: str | os.PathLike, *, init_from: str | None =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = train_parser("Train GPT-2 with the PyTorch reference trainer; under torchrun for DDP. SIGTERM or "
-                          "Ctrl-C stops after the current step with a checkpoint; the same command resumes.")
-    args = parser.parse_args(argv)
-    config, run_dir = resolve_run(args, "torch")
-    train(config, run_dir, init_from=args.init_from, resume_from=args.resume_from, stop_at=args.stop_at,
-          sample_tokens=args.sample_tokens, allow_config_change=args.allow_config_change)
+    """scripts/train_torch.py: its flags and config are checked without PyTorch first (gpt2_formats.launch)."""
+    from gpt2_formats.launch import train_main
+
+    train_main("torch", argv)

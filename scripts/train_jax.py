@@ -2,12 +2,18 @@
 
 Multi-host: start one process per host with --coordinator-address HOST:PORT --num-processes N --process-id I
 (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+
+The flags, the config and what files can tell are checked before JAX is imported (gpt2_formats/launch.py), so that
+a mistake is answered at once; then gpt2_jax/train.py trains.
 """
 
 import sys
+from pathlib import Path
 
-from gpt2_common.errors import run_cli
-from gpt2_jax.train import main
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt2_common.errors import run_cli  # noqa: E402
+from gpt2_formats.launch import train_main  # noqa: E402
 
 if __name__ == "__main__":
-    run_cli(lambda: main(sys.argv[1:]))
+    run_cli(lambda: train_main("jax", sys.argv[1:]))

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from gpt2_common.data import write_shard
+from script_module import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -108,14 +109,9 @@ def readme_commands() -> set[str]:
 
 
 def bad_input_rows() -> list[tuple[str, str, str]]:
-    """(case, command, message) of each row of the README's bad-input table."""
-    table = README.split("Bad input gets one line", 1)[1].split("\n\n", 2)[1]
-    rows = []
-    for line in table.splitlines()[2:]:
-        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
-        case, command, message = cells[0], cells[1].strip("`"), cells[2].strip("`")
-        rows.append((case, command, message))
-    return rows
+    """(case, command, message) of each row of the README's bad-input table, read as scripts/bench_errors.py reads
+    them to time them."""
+    return load_script("bench_errors").bad_input_rows(README)
 
 
 def argv(command: str) -> tuple[list[str], dict[str, str]]:
