@@ -261,27 +261,45 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def _can_pack() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs Linear weights of `dtype` on this CPU, as torch itself answers it: its bf16 path needs
+    AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and an AVX2-only CPU (common in clouds) has neither."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def _column_major(linear: nn.Linear) -> None:
+    linear.weight.data = linear.weight.data.t().contiguous().t()
 
 
 def for_cpu_decoding(model: GPT) -> GPT:
     """The model with its weights laid out for decoding on a CPU, where a step multiplies a token or a few by every
-    weight and little else: the blocks' Linear layers packed for oneDNN (PackedLinear, where torch has oneDNN), the
-    tied output head stored column-major (the same values and shape [out, in], transposed in memory: torch's CPU BLAS
-    multiplies a single token by nn.Linear's row-major weight 2-4x slower than by a column-major one, which is
-    transformers' Conv1D layout; the head stays one tensor with the token embedding). Greedy tokens stay those of
-    the plain model (tests/test_torch_sample.py, parity_tests/test_generation_parity.py). Not for training or
-    evaluation: the bits of a product depend on how it is computed, and evaluation keeps today's."""
+    weight and little else: the blocks' Linear layers packed for oneDNN (PackedLinear) where this CPU packs the
+    model's dtype (can_pack), the others and the tied output head stored column-major (the same values and shape
+    [out, in], transposed in memory: torch's CPU BLAS multiplies a single token by nn.Linear's row-major weight 2-4x
+    slower than by a column-major one, which is transformers' Conv1D layout; the head stays one tensor with the
+    token embedding). Greedy tokens stay those of the plain model (tests/test_torch_sample.py,
+    parity_tests/test_generation_parity.py). Not for training or evaluation: the bits of a product depend on how it
+    is computed, and evaluation keeps today's."""
+    pack = can_pack(model.lm_head.weight.dtype)
     with torch.no_grad():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue
-                if child is model.lm_head or not _can_pack():
-                    child.weight.data = child.weight.data.t().contiguous().t()
-                else:
+                if child is model.lm_head or not pack:
+                    _column_major(child)
+                    continue
+                try:
                     setattr(module, name, PackedLinear(child))
+                except RuntimeError:  # oneDNN refused this dtype after all: the first refusal stands for all
+                    pack = False
+                    _column_major(child)
     return model
 
 

@@ -140,3 +140,44 @@ def test_bf16_inference_keeps_bf16_weights_and_draws_real_ids():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = sample.make_generate(config, random_weights(CFG), "cpu", precision="bf16")(PROMPTS, NEW, temperature=0.0)
     assert out.shape == (3, NEW) and out.max() < CFG.vocab_size
+
+
+# The exact words torch 2.13 raises where oneDNN has no bf16 path (an AVX2-only CPU, issue 32 item 0).
+NO_BF16_PACKING = ("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, "
+                   "avx512vl and avx512dq")
+
+
+def packed_layers(model) -> int:
+    return sum(isinstance(m, sample.PackedLinear) for m in model.modules())
+
+
+def bf16_greedy(monkeypatch=None, **patch):
+    model = sample.load_model(Config(model=CFG), random_weights(CFG), "cpu", "bf16")
+    if monkeypatch is not None:
+        for name, value in patch.items():
+            monkeypatch.setattr(torch.ops.mkldnn, name, value)
+    model = sample.for_cpu_decoding(model)
+    return model, sample.generate(model, PROMPTS, NEW, temperature=0.0)
+
+
+def test_bf16_decoding_falls_back_to_column_major_where_onednn_has_no_bf16(monkeypatch):
+    """A CPU without AVX-512 (or AVX-NE-CONVERT) has no oneDNN bf16 path: asked first, torch says so, and the blocks
+    stay Linear layers with column-major weights; the tokens are those of the packed layout where this CPU has one."""
+    normal, expected = bf16_greedy()
+    assert packed_layers(normal) == (4 * CFG.n_layer if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0)
+    fallback, tokens = bf16_greedy(monkeypatch, _is_mkldnn_bf16_supported=lambda: False)
+    assert packed_layers(fallback) == 0 and tokens.tolist() == expected.tolist()
+    assert all(not m.weight.is_contiguous() for m in fallback.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_bf16_decoding_falls_back_when_the_packing_itself_refuses(monkeypatch):
+    """Should torch's answer and oneDNN's own check ever disagree, the first refusal of the packing is taken as the
+    answer: the same column-major layout, no traceback."""
+    def refuse(weight, rows):
+        raise RuntimeError(NO_BF16_PACKING)
+
+    _, expected = bf16_greedy()
+    fallback, tokens = bf16_greedy(monkeypatch, _is_mkldnn_bf16_supported=lambda: True, _reorder_linear_weight=refuse)
+    assert packed_layers(fallback) == 0 and tokens.tolist() == expected.tolist()
+    fp32 = sample.for_cpu_decoding(sample.load_model(Config(model=CFG), random_weights(CFG), "cpu", "fp32"))
+    assert packed_layers(fp32) == 0  # the same refusal in fp32 (no oneDNN at all) falls back too
