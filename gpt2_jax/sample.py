@@ -3,7 +3,7 @@
 takes a list of prompts (token id lists of any lengths) and returns the new tokens only, int32 [B, max_new_tokens].
 
 Decoding is explicit state (DecodeState) and one step is a pure function of it, so the same step runs inside
-compiled while_loops (`generate`) and as one jitted call per token (`token_stream`, for the web page).
+compiled while_loops (`generate`) and as one jitted call per token (`RowBatch`, `token_stream`: for serve.py).
 
 - Prompts: a batch holds each row's context left-aligned in a [B, block_size] window with its own length, so prompts
   of different lengths decode together, each row at its own position; the prompt enters the cache PREFILL_CHUNK
@@ -14,8 +14,12 @@ compiled while_loops (`generate`) and as one jitted call per token (`token_strea
 - Past block_size: positions are learned only up to block_size, so a full cache cannot slide. Like nanoGPT we crop
   the context to its last block_size tokens and run the whole window for each further token; cached and uncached
   generation then give the same tokens.
-- Sampling: temperature (0: greedy), top-k (0: off), top-p (1: off), all traced values (new settings do not
-  recompile); padded vocabulary ids never drawn; a row stops at the stop token and is padded with it after.
+- Sampling: temperature (0: greedy), top-k (0: off), top-p (1: off), each row its own, all traced values (new
+  settings do not recompile); padded vocabulary ids never drawn; a row stops at the stop token and is padded with it
+  after. Each row draws from its own key, made from its seed and its sample's index, so that a sample's tokens
+  depend on them and not on the rows beside it (sample.py's batches, serve.py's mixed requests).
+- Serving (RowBatch): rows decoded together one step at a time, each freed when its client has what it wants; the
+  batch is padded to a power of two rows, so that any number of requests reuses a handful of compiled steps.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ NO_STOP = -1  # a stop token that is never drawn
 
 
 class Settings(NamedTuple):
-    """How to draw the next token; traced, so that other values reuse the compiled step."""
+    """How each row draws its next token; traced, so that other values reuse the compiled step."""
 
-    temperature: jax.Array  # float32 []; 0: greedy
-    top_k: jax.Array  # int32 []; 0: off
-    top_p: jax.Array  # float32 []; 1: off
+    temperature: jax.Array  # float32 [B]; 0: greedy
+    top_k: jax.Array  # int32 [B]; 0: off
+    top_p: jax.Array  # float32 [B]; 1: off
+    keys: jax.Array  # uint32 [B, 2]: each row's random key, from its seed and its sample's index
     stop_token: jax.Array  # int32 []; NO_STOP: none
 
 
@@ -54,20 +59,37 @@ class DecodeState(NamedTuple):
     step: jax.Array  # int32 []: tokens drawn so far
 
 
-def settings(temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, stop_token: int | None = None) -> Settings:
-    return Settings(np.float32(temperature), np.int32(top_k), np.float32(top_p),
+_row_keys = jax.jit(jax.vmap(lambda seed, sample: jax.random.fold_in(jax.random.PRNGKey(seed), sample)))
+
+
+def settings(rows: int, temperature=0.8, top_k=0, top_p=1.0, stop_token: int | None = None, seed=0,
+             samples: Sequence[int] | None = None) -> Settings:
+    """The settings of `rows` rows: temperature, top_k, top_p and seed each one value for all or one a row. Row i
+    draws from the key of (its seed, samples[i]) (default: i, its sample's index)."""
+    def per_row(value, dtype):
+        return np.broadcast_to(np.asarray(value, dtype), (rows,)).copy()
+
+    samples = np.arange(rows) if samples is None else samples
+    keys = np.asarray(_row_keys(per_row(seed, np.uint32), per_row(samples, np.uint32)))
+    return Settings(per_row(temperature, np.float32), per_row(top_k, np.int32), per_row(top_p, np.float32), keys,
                     np.int32(NO_STOP if stop_token is None else stop_token))
 
 
 # --- drawing a token -------------------------------------------------------------------------------------------------
 
+def _column(value) -> jax.Array:
+    """A setting for every row ([B]) or for all (a scalar), as a column that broadcasts over [B, V]."""
+    return jnp.reshape(jnp.asarray(value), (-1, 1))
+
+
 def filter_logits(logits: jax.Array, vocab_size: int, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> jax.Array:
     """Next-token logits [B, V] -> the logits to sample from, divided by the temperature: padded ids, those outside
-    the top k and those outside the nucleus of probability top_p all at -inf (k and p are traced: one sort serves
-    both, where lax.top_k would need k static)."""
-    logits = mask_padded_vocab(logits.astype(jnp.float32), vocab_size) / temperature
+    the top k and those outside the nucleus of probability top_p all at -inf. The settings are one for all or one a
+    row ([B]); k and p are traced: one sort serves both, where lax.top_k would need k static."""
+    logits = mask_padded_vocab(logits.astype(jnp.float32), vocab_size) / _column(temperature)
     ranked = -jnp.sort(-logits, axis=-1)  # descending
+    top_k, top_p = _column(top_k), _column(top_p)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
     ranked = jnp.where(jnp.arange(logits.shape[-1]) < k, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
@@ -80,17 +102,19 @@ def filter_logits(logits: jax.Array, vocab_size: int, temperature: jax.Array, to
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def sample_next(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array, vocab_size: int,
+def sample_next(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, vocab_size: int,
                 top_p: jax.Array = 1.0) -> jax.Array:
-    """Next ids [B] from logits [B, V]: padded ids never; greedy (argmax) at temperature 0."""
-    def greedy(logits):
-        return jnp.argmax(mask_padded_vocab(logits.astype(jnp.float32), vocab_size), axis=-1).astype(jnp.int32)
+    """Next ids [B] from logits [B, V], each row with its own key [B, 2] and settings [B]: padded ids never; greedy
+    (argmax) where the temperature is 0."""
+    greedy = jnp.argmax(mask_padded_vocab(logits.astype(jnp.float32), vocab_size), axis=-1).astype(jnp.int32)
+    sampled = temperature > 0
 
     def draw(logits):
-        filtered = filter_logits(logits, vocab_size, temperature, top_k, top_p)
-        return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+        filtered = filter_logits(logits, vocab_size, jnp.where(sampled, temperature, 1.0), top_k, top_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(sampled, drawn, greedy)
 
-    return jax.lax.cond(temperature > 0, draw, greedy, logits)  # greedy skips the sort
+    return jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, logits)  # an all-greedy batch skips the sort
 
 
 # --- the decoding state ----------------------------------------------------------------------------------------------
@@ -124,20 +148,24 @@ class Segment(NamedTuple):
 
 
 def plan(longest: int, block_size: int, max_new_tokens: int, use_cache: bool = True) -> list[Segment]:
-    """The segments of a generation whose longest prompt has `longest` tokens. Every row grows by one token a step,
-    so the host knows each step's span without reading anything back from the device.
+    """The segments of a generation whose longest prompt has `longest` tokens (<= block_size). Every row grows by
+    one token a step, so the host knows each step's span without reading anything back from the device, and where
+    each segment ends without walking its steps: a handful of segments for any max_new_tokens.
 
     Past block_size the cache cannot slide (positions are learned only up to block_size): like nanoGPT, the context
     is cropped to its last block_size tokens and the whole window runs for each further token. The step that fills
     the longest row's window (length block_size) is the last cached one."""
     segments: list[Segment] = []
-    for step in range(max_new_tokens):
-        cached = use_cache and longest + step <= block_size
+    step = 0
+    while step < max_new_tokens:
         span = cache_span(min(longest + step, block_size), block_size)
-        if segments and segments[-1].span == span and segments[-1].cached == cached:
-            segments[-1] = segments[-1]._replace(end=step + 1)
-        else:
-            segments.append(Segment(step, step + 1, span, cached))
+        cached = use_cache and longest + step <= block_size
+        if span < block_size or cached:  # on until the longest row outgrows the span (or the cache, the window)
+            end = min(span, block_size) - longest + 1
+        else:  # the window has slid (or there is no cache): whole windows to the end
+            end = max_new_tokens
+        segments.append(Segment(step, min(end, max_new_tokens), span, cached))
+        step = segments[-1].end
     return segments
 
 
@@ -173,7 +201,7 @@ def grow_cache(cache: KVCache, span: int) -> KVCache:
     return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad))
 
 
-def decode_step(model: GPT, params: Any, state: DecodeState, rng: jax.Array, how: Settings, span: int,
+def decode_step(model: GPT, params: Any, state: DecodeState, how: Settings, span: int,
                 cached: bool = True) -> tuple[DecodeState, jax.Array]:
     """One token for every row: (the next state, the tokens [B]). Rows that are done draw the stop token again.
 
@@ -192,8 +220,8 @@ def decode_step(model: GPT, params: Any, state: DecodeState, rng: jax.Array, how
     else:
         cache = None
         logits = model.apply({"params": params}, state.window[:, :span])[rows, state.length - 1]
-    token = sample_next(logits, jax.random.fold_in(rng, state.step), how.temperature, how.top_k,
-                        model.config.vocab_size, how.top_p)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(how.keys, state.step)  # each row's key for this token
+    token = sample_next(logits, keys, how.temperature, how.top_k, model.config.vocab_size, how.top_p)
     token = jnp.where(state.done, how.stop_token, token)
     full = state.length == size
     window = jnp.where(full[:, None], jnp.roll(state.window, -1, axis=1), state.window)  # crop to the last size
@@ -230,8 +258,8 @@ def _start(model: GPT, params: Any, window: jax.Array, length: jax.Array, how: S
 
 # The state and output are donated: the cache and the output are updated in place, not copied.
 @functools.partial(jax.jit, static_argnames=("model", "span", "cached"), donate_argnames=("state", "out"))
-def _decode_loop(model: GPT, params: Any, state: DecodeState, out: jax.Array, rng: jax.Array, how: Settings,
-                 end: jax.Array, *, span: int, cached: bool) -> tuple[DecodeState, jax.Array]:
+def _decode_loop(model: GPT, params: Any, state: DecodeState, out: jax.Array, how: Settings, end: jax.Array, *,
+                 span: int, cached: bool) -> tuple[DecodeState, jax.Array]:
     """Steps up to `end` (one Segment) in one compiled loop, which ends early once every row has stopped."""
     if cached:
         state = state._replace(cache=grow_cache(state.cache, span))  # the loop carries one shape
@@ -244,7 +272,7 @@ def _decode_loop(model: GPT, params: Any, state: DecodeState, out: jax.Array, rn
 
     def step(carry):
         state, out = carry
-        state, token = decode_step(model, params, state, rng, how, span, cached)
+        state, token = decode_step(model, params, state, how, span, cached)
         return state, out.at[:, state.step - 1].set(token)
 
     return jax.lax.while_loop(running, step, (state, out))
@@ -265,11 +293,14 @@ def _fit_cache(state: DecodeState, segment: Segment) -> DecodeState:
 
 def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_token: int | None = None, use_cache: bool = True, sharding: Any = None) -> np.ndarray:
+             stop_token: int | None = None, use_cache: bool = True, sharding: Any = None,
+             samples: Sequence[int] | None = None) -> np.ndarray:
     """The continuations of prompts (lists of token ids, of any lengths): int32 [len(prompts), max_new_tokens], the
     new tokens only; a row that draws `stop_token` is filled with it from there on. Temperature 0 is greedy; top_k 0
-    and top_p 1 are off. Reproducible for a seed. The contract of gpt2_torch.sample.generate, which takes the same
-    arguments (less `params` and `sharding`) and returns the same.
+    and top_p 1 are off; each setting and the seed may also be a sequence, one a row. Reproducible for a seed: row
+    i draws from the key of (seed, samples[i]) (default i), so that a batch of samples split in several calls
+    (`samples` counting on) draws what one call would. The contract of gpt2_torch.sample.generate, which takes the
+    same arguments (less `params` and `sharding`) and returns the same.
 
     A few compiled loops (one per Segment of `plan`) run one after another without reading anything back, so the
     only wait for the device is for the result. `sharding`: where the inputs go when params live on a mesh (a
@@ -280,16 +311,16 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
     window, length = prompt_window(prompts, model.config.block_size)
     longest = int(length.max())
     segments = plan(longest, model.config.block_size, max_new_tokens, use_cache)
-    inputs = (window, length, jax.random.PRNGKey(seed), settings(temperature, top_k, top_p, stop_token))
+    inputs = (window, length, settings(len(prompts), temperature, top_k, top_p, stop_token, seed, samples))
     if sharding is not None:
         inputs = jax.device_put(inputs, sharding)
-    window, length, rng, how = inputs
+    window, length, how = inputs
     first = segments[0]
     state, out = _start(model, params, window, length, how, max_new_tokens=max_new_tokens, span=first.span,
                         chunk=prefill_chunk(longest, first.span), cached=first.cached)
     for segment in segments:
         state = _fit_cache(state, segment)
-        state, out = _decode_loop(model, params, state, out, rng, how, np.int32(segment.end), span=segment.span,
+        state, out = _decode_loop(model, params, state, out, how, np.int32(segment.end), span=segment.span,
                                   cached=segment.cached)
     if sharding is not None:  # the result may span processes: give every process all of it
         return np.asarray(multihost_utils.process_allgather(out, tiled=True))
@@ -309,11 +340,79 @@ def sample_text(model: GPT, params: Any, prompt: str = "\n", max_new_tokens: int
     return decode(prompt_ids + out[0].tolist())
 
 
-# --- one token at a time ---------------------------------------------------------------------------------------------
+# --- one token at a time, rows freed as they finish -------------------------------------------------------------------
 
 _prefill = jax.jit(prefill, static_argnums=(0, 4, 5))
 # The state is donated: the cache is updated in place instead of copied every token.
-_decode_step = jax.jit(decode_step, static_argnums=(0, 5, 6), donate_argnums=2)
+_decode_step = jax.jit(decode_step, static_argnums=(0, 4, 5), donate_argnums=2)
+
+
+def _bucket(rows: int) -> int:
+    """The rows a batch of `rows` is padded to: the next power of two, so that a server's batches of any size run
+    a handful of compiled steps (one per bucket and span)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+class RowBatch:
+    """Rows decoded together one token at a time, each with its own prompt and settings (a serve.py batch):
+    `step()` gives the next token of every row still decoding, `free(rows)` drops rows whose completion is over
+    (its stop, its length, its client gone). The rows are padded to a power of two (padding rows are done from the
+    start), and once at most half of them are live, the live ones move to a batch of the next smaller size, so
+    that freed rows stop costing work. Rows are named by their prompt's index throughout."""
+
+    def __init__(self, model: GPT, params: Any, prompts: Sequence[Sequence[int]], how: Settings,
+                 use_cache: bool = True):
+        self.model, self.params, self.use_cache = model, params, use_cache
+        self.rows = list(range(len(prompts)))  # the live rows, by prompt index
+        self.positions = np.arange(len(prompts))  # ... and where each sits in the batch
+        size = _bucket(len(prompts))
+        window, length = prompt_window(list(prompts) + [[0]] * (size - len(prompts)), model.config.block_size)
+        self.longest, self.steps = int(length.max()), 0
+        self.how = _take(how, np.minimum(np.arange(size), len(prompts) - 1))
+        if use_cache:
+            span = cache_span(self.longest, model.config.block_size)
+            state = _prefill(model, params, window, length, span, prefill_chunk(self.longest, span))
+        else:
+            state = DecodeState(window, length, None, None, np.int32(0))
+        self.state = state._replace(done=np.arange(size) >= len(prompts))
+
+    def step(self) -> list[int]:
+        """The next token of each live row, in the order of self.rows."""
+        block = self.model.config.block_size
+        length = self.longest + self.steps
+        segment = Segment(self.steps, self.steps + 1, cache_span(min(length, block), block),
+                          self.use_cache and length <= block)
+        self.state = _fit_cache(self.state, segment)
+        self.state, token = _decode_step(self.model, self.params, self.state, self.how, segment.span,
+                                         segment.cached)
+        self.steps += 1
+        return np.asarray(token)[self.positions].tolist()
+
+    def free(self, rows) -> None:
+        """Stops decoding these rows."""
+        gone = set(rows)
+        live = [(row, position) for row, position in zip(self.rows, self.positions) if row not in gone]
+        self.rows = [row for row, _ in live]
+        self.positions = np.array([position for _, position in live], np.int32)
+        if self.rows and len(self.rows) <= self.state.window.shape[0] // 2:
+            self._shrink(_bucket(len(self.rows)))
+
+    def _shrink(self, size: int) -> None:
+        """The live rows alone in a batch of `size` rows (padded with copies of the first, done)."""
+        index = np.concatenate([self.positions, np.full(size - len(self.positions), self.positions[0], np.int32)])
+        state = self.state
+        cache = None if state.cache is None else KVCache(state.cache.k[:, index], state.cache.v[:, index])
+        done = jnp.asarray(state.done)[index] | (np.arange(size) >= len(self.rows))
+        self.state = DecodeState(jnp.asarray(state.window)[index], jnp.asarray(state.length)[index], cache, done,
+                                 state.step)
+        self.how = _take(self.how, index)
+        self.positions = np.arange(len(self.rows))
+
+
+def _take(how: Settings, index: np.ndarray) -> Settings:
+    """The settings of the rows `index` names."""
+    return how._replace(**{name: jnp.asarray(getattr(how, name))[index]
+                           for name in ("temperature", "top_k", "top_p", "keys")})
 
 
 def token_stream(model: GPT, params: Any, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
@@ -322,22 +421,12 @@ def token_stream(model: GPT, params: Any, prompt: Sequence[int], max_new_tokens:
     """The continuation of one prompt, token by token as each is drawn (the stop token ends it and is not
     yielded): the same tokens as generate() for the same arguments, from one compiled prefill and one compiled
     step per span whatever the prompt or settings."""
-    window, length = prompt_window([prompt], model.config.block_size)
-    segments = plan(int(length.max()), model.config.block_size, max_new_tokens, use_cache)
-    if segments[0].cached:
-        span = segments[0].span
-        state = _prefill(model, params, window, length, span, prefill_chunk(int(length.max()), span))
-    else:
-        state = DecodeState(window, length, None, np.zeros(1, bool), np.int32(0))
-    rng, how = jax.random.PRNGKey(seed), settings(temperature, top_k, top_p, stop_token)
-    for segment in segments:
-        state = _fit_cache(state, segment)
-        for _ in range(segment.begin, segment.end):
-            state, token = _decode_step(model, params, state, rng, how, segment.span, segment.cached)
-            token = int(token[0])
-            if token == stop_token:
-                return
-            yield token
+    rows = RowBatch(model, params, [prompt], settings(1, temperature, top_k, top_p, stop_token, seed), use_cache)
+    for _ in range(max_new_tokens):
+        token = rows.step()[0]
+        if token == stop_token:
+            return
+        yield token
 
 
 def load_model(config, weights, precision: str = "fp32") -> tuple[GPT, Any]:
@@ -359,6 +448,21 @@ def make_generate(config, weights, precision: str = "fp32"):
     weights stay fp32): faster where the hardware has it, no longer token-identical to fp32."""
     model, params = load_model(config, weights, precision)
     return functools.partial(generate, model, params)
+
+
+def make_decoder(config, weights, precision: str = "fp32"):
+    """`start(prompts, sampling) -> RowBatch` for gpt2_common.batching (what serve.py's decode loop runs), from a
+    Config and canonical weights; `sampling` has one gpt2_common.batching.Sampling a prompt (temperature, top_k,
+    top_p, seed, sample). Rows stop at <|endoftext|>."""
+    model, params = load_model(config, weights, precision)
+    stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
+
+    def start(prompts: Sequence[Sequence[int]], sampling) -> RowBatch:
+        how = settings(len(prompts), [s.temperature for s in sampling], [s.top_k for s in sampling],
+                       [s.top_p for s in sampling], stop, [s.seed for s in sampling], [s.sample for s in sampling])
+        return RowBatch(model, params, prompts, how)
+
+    return start
 
 
 def make_stream(config, weights, precision: str = "fp32"):

@@ -9,11 +9,12 @@ import pytest
 
 from gpt2_common import weights as canonical
 from gpt2_common.config import Config, ModelConfig
-from gpt2_common.webapp import SampleOptions
+from gpt2_common.batching import Sampling
 from gpt2_jax import sample
 from gpt2_jax.model import GPT, mask_padded_vocab
 from gpt2_jax.weights import from_canonical
 
+cache_span = sample.cache_span
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100)  # padded to 128
 PROMPTS = [[5, 17, 3, 99, 42, 8, 1, 2, 3, 4, 5, 6, 7], [11], [60, 61, 62, 63, 64]]  # 13, 1 and 5 tokens
 NEW = 20  # every prompt runs past block_size (16), the 13-token one after 3 tokens; one length compiles once
@@ -138,15 +139,78 @@ def test_one_compile_per_span_for_any_prompt_and_settings():
             sample._prefill._cache_size()) == compiled
 
 
-def test_make_stream_serves_the_web_page():
-    config = Config(model=CFG)
-    weights = random_weights(CFG)
-    stream = sample.make_stream(config, weights)
+def decode_rows(batch, steps):
+    """Each row's tokens over `steps` steps of a RowBatch, by prompt index."""
+    got = {row: [] for row in batch.rows}
+    for _ in range(steps):
+        for row, token in zip(list(batch.rows), batch.step()):
+            got[row].append(token)
+    return got
+
+
+def test_a_batch_of_rows_with_their_own_settings_decodes_each_as_alone():
+    """serve.py's batches: each row its own prompt, settings and seed, and the tokens it would get alone."""
     model, params = tiny()
-    options = SampleOptions(max_new_tokens=NEW, temperature=0.0, top_k=0, top_p=1.0, seed=0)
-    expected = plain_greedy(model, params, PROMPTS[2], NEW)
-    assert list(stream(PROMPTS[2], options)) == expected
-    assert sample.make_generate(config, weights)([PROMPTS[2]], NEW, temperature=0.0).tolist() == [expected]
+    start = sample.make_decoder(Config(model=CFG), random_weights(CFG))
+    rows = [Sampling(0.0), Sampling(1.0, 5, 0.9, seed=3, sample=1), Sampling(0.7, seed=9)]
+    got = decode_rows(start(PROMPTS, rows), NEW)
+    for row, (prompt, how) in enumerate(zip(PROMPTS, rows)):
+        alone = sample.generate(model, params, [prompt], NEW, temperature=how.temperature, top_k=how.top_k,
+                                top_p=how.top_p, seed=how.seed, samples=[how.sample])
+        assert got[row] == alone[0].tolist(), row
+    assert got[0] == plain_greedy(model, params, PROMPTS[0], NEW)
+
+
+def test_freed_rows_leave_the_batch_and_the_others_decode_on():
+    model, params = tiny()
+    batch = sample.make_decoder(Config(model=CFG), random_weights(CFG))(PROMPTS * 2, [Sampling(0.0)] * 6)
+    assert batch.state.window.shape[0] == 8  # padded to a power of two
+    first = batch.step()
+    batch.free([0, 2, 4])
+    assert batch.rows == [1, 3, 5] and batch.state.window.shape[0] == 4  # half or fewer live: a smaller batch
+    rest = decode_rows(batch, NEW - 1)
+    for row in (1, 3, 5):
+        assert [first[row]] + rest[row] == plain_greedy(model, params, PROMPTS[row % 3], NEW)
+    batch.free([1])
+    assert batch.rows == [3, 5] and batch.state.window.shape[0] == 2
+
+
+def test_samples_split_over_calls_draw_what_one_call_draws():
+    """sample.py's batches: row i draws from the key of (seed, i) wherever it falls."""
+    model, params = tiny()
+    kwargs = dict(temperature=1.0, top_k=10, seed=5)
+    whole = sample.generate(model, params, [PROMPTS[1]] * 3, NEW, **kwargs)
+    parts = [sample.generate(model, params, [PROMPTS[1]] * len(rows), NEW, samples=rows, **kwargs)
+             for rows in ([0], [1], [2])]
+    assert np.array_equal(np.concatenate(parts), whole) and len({tuple(r) for r in whole.tolist()}) > 1
+
+
+def test_the_plan_is_a_handful_of_segments_for_any_length(monkeypatch):
+    """The plan was built step by step in Python: 10**8 new tokens spent minutes before the first one (issue 32)."""
+    spans = []
+    monkeypatch.setattr(sample, "cache_span", lambda *args: spans.append(args) or cache_span(*args))
+    assert len(sample.plan(5, 1024, 10**6)) == 6 and len(spans) < 100  # not a call per step
+    monkeypatch.undo()
+
+    def stepwise(longest, block_size, new, use_cache):  # the plan as it was built
+        segments = []
+        for step in range(new):
+            cached = use_cache and longest + step <= block_size
+            span = sample.cache_span(min(longest + step, block_size), block_size)
+            if segments and segments[-1].span == span and segments[-1].cached == cached:
+                segments[-1] = segments[-1]._replace(end=step + 1)
+            else:
+                segments.append(sample.Segment(step, step + 1, span, cached))
+        return segments
+
+    for longest, block_size, new, use_cache in [(1, 16, 40, True), (16, 16, 3, True), (13, 16, 6, False),
+                                                (1, 1024, 2000, True), (700, 1024, 700, True), (64, 256, 1, True),
+                                                (65, 256, 300, False), (3, 64, 62, True)]:
+        assert sample.plan(longest, block_size, new, use_cache) == stepwise(longest, block_size, new, use_cache)
+    assert sample.plan(5, 1024, 10**12) == [sample.Segment(0, 60, 64, True), sample.Segment(60, 124, 128, True),
+                                            sample.Segment(124, 252, 256, True), sample.Segment(252, 508, 512, True),
+                                            sample.Segment(508, 1020, 1024, True),
+                                            sample.Segment(1020, 10**12, 1024, False)]
 
 
 def test_sample_text_includes_the_prompt():

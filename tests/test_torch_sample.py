@@ -10,7 +10,7 @@ import torch
 
 from gpt2_common import weights as canonical
 from gpt2_common.config import Config, ModelConfig
-from gpt2_common.webapp import SampleOptions
+from gpt2_common.batching import Sampling
 from gpt2_torch import sample
 from gpt2_torch.model import GPT, mask_padded_vocab
 from gpt2_torch.weights import from_canonical
@@ -114,14 +114,46 @@ def test_stop_token_ends_a_row_and_the_stream_equals_the_loop():
         assert streamed == sample.generate(model, [PROMPTS[0]], NEW, **kwargs)[0].tolist()
 
 
-def test_make_stream_serves_the_web_page():
-    config = Config(model=CFG)
-    weights = random_weights(CFG)
-    stream = sample.make_stream(config, weights, device="cpu")
-    options = SampleOptions(max_new_tokens=NEW, temperature=0.0, top_k=0, top_p=1.0, seed=0)
-    expected = plain_greedy(tiny(), PROMPTS[2], NEW)
-    assert list(stream(PROMPTS[2], options)) == expected
-    assert sample.make_generate(config, weights, "cpu")([PROMPTS[2]], NEW, temperature=0.0).tolist() == [expected]
+def decode_rows(batch, steps):
+    """Each row's tokens over `steps` steps of a RowBatch, by prompt index."""
+    got = {row: [] for row in batch.rows}
+    for _ in range(steps):
+        for row, token in zip(list(batch.rows), batch.step()):
+            got[row].append(token)
+    return got
+
+
+def test_a_batch_of_rows_with_their_own_settings_decodes_each_as_alone():
+    """serve.py's batches: each row its own prompt, settings and seed, and the tokens it would get alone."""
+    model = sample.for_cpu_decoding(tiny())
+    start = sample.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")
+    rows = [Sampling(0.0), Sampling(1.0, 5, 0.9, seed=3, sample=1), Sampling(0.7, seed=9)]
+    got = decode_rows(start(PROMPTS, rows), NEW)
+    for row, (prompt, how) in enumerate(zip(PROMPTS, rows)):
+        alone = sample.generate(model, [prompt], NEW, temperature=how.temperature, top_k=how.top_k,
+                                top_p=how.top_p, seed=how.seed, samples=[how.sample])
+        assert got[row] == alone[0].tolist(), row
+    assert got[0] == plain_greedy(tiny(), PROMPTS[0], NEW)
+
+
+def test_freed_rows_leave_the_batch_and_the_others_decode_on():
+    batch = sample.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")(PROMPTS * 2, [Sampling(0.0)] * 6)
+    first = batch.step()
+    batch.free([0, 2, 4])
+    assert batch.rows == [1, 3, 5] and batch.state.window.shape[0] == 3  # gone from the batch at once
+    rest = decode_rows(batch, NEW - 1)
+    for row in (1, 3, 5):
+        assert [first[row]] + rest[row] == plain_greedy(tiny(), PROMPTS[row % 3], NEW)
+
+
+def test_samples_split_over_calls_draw_what_one_call_draws():
+    """sample.py's batches: row i draws from the generator of (seed, i) wherever it falls."""
+    model = tiny()
+    kwargs = dict(temperature=1.0, top_k=10, seed=5)
+    whole = sample.generate(model, [PROMPTS[1]] * 3, NEW, **kwargs)
+    parts = [sample.generate(model, [PROMPTS[1]] * len(rows), NEW, samples=rows, **kwargs)
+             for rows in ([0], [1], [2])]
+    assert np.array_equal(np.concatenate(parts), whole) and len({tuple(r) for r in whole.tolist()}) > 1
 
 
 def test_sample_text_and_empty_prompt():
