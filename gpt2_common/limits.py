@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from gpt2_common.config import SEED_MAX, ModelConfig
+from gpt2_common.config import SEED_MAX, ModelConfig  # noqa: F401 (SEED_MAX: the bounds in one place)
 from gpt2_common.flops import num_params
 
 MEMORY_SHARE = 0.5  # of the memory available: the rest is for the framework, the other processes and the estimate's error

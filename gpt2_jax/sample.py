@@ -463,17 +463,3 @@ def make_decoder(config, weights, precision: str = "fp32"):
         return RowBatch(model, params, prompts, how)
 
     return start
-
-
-def make_stream(config, weights, precision: str = "fp32"):
-    """`stream(prompt_tokens, options) -> iterator of token ids` for gpt2_common.webapp, from a Config and canonical
-    weights; `options` has max_new_tokens, temperature, top_k (0: off), top_p (1: off) and seed. The stream ends at
-    <|endoftext|>."""
-    model, params = load_model(config, weights, precision)
-    stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
-
-    def stream(prompt_tokens: list[int], options) -> Iterator[int]:
-        return token_stream(model, params, prompt_tokens, options.max_new_tokens, temperature=options.temperature,
-                            top_k=options.top_k, top_p=options.top_p, seed=options.seed, stop_token=stop)
-
-    return stream
