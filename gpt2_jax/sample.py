@@ -102,6 +102,30 @@ def filter_logits(logits: jax.Array, vocab_size: int, temperature: jax.Array, to
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
+CDF_BLOCK = 64
+
+
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One id [B] from each row of logits [B, V] (-inf: never), row i with its key keys[i]: the inverse of the
+    cumulative distribution at one uniform number a row, found in two levels (a block of CDF_BLOCK ids, then the id
+    in it), where jax.random.categorical draws Gumbel noise for every id: at 16 rows of GPT-2's vocabulary, 2 ms to
+    its 26 on the 2-core CPU, more than a small model's whole step."""
+    rows, width = logits.shape
+    probs = jax.nn.softmax(logits, axis=-1)
+    blocks = jnp.pad(probs, ((0, 0), (0, -width % CDF_BLOCK))).reshape(rows, -1, CDF_BLOCK)
+    mass = blocks.sum(axis=-1)
+    cdf = jnp.cumsum(mass, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+    search = jax.vmap(functools.partial(jnp.searchsorted, side="right"))
+    block = jnp.minimum(search(cdf, u), cdf.shape[1] - 1)
+    row = jnp.arange(rows)
+    inside = blocks[row, block]
+    index = search(jnp.cumsum(inside, axis=-1), u - (cdf[row, block] - mass[row, block]))
+    # rounding may point past the block's last id of any probability (a padded id, say): never beyond it
+    last = CDF_BLOCK - 1 - jnp.argmax((inside > 0)[:, ::-1], axis=-1)
+    return (block * CDF_BLOCK + jnp.minimum(index, last)).astype(jnp.int32)
+
+
 def sample_next(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, vocab_size: int,
                 top_p: jax.Array = 1.0) -> jax.Array:
     """Next ids [B] from logits [B, V], each row with its own key [B, 2] and settings [B]: padded ids never; greedy
@@ -110,9 +134,17 @@ def sample_next(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     sampled = temperature > 0
 
     def draw(logits):
-        filtered = filter_logits(logits, vocab_size, jnp.where(sampled, temperature, 1.0), top_k, top_p)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-        return jnp.where(sampled, drawn, greedy)
+        temperatures = jnp.where(sampled, temperature, 1.0)
+
+        def unfiltered(logits):  # what filter_logits gives where no row filters, without its sort
+            return mask_padded_vocab(logits.astype(jnp.float32), vocab_size) / _column(temperatures)
+
+        # XLA's CPU sort of a 50304-wide row takes tens of ms, far more than a small model's step: only where a row
+        # asks for top-k or top-p
+        filters = jnp.any(((top_k > 0) & (top_k < logits.shape[-1])) | (top_p < 1.0))
+        filtered = jax.lax.cond(filters, lambda logits: filter_logits(logits, vocab_size, temperatures, top_k, top_p),
+                                unfiltered, logits)
+        return jnp.where(sampled, categorical(keys, filtered), greedy)
 
     return jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, logits)  # an all-greedy batch skips the sort
 

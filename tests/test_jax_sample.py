@@ -90,6 +90,17 @@ def test_filter_logits_keeps_the_top_k_and_the_nucleus():
     assert kept(**base) == [[True, True, True, True]]
 
 
+def test_categorical_draws_each_id_with_its_probability_and_never_an_impossible_one():
+    probs = np.zeros(130, np.float32)  # three blocks of CDF_BLOCK ids, the last one short
+    probs[[0, 63, 64, 129]] = [0.1, 0.2, 0.3, 0.4]
+    keys = jax.vmap(jax.random.PRNGKey)(np.arange(4000))
+    logits = np.where(probs > 0, np.log(np.maximum(probs, 1e-30)), -np.inf)
+    drawn = np.asarray(sample.categorical(keys, np.broadcast_to(logits, (4000, 130))))
+    counts = np.bincount(drawn, minlength=130) / 4000
+    assert set(np.flatnonzero(counts)) == {0, 63, 64, 129}
+    np.testing.assert_allclose(counts[[0, 63, 64, 129]], [0.1, 0.2, 0.3, 0.4], atol=0.03)
+
+
 def test_padded_ids_are_never_drawn():
     model, params = tiny()
     # Padded rows of the tied embedding far larger than the rest: unmasked, those ids would take nearly all the

@@ -86,6 +86,16 @@ def test_filter_logits_keeps_the_top_k_and_the_nucleus():
     assert kept(**base) == [[True, True, True, True]]
 
 
+def test_categorical_draws_each_id_with_its_probability_and_never_an_impossible_one():
+    probs = torch.zeros(130)
+    probs[[0, 63, 64, 129]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+    drawn = sample.categorical(probs.log().expand(4000, 130), generators)
+    counts = np.bincount(drawn.numpy(), minlength=130) / 4000
+    assert set(np.flatnonzero(counts)) == {0, 63, 64, 129}
+    np.testing.assert_allclose(counts[[0, 63, 64, 129]], [0.1, 0.2, 0.3, 0.4], atol=0.03)
+
+
 def test_padded_ids_are_never_drawn():
     model = GPT(CFG)
     model.load_state_dict(tiny().state_dict())
