@@ -2,12 +2,13 @@
 jobs and read each job's events from a queue of their own.
 
 A job is one request: one row or more (OpenAI's `n` and lists of prompts), each with its prompt, its sampling
-settings, its token limit and its stop strings. Jobs that arrive while a batch runs wait for the next one; each
-batch takes every waiting job that fits `max_batch` rows and decodes all their rows as one batched generation
-(either framework's RowBatch, through `start(prompts, sampling)`), sending each row's text to its job as it comes.
-A row ends at <|endoftext|>, at a stop string, at its token limit, when its job is cancelled (the client left) or
-runs past its time limit; its row is then freed in the batch. Past `max_queue` waiting jobs a new one is refused
-(QueueFull), so that a crowd gets an answer, not an ever longer wait.
+settings, its token limit and its stop strings. The loop decodes the rows of every job it holds as one batched
+generation (either framework's RowBatch, through `start(prompts, sampling)`), one token a step, sending each row's
+text to its job as it comes. A row ends at <|endoftext|>, at a stop string, at its token limit, when its job is
+cancelled (the client left) or runs past its time limit; its row is then freed in the batch. Jobs that arrive while
+a batch runs join it at the next step where there is room (`max_batch` rows; first come, first served), so that a
+client never waits for another's long completion to end while the machine could decode both; the others wait. Past
+`max_queue` waiting jobs a new one is refused (QueueFull), so that a crowd gets an answer, not an ever longer wait.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ class _Live:
 
 
 class Batcher:
-    """The decode loop: a thread that takes the waiting jobs, decodes their rows together, and does it again.
-    `start(prompts, sampling)` begins a batch (a RowBatch: `.rows`, `.step()`, `.free(rows)`)."""
+    """The decode loop: a thread that takes the waiting jobs, decodes their rows together, lets the jobs that come
+    meanwhile join, and does it again. `start(prompts, sampling)` begins a batch (a RowBatch: `.rows`, `.step()`,
+    `.add(prompts, sampling)`, `.free(rows)`)."""
 
     def __init__(self, start: Callable, max_batch: int, max_queue: int, stop_token: int | None = EOT_TOKEN):
         self.start, self.max_batch, self.max_queue, self.stop_token = start, max_batch, max_queue, stop_token
@@ -137,13 +139,13 @@ class Batcher:
 
     # --- the decode loop's thread ---------------------------------------------------------------------------------
 
-    def _next_jobs(self) -> list[Job]:
-        """The waiting jobs that fit one batch, first come first served (blocks until there is one)."""
+    def _next_jobs(self, room: int, wait: bool = True) -> list[Job]:
+        """The waiting jobs that fit `room` rows, first come first served (with `wait`, blocks until there is one)."""
         with self._ready:
-            while not self.waiting:
+            while wait and not self.waiting:
                 self._ready.wait()
             jobs, rows = [], 0
-            while self.waiting and rows + len(self.waiting[0].rows) <= self.max_batch:
+            while self.waiting and rows + len(self.waiting[0].rows) <= room:
                 job = self.waiting.popleft()
                 if job.cancelled:
                     continue
@@ -153,15 +155,15 @@ class Batcher:
                     continue
                 jobs.append(job)
                 rows += len(job.rows)
-            if not jobs and self.waiting:  # larger than a batch: the handler refuses those, but never stall
+            if wait and not jobs and self.waiting:  # larger than a batch: the handler refuses those, but never stall
                 job = self.waiting.popleft()
                 job.send("error", ValueError(f"{len(job.rows)} completions, more than {self.max_batch} a batch"))
-            self.decoding = rows
+            self.decoding += rows
             return jobs
 
     def _loop(self) -> None:
         while True:
-            jobs = self._next_jobs()
+            jobs = self._next_jobs(self.max_batch)
             if jobs:
                 try:
                     self._run(jobs)
@@ -176,8 +178,20 @@ class Batcher:
                         self.batches += 1
 
     def _run(self, jobs: list[Job]) -> None:
-        live = [_Live(job, i, RowText(row.stop)) for job in jobs for i, row in enumerate(job.rows)]
-        batch = self.start([r.job.rows[r.index].prompt for r in live], [r.job.rows[r.index].sampling for r in live])
+        live: dict[int, _Live] = {}  # the batch's rows by name
+
+        def admit(jobs: list[Job], batch=None):
+            rows = [_Live(job, i, RowText(row.stop)) for job in jobs for i, row in enumerate(job.rows)]
+            prompts, sampling = [r.job.rows[r.index].prompt for r in rows], [r.job.rows[r.index].sampling for r in rows]
+            if batch is None:
+                batch = self.start(prompts, sampling)
+                names = list(batch.rows)
+            else:
+                names = batch.add(prompts, sampling)
+            live.update(zip(names, rows))
+            return batch
+
+        batch = admit(jobs)
         while batch.rows:
             tokens = batch.step()
             done = []
@@ -188,7 +202,13 @@ class Batcher:
                 if name not in done and self._gone(live[name]):
                     done.append(name)
             batch.free(done)
+            for name in done:
+                del live[name]
             self.decoding = len(batch.rows)
+            if batch.rows:  # the jobs that came meanwhile join, where there is room (else a new batch begins)
+                joining = self._next_jobs(self.max_batch - len(batch.rows), wait=False)
+                if joining:
+                    admit(joining, batch)
 
     def _gone(self, row: _Live) -> bool:
         if row.job.cancelled:

@@ -47,6 +47,8 @@ class Settings(NamedTuple):
     top_k: jax.Array  # int32 [B]; 0: off
     top_p: jax.Array  # float32 [B]; 1: off
     keys: jax.Array  # uint32 [B, 2]: each row's random key, from its seed and its sample's index
+    first_step: jax.Array  # int32 [B]: the step at which the row began (a row that joins a running batch draws
+    # its n-th token from the key it would draw it from alone)
     stop_token: jax.Array  # int32 []; NO_STOP: none
 
 
@@ -72,7 +74,7 @@ def settings(rows: int, temperature=0.8, top_k=0, top_p=1.0, stop_token: int | N
     samples = np.arange(rows) if samples is None else samples
     keys = np.asarray(_row_keys(per_row(seed, np.uint32), per_row(samples, np.uint32)))
     return Settings(per_row(temperature, np.float32), per_row(top_k, np.int32), per_row(top_p, np.float32), keys,
-                    np.int32(NO_STOP if stop_token is None else stop_token))
+                    np.zeros(rows, np.int32), np.int32(NO_STOP if stop_token is None else stop_token))
 
 
 # --- drawing a token -------------------------------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def decode_step(model: GPT, params: Any, state: DecodeState, how: Settings, span
     else:
         cache = None
         logits = model.apply({"params": params}, state.window[:, :span])[rows, state.length - 1]
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(how.keys, state.step)  # each row's key for this token
+    keys = jax.vmap(jax.random.fold_in)(how.keys, state.step - how.first_step)  # each row's key for its token
     token = sample_next(logits, keys, how.temperature, how.top_k, model.config.vocab_size, how.top_p)
     token = jnp.where(state.done, how.stop_token, token)
     full = state.length == size
@@ -386,65 +388,121 @@ def _bucket(rows: int) -> int:
 
 
 class RowBatch:
-    """Rows decoded together one token at a time, each with its own prompt and settings (a serve.py batch):
-    `step()` gives the next token of every row still decoding, `free(rows)` drops rows whose completion is over
-    (its stop, its length, its client gone). The rows are padded to a power of two (padding rows are done from the
-    start), and once at most half of them are live, the live ones move to a batch of the next smaller size, so
-    that freed rows stop costing work. Rows are named by their prompt's index throughout."""
+    """Rows decoded together one token at a time, each with its own prompt and settings (serve.py's batch):
+    `step()` gives the next token of every live row, `add(prompts, how)` lets rows join at the next step, `free(rows)`
+    drops rows whose completion is over (its stop, its length, its client gone). The batch is padded to a power of
+    two rows, so that any traffic runs a handful of compiled steps: joining rows take free slots first (a slot of a
+    freed row, a padding row), and once at most half the slots are live, the live rows move to a smaller batch, so
+    that freed rows stop costing work. Rows are named by the order they came in (0, 1, ... from the first prompts)."""
 
     def __init__(self, model: GPT, params: Any, prompts: Sequence[Sequence[int]], how: Settings,
                  use_cache: bool = True):
         self.model, self.params, self.use_cache = model, params, use_cache
-        self.rows = list(range(len(prompts)))  # the live rows, by prompt index
-        self.positions = np.arange(len(prompts))  # ... and where each sits in the batch
-        size = _bucket(len(prompts))
-        window, length = prompt_window(list(prompts) + [[0]] * (size - len(prompts)), model.config.block_size)
-        self.longest, self.steps = int(length.max()), 0
-        self.how = _take(how, np.minimum(np.arange(size), len(prompts) - 1))
-        if use_cache:
-            span = cache_span(self.longest, model.config.block_size)
-            state = _prefill(model, params, window, length, span, prefill_chunk(self.longest, span))
-        else:
-            state = DecodeState(window, length, None, None, np.int32(0))
-        self.state = state._replace(done=np.arange(size) >= len(prompts))
+        self.rows: list[int] = []  # the live rows' names, in the order they came
+        self.positions = np.zeros(0, np.int32)  # ... and each one's slot in the batch
+        self.lengths = np.zeros(0, np.int64)  # ... and its context's length, not cropped (host-side: no device read)
+        self.cached, self.named, self.steps, self.state, self.how = use_cache, 0, 0, None, None
+        self.add(prompts, how)
+
+    def add(self, prompts: Sequence[Sequence[int]], how: Settings) -> list[int]:
+        """Rows that join at the next step (their prompts prefilled now): their names. `how`: their Settings, or
+        one gpt2_common.batching.Sampling a prompt."""
+        if not isinstance(how, Settings):
+            how = from_sampling(how, None if self.how is None else int(self.how.stop_token))
+        block = self.model.config.block_size
+        window, length = prompt_window(prompts, block)
+        if self.state is None:
+            size = _bucket(len(prompts))
+            self.state = DecodeState(np.zeros((size, block), np.int32), np.ones(size, np.int32), None,
+                                     np.ones(size, bool), np.int32(0))
+            self.how = _take(how, np.zeros(size, np.int32))
+        free = np.setdiff1d(np.arange(self.state.window.shape[0]), self.positions)
+        if len(free) < len(prompts):
+            self._resize(_bucket(len(self.rows) + len(prompts)))
+            free = np.setdiff1d(np.arange(self.state.window.shape[0]), self.positions)
+        slots = free[:len(prompts)]
+        names = list(range(self.named, self.named + len(prompts)))
+        self.named += len(prompts)
+        self.rows += names
+        self.positions = np.concatenate([self.positions, slots]).astype(np.int32)
+        self.lengths = np.concatenate([self.lengths, length])
+        state, cache = self.state, self.state.cache
+        if self.cached:  # the new prompts into a cache of their own, then into their slots of the batch's
+            span = self._span()
+            rows = _bucket(len(prompts))
+            padded = [list(p) for p in prompts] + [[0]] * (rows - len(prompts))
+            new = _prefill(self.model, self.params, *prompt_window(padded, block), span,
+                           prefill_chunk(int(length.max()), span)).cache
+            cache = _empty_cache(self.model, state.window.shape[0], span) if cache is None else \
+                _grow_cache(cache, span)
+            cache = KVCache(*(c.at[:, slots].set(n[:, :len(prompts)]) for c, n in zip(cache, new)))
+        self.state = DecodeState(jnp.asarray(state.window).at[slots].set(window),
+                                 jnp.asarray(state.length).at[slots].set(length), cache,
+                                 jnp.asarray(state.done).at[slots].set(False), state.step)
+        joined = how._replace(first_step=np.full(len(prompts), self.steps, np.int32))
+        self.how = self.how._replace(**{name: jnp.asarray(getattr(self.how, name)).at[slots].set(getattr(joined, name))
+                                        for name in ROW_SETTINGS})
+        return names
 
     def step(self) -> list[int]:
         """The next token of each live row, in the order of self.rows."""
-        block = self.model.config.block_size
-        length = self.longest + self.steps
-        segment = Segment(self.steps, self.steps + 1, cache_span(min(length, block), block),
-                          self.use_cache and length <= block)
+        # Past block_size a window slides and the cache no longer matches it: the whole batch runs uncached from the
+        # step after the one that fills the longest window, as generate() does.
+        self.cached = self.cached and int(self.lengths.max()) <= self.model.config.block_size
+        segment = Segment(0, 1, self._span(), self.cached)
         self.state = _fit_cache(self.state, segment)
         self.state, token = _decode_step(self.model, self.params, self.state, self.how, segment.span,
                                          segment.cached)
+        self.lengths += 1
         self.steps += 1
         return np.asarray(token)[self.positions].tolist()
 
+    def _span(self) -> int:
+        """The cache positions (or window positions) the next step reads: as many as the longest live row needs,
+        never fewer than the cache holds (freed rows do not shrink it: a narrower step would be another compile)."""
+        block = self.model.config.block_size
+        held = 0 if self.state.cache is None else self.state.cache.k.shape[2]
+        return max(cache_span(min(int(self.lengths.max()), block), block), held)
+
     def free(self, rows) -> None:
         """Stops decoding these rows."""
-        gone = set(rows)
-        live = [(row, position) for row, position in zip(self.rows, self.positions) if row not in gone]
-        self.rows = [row for row, _ in live]
-        self.positions = np.array([position for _, position in live], np.int32)
+        keep = np.array([row not in set(rows) for row in self.rows], bool)
+        self.rows = [row for row, kept in zip(self.rows, keep) if kept]
+        self.positions, self.lengths = self.positions[keep], self.lengths[keep]
         if self.rows and len(self.rows) <= self.state.window.shape[0] // 2:
-            self._shrink(_bucket(len(self.rows)))
+            self._resize(_bucket(len(self.rows)))
 
-    def _shrink(self, size: int) -> None:
-        """The live rows alone in a batch of `size` rows (padded with copies of the first, done)."""
-        index = np.concatenate([self.positions, np.full(size - len(self.positions), self.positions[0], np.int32)])
+    def _resize(self, size: int) -> None:
+        """The live rows alone in the first slots of a batch of `size` rows; the other slots are padding, done."""
+        live = len(self.positions)
+        index = np.concatenate([self.positions, np.full(size - live, self.positions[0] if live else 0, np.int32)])
         state = self.state
         cache = None if state.cache is None else KVCache(state.cache.k[:, index], state.cache.v[:, index])
-        done = jnp.asarray(state.done)[index] | (np.arange(size) >= len(self.rows))
+        done = jnp.asarray(state.done)[index] | (np.arange(size) >= live)
         self.state = DecodeState(jnp.asarray(state.window)[index], jnp.asarray(state.length)[index], cache, done,
                                  state.step)
         self.how = _take(self.how, index)
-        self.positions = np.arange(len(self.rows))
+        self.positions = np.arange(live, dtype=np.int32)
+
+
+def from_sampling(sampling, stop_token: int | None) -> Settings:
+    """The Settings of rows given one gpt2_common.batching.Sampling each (serve.py's requests)."""
+    return settings(len(sampling), [s.temperature for s in sampling], [s.top_k for s in sampling],
+                    [s.top_p for s in sampling], stop_token, [s.seed for s in sampling], [s.sample for s in sampling])
+
+
+ROW_SETTINGS = ("temperature", "top_k", "top_p", "keys", "first_step")
 
 
 def _take(how: Settings, index: np.ndarray) -> Settings:
     """The settings of the rows `index` names."""
-    return how._replace(**{name: jnp.asarray(getattr(how, name))[index]
-                           for name in ("temperature", "top_k", "top_p", "keys")})
+    return how._replace(**{name: jnp.asarray(getattr(how, name))[index] for name in ROW_SETTINGS})
+
+
+def _empty_cache(model: GPT, rows: int, span: int) -> KVCache:
+    cfg = model.config
+    shape = (cfg.n_layer, rows, span, cfg.n_head, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
 
 
 def token_stream(model: GPT, params: Any, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
@@ -490,8 +548,6 @@ def make_decoder(config, weights, precision: str = "fp32"):
     stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
 
     def start(prompts: Sequence[Sequence[int]], sampling) -> RowBatch:
-        how = settings(len(prompts), [s.temperature for s in sampling], [s.top_k for s in sampling],
-                       [s.top_p for s in sampling], stop, [s.seed for s in sampling], [s.sample for s in sampling])
-        return RowBatch(model, params, prompts, how)
+        return RowBatch(model, params, prompts, from_sampling(sampling, stop))
 
     return start

@@ -51,6 +51,13 @@ class Settings(NamedTuple):
     filters: bool  # whether a row asks for top-k or top-p (else sampling skips the sort)
     stop_token: int  # NO_STOP: none
 
+    def join(self, other: "Settings") -> "Settings":
+        """These rows' settings, then `other`'s."""
+        return Settings(torch.cat([self.temperature, other.temperature]), torch.cat([self.top_k, other.top_k]),
+                        torch.cat([self.top_p, other.top_p]), self.generators + other.generators,
+                        self.sampled + [len(self.generators) + row for row in other.sampled],
+                        self.filters or other.filters, self.stop_token)
+
     def take(self, rows: Sequence[int]) -> "Settings":
         """The settings of these rows (indexes into the batch)."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.temperature.device)
@@ -288,17 +295,41 @@ def sample_text(model: GPT, prompt: str = "\n", max_new_tokens: int = 200, *, te
 # --- one token at a time, rows freed as they finish -------------------------------------------------------------------
 
 class RowBatch:
-    """Rows decoded together one token at a time, each with its own prompt and settings (a serve.py batch):
-    `step()` gives the next token of every row still decoding, `free(rows)` drops rows whose completion is over
-    (its stop, its length, its client gone) from the batch at once, so that they stop costing work (eager torch
-    has no compiled shapes to keep, where gpt2_jax's RowBatch shrinks by powers of two). Rows are named by their
-    prompt's index throughout. The model must be in eval mode."""
+    """Rows decoded together one token at a time, each with its own prompt and settings (serve.py's batch):
+    `step()` gives the next token of every live row, `add(prompts, how)` lets rows join at the next step, `free(rows)`
+    drops rows whose completion is over (its stop, its length, its client gone) from the batch at once, so that
+    they stop costing work (eager torch has no compiled shapes to keep, where gpt2_jax's RowBatch moves in
+    power-of-two sizes). Rows are named by the order they came in (0, 1, ... from the first prompts). The model
+    must be in eval mode."""
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], how: Settings, use_cache: bool = True):
-        self.model, self.how, self.use_cache = model, how, use_cache
-        self.rows = list(range(len(prompts)))  # the live rows, by prompt index, in batch order
-        with torch.inference_mode():
-            self.state = start(model, prompts, use_cache)
+        self.model, self.use_cache, self.rows, self.state, self.how, self.named = model, use_cache, [], None, None, 0
+        self.add(prompts, how)
+
+    @torch.inference_mode()
+    def add(self, prompts: Sequence[Sequence[int]], how: Settings) -> list[int]:
+        """Rows that join at the next step (their prompts prefilled now): their names. `how`: their Settings, or
+        one gpt2_common.batching.Sampling a prompt."""
+        if not isinstance(how, Settings):
+            how = from_sampling(how, self.how.stop_token, self.state.window.device)
+        names = list(range(self.named, self.named + len(prompts)))
+        self.named += len(prompts)
+        new = start(self.model, prompts, self.use_cache and (self.state is None or self.state.cache is not None))
+        old = self.state
+        if old is None:
+            self.state, self.how = new, how
+        else:
+            longest = max(old.longest, new.longest)
+            cache = None
+            if old.cache is not None and new.cache is not None:  # one cache, as wide as the wider
+                span = max(old.cache.k.size(2), new.cache.k.size(2))
+                cache = KVCache(*(torch.cat(pair, dim=1) for pair in zip(grow_cache(old.cache, span),
+                                                                          grow_cache(new.cache, span))))
+            self.state = DecodeState(torch.cat([old.window, new.window]), torch.cat([old.length, new.length]),
+                                     longest, cache, torch.cat([old.done, new.done]), old.step)
+            self.how = self.how.join(how)
+        self.rows += names
+        return names
 
     @torch.inference_mode()
     def step(self) -> list[int]:
@@ -321,6 +352,13 @@ class RowBatch:
                                  state.step)
         self.how = self.how.take(keep)
         self.rows = [self.rows[i] for i in keep]
+
+
+def from_sampling(sampling, stop_token: int | None, device: torch.device | str = "cpu") -> Settings:
+    """The Settings of rows given one gpt2_common.batching.Sampling each (serve.py's requests)."""
+    return settings(len(sampling), [s.temperature for s in sampling], [s.top_k for s in sampling],
+                    [s.top_p for s in sampling], stop_token, [s.seed for s in sampling], [s.sample for s in sampling],
+                    device)
 
 
 def token_stream(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
@@ -430,9 +468,6 @@ def make_decoder(config, weights, device: str | None = None, precision: str = "f
     stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
 
     def start(prompts: Sequence[Sequence[int]], sampling) -> RowBatch:
-        how = settings(len(prompts), [s.temperature for s in sampling], [s.top_k for s in sampling],
-                       [s.top_p for s in sampling], stop, [s.seed for s in sampling], [s.sample for s in sampling],
-                       device)
-        return RowBatch(model, prompts, how)
+        return RowBatch(model, prompts, from_sampling(sampling, stop, device))
 
     return start

@@ -202,8 +202,13 @@ class GatedBatch:
     """A stand-in RowBatch: each step waits until the test releases it; rows draw ' the'."""
 
     def __init__(self, gate, prompts):
-        self.gate, self.rows, self.freed = gate, list(range(len(prompts))), []
+        self.gate, self.rows, self.freed, self.named = gate, list(range(len(prompts))), [], len(prompts)
         gate.batches.append(self)
+
+    def add(self, prompts, sampling):
+        names = list(range(self.named, self.named + len(prompts)))
+        self.rows, self.named = self.rows + names, self.named + len(prompts)
+        return names
 
     def step(self):
         assert self.gate.acquire(timeout=600), "the test never released a step"
@@ -241,43 +246,62 @@ def gated():
     app.close()
 
 
-def test_past_the_queue_bound_requests_get_429_with_retry_after(gated):
+def test_requests_join_a_running_batch_where_there_is_room_and_past_the_queue_bound_get_429(gated):
     gate, batcher, app = gated
     client = openai.OpenAI(base_url=app.url + "/v1", api_key="sesame", max_retries=0, timeout=600)
-    results = []
+    results = {}
 
-    def ask():
-        results.append(client.completions.create(model="fake", prompt="hi", max_tokens=2).choices[0].text)
+    def ask(name, n, max_tokens):
+        out = client.completions.create(model="fake", prompt="hi", n=n, max_tokens=max_tokens)
+        results[name] = [c.text for c in out.choices]
 
-    threads = [threading.Thread(target=ask) for _ in range(3)]
-    threads[0].start()
-    wait_until(lambda: batcher.decoding == 1, "the first request decodes")
-    for thread in threads[1:]:
+    def start(name, n, max_tokens):
+        thread = threading.Thread(target=ask, args=(name, n, max_tokens))
         thread.start()
+        return thread
+
+    threads = [start("first", 2, 3)]
+    wait_until(lambda: batcher.decoding == 2, "the first request decodes")
+    gate.release()  # its first token
+    threads.append(start("joins", 2, 2))
+    wait_until(lambda: len(batcher.waiting) == 1, "the second request waits for the step to end")
+    gate.release()  # the first's second token; then the second request joins: its 2 rows and the 2 fit the 4
+    wait_until(lambda: batcher.decoding == 4, "the second request joins the running batch")
+    threads += [start("waits", 1, 1), start("waits too", 1, 1)]  # no room: they wait
     wait_until(lambda: len(batcher.waiting) == 2, "two requests wait")
     with pytest.raises(openai.RateLimitError) as refused:
         client.completions.create(model="fake", prompt="hi", max_tokens=2)
     assert refused.value.response.headers["retry-after"] == "1"
     assert refused.value.body["message"].startswith("the server is busy: 2 requests are waiting")
-    gate.release(4)  # two steps for the first batch, two for the next (both waiting requests, decoded together)
+    gate.release(2)  # the first ends, the two waiting join in its place; then all the others end
     for thread in threads:
         thread.join()
-    assert results == [" the the"] * 3 and [len(b.rows) + len(b.freed) for b in gate.batches] == [1, 2]
+    assert results == {"first": [" the the the"] * 2, "joins": [" the the"] * 2, "waits": [" the"],
+                       "waits too": [" the"]}
+    assert len(gate.batches) == 1 and gate.batches[0].named == 6 and gate.steps == 4
 
 
-def test_a_client_that_leaves_frees_its_row(gated):
+@pytest.mark.parametrize("path", ["/v1/completions", "/generate"])
+def test_a_client_that_leaves_frees_its_row(gated, path):
     gate, batcher, app = gated
-    query = urllib.parse.urlencode({"prompt": "hi", "max_new_tokens": 1024, "temperature": 0})
-    request = urllib.request.Request(f"{app.url}/generate?{query}", headers={"Authorization": "Bearer sesame"})
-    response = urllib.request.urlopen(request, timeout=600)
-    gate.release()
-    assert response.readline().startswith(b'data: {"text"')
-    response.close()  # the Stop button
-    for _ in range(1000):  # far fewer steps than the 1024 tokens asked for: the row is freed, the batch over
+    if path == "/generate":
+        query = urllib.parse.urlencode({"prompt": "hi", "max_new_tokens": 1024, "temperature": 0})
+        request = urllib.request.Request(f"{app.url}/generate?{query}", headers={"Authorization": "Bearer sesame"})
+        response = urllib.request.urlopen(request, timeout=600)
+        gate.release()
+        assert response.readline().startswith(b'data: {"text"')
+    else:
+        client = openai.OpenAI(base_url=app.url + "/v1", api_key="sesame", max_retries=0, timeout=600)
+        response = client.completions.create(model="fake", prompt="hi", max_tokens=50_000, stream=True)
+        gate.release()
+        assert next(iter(response)).choices[0].text == " the"
+    response.close()  # the Stop button, a closed tab, a killed client
+    for _ in range(1000):  # far fewer steps than the tokens asked for: the row is freed, the batch over
         if batcher.idle():
             break
+        taken = gate.steps
         gate.release()
-        wait_until(lambda: gate._value == 0 or batcher.idle(), "the step is taken")
+        wait_until(lambda: gate.steps > taken or batcher.idle(), "the step is taken")
     assert batcher.idle() and gate.batches[0].freed == [0] and gate.steps < 1000
 
 
@@ -434,6 +458,11 @@ class ListBatch:
 
     def __init__(self, prompts, fail=False):
         self.rows, self.fail, self.steps = list(range(len(prompts))), fail, 0
+
+    def add(self, prompts, sampling):
+        names = list(range(max(self.rows, default=-1) + 1, max(self.rows, default=-1) + 1 + len(prompts)))
+        self.rows += names
+        return names
 
     def step(self):
         time.sleep(0.02)

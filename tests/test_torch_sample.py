@@ -156,6 +156,33 @@ def test_freed_rows_leave_the_batch_and_the_others_decode_on():
         assert [first[row]] + rest[row] == plain_greedy(tiny(), PROMPTS[row % 3], NEW)
 
 
+def test_rows_that_join_a_running_batch_decode_as_they_would_alone():
+    """serve.py's requests join the batch that runs when they come, at the next step: each row still gets the tokens
+    it would get alone (its own positions, its own key from its own first token)."""
+    model = sample.for_cpu_decoding(tiny())
+    start = sample.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")
+    joins = {3: ([PROMPTS[1], PROMPTS[2]], [Sampling(0.0), Sampling(1.0, seed=4, sample=2)]),
+             6: ([PROMPTS[0]], [Sampling(0.9, 7, seed=1)])}
+    batch = start([PROMPTS[0]], [Sampling(0.0)])
+    asked, got, began = {0: (PROMPTS[0], Sampling(0.0))}, {0: []}, {0: 0}
+    for step in range(NEW):
+        if step == 5:
+            batch.free([0])
+        if step in joins:
+            prompts, how = joins[step]
+            for name, prompt, row in zip(batch.add(prompts, how), prompts, how):
+                asked[name], got[name], began[name] = (prompt, row), [], step
+        for name, token in zip(list(batch.rows), batch.step()):
+            got[name].append(token)
+    assert sorted(got) == [0, 1, 2, 3] and batch.rows == [1, 2, 3]
+    assert batch.state.window.shape[0] == 3  # the freed row gone, the newcomer in
+    for name, (prompt, how) in asked.items():
+        steps = len(got[name])
+        assert steps == (5 if name == 0 else NEW - began[name])
+        assert got[name] == sample.generate(model, [prompt], steps, temperature=how.temperature, top_k=how.top_k,
+                                top_p=how.top_p, seed=how.seed, samples=[how.sample])[0].tolist(), name
+
+
 def test_samples_split_over_calls_draw_what_one_call_draws():
     """sample.py's batches: row i draws from the generator of (seed, i) wherever it falls."""
     model = tiny()
