@@ -415,7 +415,7 @@ class RowBatch:
             size = _bucket(len(prompts))
             self.state = DecodeState(np.zeros((size, block), np.int32), np.ones(size, np.int32), None,
                                      np.ones(size, bool), np.int32(0))
-            self.how = _take(how, np.zeros(size, np.int32))
+            self.how = _host_rows(how, np.zeros(size, np.int32))
         free = np.setdiff1d(np.arange(self.state.window.shape[0]), self.positions)
         if len(free) < len(prompts):
             self._resize(_bucket(len(self.rows) + len(prompts)))
@@ -426,22 +426,22 @@ class RowBatch:
         self.rows += names
         self.positions = np.concatenate([self.positions, slots]).astype(np.int32)
         self.lengths = np.concatenate([self.lengths, length])
-        state, cache = self.state, self.state.cache
-        if self.cached:  # the new prompts into a cache of their own, then into their slots of the batch's
+        # The joining rows padded to a power of two, so that joins compile once per size: the padding's slot is past
+        # the batch's end, and its writes are dropped.
+        rows, size = _bucket(len(prompts)), self.state.window.shape[0]
+        index = np.minimum(np.arange(rows), len(prompts) - 1)
+        window, length = window[index], length[index]
+        cache = None
+        if self.cached:  # the new prompts into a cache of their own, which _join copies into the batch's
             span = self._span()
-            rows = _bucket(len(prompts))
-            padded = [list(p) for p in prompts] + [[0]] * (rows - len(prompts))
-            new = _prefill(self.model, self.params, *prompt_window(padded, block), span,
-                           prefill_chunk(int(length.max()), span)).cache
-            cache = _empty_cache(self.model, state.window.shape[0], span) if cache is None else \
-                _grow_cache(cache, span)
-            cache = KVCache(*(c.at[:, slots].set(n[:, :len(prompts)]) for c, n in zip(cache, new)))
-        self.state = DecodeState(jnp.asarray(state.window).at[slots].set(window),
-                                 jnp.asarray(state.length).at[slots].set(length), cache,
-                                 jnp.asarray(state.done).at[slots].set(False), state.step)
-        joined = how._replace(first_step=np.full(len(prompts), self.steps, np.int32))
-        self.how = self.how._replace(**{name: jnp.asarray(getattr(self.how, name)).at[slots].set(getattr(joined, name))
-                                        for name in ROW_SETTINGS})
+            cache = _prefill(self.model, self.params, window, length, span,
+                             prefill_chunk(int(length.max()), span)).cache
+            held = self.state.cache
+            self.state = self.state._replace(cache=_empty_cache(self.model, size, span) if held is None else
+                                             _grow_cache(held, span))
+        joined = _host_rows(how, index)._replace(first_step=np.full(rows, self.steps, np.int32))
+        self.state, self.how = _join(self.state, self.how, window, length, cache, joined,
+                                     np.concatenate([slots, np.full(rows - len(slots), size)]).astype(np.int32))
         return names
 
     def step(self) -> list[int]:
@@ -475,14 +475,46 @@ class RowBatch:
     def _resize(self, size: int) -> None:
         """The live rows alone in the first slots of a batch of `size` rows; the other slots are padding, done."""
         live = len(self.positions)
-        index = np.concatenate([self.positions, np.full(size - live, self.positions[0] if live else 0, np.int32)])
-        state = self.state
-        cache = None if state.cache is None else KVCache(state.cache.k[:, index], state.cache.v[:, index])
-        done = jnp.asarray(state.done)[index] | (np.arange(size) >= live)
-        self.state = DecodeState(jnp.asarray(state.window)[index], jnp.asarray(state.length)[index], cache, done,
-                                 state.step)
-        self.how = _take(self.how, index)
+        index = np.concatenate([self.positions, np.full(size - live, self.positions[0] if live else 0)])
+        self.state, self.how = _gather(self.state, self.how, index.astype(np.int32), np.int32(live))
         self.positions = np.arange(live, dtype=np.int32)
+
+
+ROW_SETTINGS = ("temperature", "top_k", "top_p", "keys", "first_step")
+
+
+def _host_rows(how: Settings, index: np.ndarray) -> Settings:
+    """The settings (numpy arrays, as settings() makes them) of the rows `index` names."""
+    return how._replace(**{name: np.asarray(getattr(how, name))[index] for name in ROW_SETTINGS})
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _join(state: DecodeState, how: Settings, window, length, cache, joined: Settings, slots):
+    """Rows into their slots of a batch: their windows, lengths, settings and (where the batch is cached) the cache
+    their prompts were prefilled into; slots past the batch's end are dropped."""
+    def put(into, rows):
+        return into.at[slots].set(rows, mode="drop")
+
+    if state.cache is not None:
+        state = state._replace(cache=KVCache(*(c.at[:, slots].set(n, mode="drop") for c, n in zip(state.cache, cache))))
+    state = state._replace(window=put(state.window, window), length=put(state.length, length),
+                           done=put(state.done, jnp.zeros(slots.shape, bool)))
+    return state, how._replace(**{name: put(getattr(how, name), getattr(joined, name)) for name in ROW_SETTINGS})
+
+
+@jax.jit
+def _gather(state: DecodeState, how: Settings, index, live):
+    """The batch of the rows `index` names, those from `live` on padding (done)."""
+    cache = None if state.cache is None else KVCache(state.cache.k[:, index], state.cache.v[:, index])
+    state = DecodeState(state.window[index], state.length[index], cache,
+                        state.done[index] | (jnp.arange(index.shape[0]) >= live), state.step)
+    return state, how._replace(**{name: getattr(how, name)[index] for name in ROW_SETTINGS})
+
+
+def _empty_cache(model: GPT, rows: int, span: int) -> KVCache:
+    cfg = model.config
+    shape = (cfg.n_layer, rows, span, cfg.n_head, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
 
 
 def from_sampling(sampling, stop_token: int | None) -> Settings:
@@ -492,11 +524,6 @@ def from_sampling(sampling, stop_token: int | None) -> Settings:
 
 
 ROW_SETTINGS = ("temperature", "top_k", "top_p", "keys", "first_step")
-
-
-def _take(how: Settings, index: np.ndarray) -> Settings:
-    """The settings of the rows `index` names."""
-    return how._replace(**{name: jnp.asarray(getattr(how, name))[index] for name in ROW_SETTINGS})
 
 
 def _empty_cache(model: GPT, rows: int, span: int) -> KVCache:
