@@ -15,7 +15,7 @@ import os
 from gpt2_common.config import SEED_MAX, ModelConfig  # noqa: F401 (SEED_MAX: the bounds in one place)
 from gpt2_common.flops import num_params
 
-MEMORY_SHARE = 0.5  # of the memory available: the rest is for the framework, the other processes and the estimate's error
+MEMORY_SHARE = 0.5  # of the memory available: the rest for the framework, other processes and the estimate's error
 # A completion longer than this is the work of many calls (1M tokens is ~750k words); past the model's context each
 # token also reruns the whole window (no cache), which at GPT-2 small's 1024 on a CPU is about a tenth of a second.
 MAX_NEW_TOKENS = 1_000_000

@@ -230,20 +230,25 @@ def completion_routes(batcher, model_id: str, block_size: int, vocab_size: int, 
                     for index, text in enumerate(echoed):
                         if text:
                             yield _event({**head, "choices": [choice(index, text, None)]})
-                    finished = 0
-                    while finished < len(asked.rows):
-                        event = await next_event(job, request)
-                        if event[0] == "error":
-                            yield error_event(event[1])
-                            break
-                        if event[0] == "text":
-                            yield _event({**head, "choices": [choice(event[1], event[2], None)]})
-                        else:
-                            finished += 1
-                            yield _event({**head, "choices": [choice(event[1], "", event[2])]})
-                    else:
-                        if asked.include_usage:
-                            yield _event({**head, "choices": [], "usage": usage()})
+                    finished, failed = 0, False
+                    while finished < len(asked.rows) and not failed:
+                        # what has come since the last write goes out in one: a client that falls behind (or n
+                        # choices a step) costs one write, not one an event
+                        events = [await next_event(job, request)]
+                        while not job.events.empty():
+                            events.append(job.events.get_nowait())
+                        sent = []
+                        for event in events:
+                            if event[0] == "error":
+                                sent.append(error_event(event[1]))
+                                failed = True
+                                break
+                            finished += event[0] == "finish"
+                            text, reason = (event[2], None) if event[0] == "text" else ("", event[2])
+                            sent.append(_event({**head, "choices": [choice(event[1], text, reason)]}))
+                        yield "".join(sent)
+                    if not failed and asked.include_usage:
+                        yield _event({**head, "choices": [], "usage": usage()})
                     yield "data: [DONE]\n\n"
                 except ClientGone:
                     pass

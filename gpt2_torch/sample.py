@@ -3,7 +3,7 @@
 list of prompts (token id lists of any lengths) and returns the new tokens only, int32 [B, max_new_tokens].
 
 Decoding is explicit state (DecodeState) and one step is a function of it, so the same step runs in the loop of
-`generate` and one call per token in `RowBatch` and `token_stream` (for serve.py). As on the JAX side:
+`generate` and one call per token in gpt2_torch/serving.py (for serve.py). As on the JAX side:
 
 - Prompts: a batch holds each row's context left-aligned in a [B, block_size] window with its own length, so prompts
   of different lengths decode together, each row at its own position; the prompt enters the cache PREFILL_CHUNK
@@ -17,8 +17,6 @@ Decoding is explicit state (DecodeState) and one step is a function of it, so th
   vocabulary ids never drawn; a row stops at the stop token and is padded with it after. Each row draws from its
   own generator, seeded from its seed and its sample's index, so that a sample's tokens depend on them and not on
   the rows beside it (sample.py's batches, serve.py's mixed requests).
-- Serving (RowBatch): rows decoded together one step at a time, each freed (dropped from the batch) when its
-  client has what it wants.
 
 Unlike JAX, the cache is updated in place (GPT.decode writes into its preallocated tensors); the rest of the state
 is replaced, not mutated.
@@ -27,13 +25,13 @@ is replaced, not mutated.
 from __future__ import annotations
 
 import functools
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from gpt2_common.tokenizer import EOT_TOKEN, decode, get_tokenizer
+from gpt2_common.tokenizer import decode, get_tokenizer
 from gpt2_torch.model import GPT, KVCache, mask_padded_vocab
 
 PREFILL_CHUNK = 64
@@ -292,90 +290,6 @@ def sample_text(model: GPT, prompt: str = "\n", max_new_tokens: int = 200, *, te
     return decode(prompt_ids + out[0].tolist())
 
 
-# --- one token at a time, rows freed as they finish -------------------------------------------------------------------
-
-class RowBatch:
-    """Rows decoded together one token at a time, each with its own prompt and settings (serve.py's batch):
-    `step()` gives the next token of every live row, `add(prompts, how)` lets rows join at the next step, `free(rows)`
-    drops rows whose completion is over (its stop, its length, its client gone) from the batch at once, so that
-    they stop costing work (eager torch has no compiled shapes to keep, where gpt2_jax's RowBatch moves in
-    power-of-two sizes). Rows are named by the order they came in (0, 1, ... from the first prompts). The model
-    must be in eval mode."""
-
-    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], how: Settings, use_cache: bool = True):
-        self.model, self.use_cache, self.rows, self.state, self.how, self.named = model, use_cache, [], None, None, 0
-        self.add(prompts, how)
-
-    @torch.inference_mode()
-    def add(self, prompts: Sequence[Sequence[int]], how: Settings) -> list[int]:
-        """Rows that join at the next step (their prompts prefilled now): their names. `how`: their Settings, or
-        one gpt2_common.batching.Sampling a prompt."""
-        if not isinstance(how, Settings):
-            how = from_sampling(how, self.how.stop_token, self.state.window.device)
-        names = list(range(self.named, self.named + len(prompts)))
-        self.named += len(prompts)
-        new = start(self.model, prompts, self.use_cache and (self.state is None or self.state.cache is not None))
-        old = self.state
-        if old is None:
-            self.state, self.how = new, how
-        else:
-            longest = max(old.longest, new.longest)
-            cache = None
-            if old.cache is not None and new.cache is not None:  # one cache, as wide as the wider
-                span = max(old.cache.k.size(2), new.cache.k.size(2))
-                cache = KVCache(*(torch.cat(pair, dim=1) for pair in zip(grow_cache(old.cache, span),
-                                                                          grow_cache(new.cache, span))))
-            self.state = DecodeState(torch.cat([old.window, new.window]), torch.cat([old.length, new.length]),
-                                     longest, cache, torch.cat([old.done, new.done]), old.step)
-            self.how = self.how.join(how)
-        self.rows += names
-        return names
-
-    @torch.inference_mode()
-    def step(self) -> list[int]:
-        """The next token of each live row, in the order of self.rows."""
-        self.state, token = decode_step(self.model, self.state, self.how, self.use_cache)
-        return token.tolist()
-
-    @torch.inference_mode()
-    def free(self, rows) -> None:
-        """Drops these rows from the batch."""
-        gone = set(rows)
-        keep = [i for i, row in enumerate(self.rows) if row not in gone]
-        if len(keep) == len(self.rows) or not keep:
-            self.rows = [self.rows[i] for i in keep]
-            return
-        index = torch.tensor(keep, device=self.state.window.device)
-        state = self.state
-        cache = None if state.cache is None else KVCache(state.cache.k[:, index], state.cache.v[:, index])
-        self.state = DecodeState(state.window[index], state.length[index], state.longest, cache, state.done[index],
-                                 state.step)
-        self.how = self.how.take(keep)
-        self.rows = [self.rows[i] for i in keep]
-
-
-def from_sampling(sampling, stop_token: int | None, device: torch.device | str = "cpu") -> Settings:
-    """The Settings of rows given one gpt2_common.batching.Sampling each (serve.py's requests)."""
-    return settings(len(sampling), [s.temperature for s in sampling], [s.top_k for s in sampling],
-                    [s.top_p for s in sampling], stop_token, [s.seed for s in sampling], [s.sample for s in sampling],
-                    device)
-
-
-def token_stream(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = 0, top_p: float | None = 1.0, seed: int = 0,
-                 stop_token: int | None = EOT_TOKEN, use_cache: bool = True) -> Iterator[int]:
-    """The continuation of one prompt, token by token as each is drawn (the stop token ends it and is not
-    yielded): the same tokens as generate() for the same arguments. The model must be in eval mode."""
-    device = next(model.parameters()).device
-    rows = RowBatch(model, [prompt], settings(1, temperature, top_k, top_p, stop_token, seed, device=device),
-                    use_cache)
-    for _ in range(max_new_tokens):
-        token = rows.step()[0]
-        if token == stop_token:
-            return
-        yield token
-
-
 INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -456,18 +370,3 @@ def make_generate(config, weights, device: str | None = None, precision: str = "
     faster where the hardware has it, no longer token-identical to fp32."""
     model = load_model(config, weights, device, precision)
     return functools.partial(generate, for_cpu_decoding(model) if model.lm_head.weight.is_cpu else model)
-
-
-def make_decoder(config, weights, device: str | None = None, precision: str = "fp32"):
-    """`start(prompts, sampling) -> RowBatch` for gpt2_common.batching (what serve.py's decode loop runs), from a
-    Config and canonical weights; `sampling` has one gpt2_common.batching.Sampling a prompt (temperature, top_k,
-    top_p, seed, sample). Rows stop at <|endoftext|>."""
-    model = load_model(config, weights, device, precision)
-    model = for_cpu_decoding(model) if model.lm_head.weight.is_cpu else model
-    device = model.lm_head.weight.device
-    stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
-
-    def start(prompts: Sequence[Sequence[int]], sampling) -> RowBatch:
-        return RowBatch(model, prompts, from_sampling(sampling, stop, device))
-
-    return start

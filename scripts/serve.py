@@ -104,7 +104,7 @@ def build(args: argparse.Namespace):
     config, weights = read_canonical(args.checkpoint)
     limits = Limits(max_batch=max_batch(args, config.model, args.precision), max_queue=args.max_queue,
                     max_tokens=args.max_tokens, timeout=args.request_timeout)
-    start = importlib.import_module(f"gpt2_{args.framework}.sample").make_decoder(config, weights,
+    start = importlib.import_module(f"gpt2_{args.framework}.serving").make_decoder(config, weights,
                                                                                 precision=args.precision)
     warm = start([[0]], [Sampling(temperature=0.0)])  # compile now, not on the first request
     warm.step(), warm.step()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from gpt2_common import weights as canonical
-from gpt2_common.config import Config, ModelConfig
 from gpt2_common.batching import Sampling
-from gpt2_jax import sample
+from gpt2_common.config import Config, ModelConfig
+from gpt2_jax import sample, serving
 from gpt2_jax.model import GPT, mask_padded_vocab
 from gpt2_jax.weights import from_canonical
 
@@ -122,10 +122,10 @@ def test_stop_token_ends_a_row_and_the_stream_equals_the_loop():
     first = greedy.index(stop)
     stopped = sample.generate(model, params, PROMPTS, NEW, temperature=0.0, stop_token=stop)[0].tolist()
     assert stopped == greedy[:first + 1] + [stop] * (NEW - 1 - first)  # the stop token, then padding with it
-    assert list(sample.token_stream(model, params, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == \
+    assert list(serving.token_stream(model, params, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == \
         greedy[:first]  # the stream ends before the stop token
     for kwargs in (dict(temperature=0.9, top_k=20, top_p=0.9, seed=4), dict(temperature=0.0, top_k=0)):
-        streamed = list(sample.token_stream(model, params, PROMPTS[0], NEW, stop_token=None, **kwargs))
+        streamed = list(serving.token_stream(model, params, PROMPTS[0], NEW, stop_token=None, **kwargs))
         assert streamed == sample.generate(model, params, [PROMPTS[0]], NEW, **kwargs)[0].tolist()
 
 
@@ -141,13 +141,13 @@ def test_plan_reads_the_cache_by_spans_and_crops_past_block_size():
 def test_one_compile_per_span_for_any_prompt_and_settings():
     model, params = tiny()
     sample.generate(model, params, [[1]], NEW, temperature=0.0)
-    list(sample.token_stream(model, params, [1], NEW, temperature=0.0))
-    compiled = (sample._start._cache_size(), sample._decode_loop._cache_size(), sample._decode_step._cache_size(),
-                sample._prefill._cache_size())
+    list(serving.token_stream(model, params, [1], NEW, temperature=0.0))
+    compiled = (sample._start._cache_size(), sample._decode_loop._cache_size(), serving._decode_step._cache_size(),
+                serving._prefill._cache_size())
     sample.generate(model, params, [list(range(15))], NEW, temperature=0.7, top_k=5, top_p=0.5, seed=9)
-    list(sample.token_stream(model, params, list(range(40)), NEW, temperature=1.3, top_k=3, top_p=0.8, seed=1))
-    assert (sample._start._cache_size(), sample._decode_loop._cache_size(), sample._decode_step._cache_size(),
-            sample._prefill._cache_size()) == compiled
+    list(serving.token_stream(model, params, list(range(40)), NEW, temperature=1.3, top_k=3, top_p=0.8, seed=1))
+    assert (sample._start._cache_size(), sample._decode_loop._cache_size(), serving._decode_step._cache_size(),
+            serving._prefill._cache_size()) == compiled
 
 
 def decode_rows(batch, steps):
@@ -162,7 +162,7 @@ def decode_rows(batch, steps):
 def test_a_batch_of_rows_with_their_own_settings_decodes_each_as_alone():
     """serve.py's batches: each row its own prompt, settings and seed, and the tokens it would get alone."""
     model, params = tiny()
-    start = sample.make_decoder(Config(model=CFG), random_weights(CFG))
+    start = serving.make_decoder(Config(model=CFG), random_weights(CFG))
     rows = [Sampling(0.0), Sampling(1.0, 5, 0.9, seed=3, sample=1), Sampling(0.7, seed=9)]
     got = decode_rows(start(PROMPTS, rows), NEW)
     for row, (prompt, how) in enumerate(zip(PROMPTS, rows)):
@@ -174,7 +174,7 @@ def test_a_batch_of_rows_with_their_own_settings_decodes_each_as_alone():
 
 def test_freed_rows_leave_the_batch_and_the_others_decode_on():
     model, params = tiny()
-    batch = sample.make_decoder(Config(model=CFG), random_weights(CFG))(PROMPTS * 2, [Sampling(0.0)] * 6)
+    batch = serving.make_decoder(Config(model=CFG), random_weights(CFG))(PROMPTS * 2, [Sampling(0.0)] * 6)
     assert batch.state.window.shape[0] == 8  # padded to a power of two
     first = batch.step()
     batch.free([0, 2, 4])
@@ -190,7 +190,7 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone():
     """serve.py's requests join the batch that runs when they come, at the next step: each row still gets the tokens
     it would get alone (its own positions, its own key from its own first token)."""
     model, params = tiny()
-    start = sample.make_decoder(Config(model=CFG), random_weights(CFG))
+    start = serving.make_decoder(Config(model=CFG), random_weights(CFG))
     joins = {3: ([PROMPTS[1], PROMPTS[2]], [Sampling(0.0), Sampling(1.0, seed=4, sample=2)]),
              6: ([PROMPTS[0]], [Sampling(0.9, 7, seed=1)])}
     batch = start([PROMPTS[0]], [Sampling(0.0)])
@@ -209,8 +209,9 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone():
     for name, (prompt, how) in asked.items():
         steps = len(got[name])
         assert steps == (5 if name == 0 else NEW - began[name])
-        assert got[name] == sample.generate(model, params, [prompt], steps, temperature=how.temperature, top_k=how.top_k,
-                                top_p=how.top_p, seed=how.seed, samples=[how.sample])[0].tolist(), name
+        alone = sample.generate(model, params, [prompt], steps, temperature=how.temperature, top_k=how.top_k,
+                                top_p=how.top_p, seed=how.seed, samples=[how.sample])
+        assert got[name] == alone[0].tolist(), name
 
 
 def test_samples_split_over_calls_draw_what_one_call_draws():

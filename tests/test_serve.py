@@ -193,7 +193,7 @@ def test_fields_openai_defines_or_a_client_adds_are_ignored(client):
     assert out.usage.completion_tokens == 2
 
 
-# --- the decode loop: a full queue, a client that leaves, the API key; with a stand-in model ---------------------------
+# --- the decode loop: a full queue, a client that leaves, the API key; with a stand-in model -------------------------
 
 THE = 262  # ' the'
 

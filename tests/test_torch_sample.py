@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gpt2_common import weights as canonical
-from gpt2_common.config import Config, ModelConfig
 from gpt2_common.batching import Sampling
-from gpt2_torch import sample
+from gpt2_common.config import Config, ModelConfig
+from gpt2_torch import sample, serving
 from gpt2_torch.model import GPT, mask_padded_vocab
 from gpt2_torch.weights import from_canonical
 
@@ -118,9 +118,9 @@ def test_stop_token_ends_a_row_and_the_stream_equals_the_loop():
     first = greedy.index(stop)
     stopped = sample.generate(model, PROMPTS, NEW, temperature=0.0, stop_token=stop)[0].tolist()
     assert stopped == greedy[:first + 1] + [stop] * (NEW - 1 - first)  # the stop token, then padding with it
-    assert list(sample.token_stream(model, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == greedy[:first]
+    assert list(serving.token_stream(model, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == greedy[:first]
     for kwargs in (dict(temperature=0.9, top_k=20, top_p=0.9, seed=4), dict(temperature=0.0, top_k=0)):
-        streamed = list(sample.token_stream(model, PROMPTS[0], NEW, stop_token=None, **kwargs))
+        streamed = list(serving.token_stream(model, PROMPTS[0], NEW, stop_token=None, **kwargs))
         assert streamed == sample.generate(model, [PROMPTS[0]], NEW, **kwargs)[0].tolist()
 
 
@@ -136,7 +136,7 @@ def decode_rows(batch, steps):
 def test_a_batch_of_rows_with_their_own_settings_decodes_each_as_alone():
     """serve.py's batches: each row its own prompt, settings and seed, and the tokens it would get alone."""
     model = sample.for_cpu_decoding(tiny())
-    start = sample.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")
+    start = serving.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")
     rows = [Sampling(0.0), Sampling(1.0, 5, 0.9, seed=3, sample=1), Sampling(0.7, seed=9)]
     got = decode_rows(start(PROMPTS, rows), NEW)
     for row, (prompt, how) in enumerate(zip(PROMPTS, rows)):
@@ -147,7 +147,7 @@ def test_a_batch_of_rows_with_their_own_settings_decodes_each_as_alone():
 
 
 def test_freed_rows_leave_the_batch_and_the_others_decode_on():
-    batch = sample.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")(PROMPTS * 2, [Sampling(0.0)] * 6)
+    batch = serving.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")(PROMPTS * 2, [Sampling(0.0)] * 6)
     first = batch.step()
     batch.free([0, 2, 4])
     assert batch.rows == [1, 3, 5] and batch.state.window.shape[0] == 3  # gone from the batch at once
@@ -160,7 +160,7 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone():
     """serve.py's requests join the batch that runs when they come, at the next step: each row still gets the tokens
     it would get alone (its own positions, its own key from its own first token)."""
     model = sample.for_cpu_decoding(tiny())
-    start = sample.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")
+    start = serving.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")
     joins = {3: ([PROMPTS[1], PROMPTS[2]], [Sampling(0.0), Sampling(1.0, seed=4, sample=2)]),
              6: ([PROMPTS[0]], [Sampling(0.9, 7, seed=1)])}
     batch = start([PROMPTS[0]], [Sampling(0.0)])
@@ -179,8 +179,9 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone():
     for name, (prompt, how) in asked.items():
         steps = len(got[name])
         assert steps == (5 if name == 0 else NEW - began[name])
-        assert got[name] == sample.generate(model, [prompt], steps, temperature=how.temperature, top_k=how.top_k,
-                                top_p=how.top_p, seed=how.seed, samples=[how.sample])[0].tolist(), name
+        alone = sample.generate(model, [prompt], steps, temperature=how.temperature, top_k=how.top_k,
+                                top_p=how.top_p, seed=how.seed, samples=[how.sample])
+        assert got[name] == alone[0].tolist(), name
 
 
 def test_samples_split_over_calls_draw_what_one_call_draws():
