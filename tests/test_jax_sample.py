@@ -101,6 +101,13 @@ def test_categorical_draws_each_id_with_its_probability_and_never_an_impossible_
     np.testing.assert_allclose(counts[[0, 63, 64, 129]], [0.1, 0.2, 0.3, 0.4], atol=0.03)
 
 
+def test_the_two_level_argmax_is_jnp_argmax_ties_included():
+    logits = np.random.default_rng(0).integers(0, 5, (6, 130)).astype(np.float32)  # many equal maxima
+    logits[1, :] = -np.inf
+    logits[2, 129] = 9.0  # in the last, short block
+    assert np.asarray(sample.argmax(logits)).tolist() == np.argmax(logits, axis=-1).tolist()
+
+
 def test_padded_ids_are_never_drawn():
     model, params = tiny()
     # Padded rows of the tied embedding far larger than the rest: unmasked, those ids would take nearly all the
