@@ -340,7 +340,11 @@ class _Run:
         if best and not math.isinf(self.best_val) and Path(best).exists():
             lines[0] += f", {as_typed(best)} (best, val loss {self.best_val:.4f})"
         lines.append("next:")
-        lines.append(f"  python scripts/sample.py --checkpoint {run} --framework {framework} --prompt 'ROMEO:'")
+        sample = f"  python scripts/sample.py --checkpoint {run} --framework {framework}"
+        if self.config.data.format == "alpaca":  # the model answers instructions in the template it learned them in
+            lines.append(f"{sample} --instruction 'Give three tips for staying healthy.'")
+        else:
+            lines.append(f"{sample} --prompt 'ROMEO:'")
         if self.config.data.format == "tokens" and self.config.data.val:
             lines.append(f"  python scripts/evaluate.py --checkpoint {run} --framework {framework} --shards "
                          f"{_shown(self.config.data.val)}")

@@ -1,31 +1,26 @@
 """A local page to try a trained model: a prompt box, the sampling controls, and the completion streamed token by
-token as server-sent events. The model comes in as `stream(prompt_tokens, options) -> iterator of token ids`, built
-once by either framework's sampler; requests are served one at a time, in turn, by one model.
+token as server-sent events (`/generate`). Its requests go to the decode loop (gpt2_common.batching) as the OpenAI
+API's do, and are decoded together with them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import concurrent.futures
 import html
 import ipaddress
 import json
 import socket
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from gpt2_common.faults import warn
-from gpt2_common.tokenizer import EOT_TOKEN, get_tokenizer
+from gpt2_common.batching import Job, QueueFull, Row, Sampling
+from gpt2_common.openai_api import ClientGone, Limits, as_api_error, next_event
+from gpt2_common.tokenizer import get_tokenizer
 
-MAX_NEW_TOKENS = 1024
-# Generation steps run here, off the event loop; one at a time, as requests take their turn at the model.
-_WORKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+MAX_NEW_TOKENS = 1024  # the page's own bound; the server's --max-tokens may set a lower one
 MIN_TEMPERATURE = 1e-6  # as scripts/sample.py: below it, logits / temperature overflows float32
 
 
@@ -38,10 +33,7 @@ class SampleOptions:
     seed: int = 0
 
 
-Stream = Callable[[list[int], SampleOptions], Iterator[int]]
-
-
-def parse_options(query) -> SampleOptions:
+def parse_options(query, max_new_tokens: int = MAX_NEW_TOKENS) -> SampleOptions:
     """Reads and checks the controls; a ValueError's message is shown on the page as it is."""
     def number(name, kind, default, low, high):
         raw = query.get(name, "")
@@ -57,7 +49,7 @@ def parse_options(query) -> SampleOptions:
     if 0 < temperature < MIN_TEMPERATURE:
         raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature}")
     return SampleOptions(
-        max_new_tokens=number("max_new_tokens", int, 100, 1, MAX_NEW_TOKENS),
+        max_new_tokens=number("max_new_tokens", int, min(100, max_new_tokens), 1, max_new_tokens),
         temperature=temperature,
         top_k=number("top_k", int, 0, 0, 50257),
         top_p=number("top_p", float, 1.0, 0.01, 1.0),
@@ -69,86 +61,62 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def build_app(stream: Stream, block_size: int, title: str = "GPT-2") -> Starlette:
+def page_routes(batcher, block_size: int, title: str = "GPT-2", limits: Limits = Limits(),
+                needs_key: bool = False) -> list[Route]:
+    """The page, its /generate stream and /health. `needs_key`: the page asks for the API key and sends it."""
     tokenizer = get_tokenizer()
-    turn = asyncio.Lock()  # one generation at a time; the others wait their turn
+    max_new_tokens = min(MAX_NEW_TOKENS, limits.max_tokens)
+    key_field = '<label>API key <input id="api_key" type="password"></label>' if needs_key else ""
 
     async def page(request: Request):
-        return HTMLResponse(PAGE.replace("{{title}}", html.escape(title)).replace("{{block_size}}", str(block_size)))
+        return HTMLResponse(PAGE.replace("{{title}}", html.escape(title)).replace("{{block_size}}", str(block_size))
+                            .replace("{{max_new_tokens}}", str(max_new_tokens)).replace("{{key_field}}", key_field))
 
     async def generate(request: Request):
         prompt = request.query_params.get("prompt", "")
         try:
             if not prompt.strip():
                 raise ValueError("the prompt is empty: type some text to continue")
-            options = parse_options(request.query_params)
-        except ValueError as err:
-            message = str(err)
+            options = parse_options(request.query_params, max_new_tokens)
+            tokens = tokenizer.encode_ordinary(prompt)
+            sampling = Sampling(options.temperature, options.top_k, options.top_p, options.seed)
+            job = Job([Row(tokens[-block_size:], sampling, options.max_new_tokens)], asyncio.get_running_loop(),
+                      limits.timeout)
+            batcher.submit(job)
+        except (ValueError, QueueFull) as err:
+            message = str(err) if isinstance(err, ValueError) else f"the server is busy: {err}; try again in a moment"
 
             async def refuse():
                 yield _event({"error": message})
             return StreamingResponse(refuse(), media_type="text/event-stream")
-        tokens = tokenizer.encode_ordinary(prompt)
 
         async def events():
-            if len(tokens) > block_size:
-                yield _event({"notice": f"the prompt is {len(tokens)} tokens; it is cut to the last {block_size} "
-                                        f"(the model's context)"})
-            await turn.acquire()
-            loop = asyncio.get_running_loop()
-            generator, step = None, None  # step: the next() that the worker thread runs (a concurrent Future)
-
-            def finish(_=None) -> None:
-                """Closes the generator once no step runs in it (else: ValueError: generator already executing),
-                then frees the model for the next request. Runs in the worker thread when a client left mid-step."""
-                try:
-                    if hasattr(generator, "close"):
-                        generator.close()
-                finally:
-                    try:
-                        loop.call_soon_threadsafe(turn.release)
-                    except RuntimeError:  # the event loop has closed: no request is waiting any more
-                        pass
-
             try:
-                generator = stream(tokens[-block_size:], options)
-                # A character split over tokens waits for its last byte; bytes that can never be UTF-8 become
-                # U+FFFD, as tokenizer.decode does, so the page shows what sample.py prints.
-                utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                if len(tokens) > block_size:
+                    yield _event({"notice": f"the prompt is {len(tokens)} tokens; it is cut to the last {block_size} "
+                                            f"(the model's context)"})
                 while True:
-                    if await request.is_disconnected():
-                        break  # the client left: stop generating, free the model for the next request
-                    # A client that leaves cancels this await, not the step: a running thread cannot be stopped
-                    step = _WORKER.submit(next, generator, None)
-                    token = await asyncio.wrap_future(step)
-                    if token is None or token == EOT_TOKEN:
+                    event = await next_event(job, request)
+                    if event[0] == "error":
+                        yield _event({"error": str(as_api_error(event[1]))})
+                        return
+                    if event[0] == "finish":
                         break
-                    text = utf8.decode(tokenizer.decode_single_token_bytes(token))
-                    if text:
-                        yield _event({"text": text})
-                tail = utf8.decode(b"", final=True)
-                if tail:
-                    yield _event({"text": tail})
-            except Exception as err:  # the model or the sampler failed: the page says so, the server serves on
-                lines = str(err).strip().splitlines()
-                message = f"generation failed: {type(err).__name__}" + (f": {lines[0][:300]}" if lines else "")
-                warn(message)
-                yield _event({"error": message})
+                    yield _event({"text": event[2]})
+            except ClientGone:
                 return
             finally:
-                if step is None:
-                    finish()
-                else:
-                    step.add_done_callback(finish)  # at once if the step is over, else when it returns
+                job.cancel()  # the client left (or all is sent): its row is freed
             yield _event({"done": True})
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def health(request: Request):
-        return JSONResponse({"ok": True, "block_size": block_size})
+        return JSONResponse({"ok": True, "block_size": block_size, "decoding": batcher.decoding,
+                             "waiting": len(batcher.waiting)})
 
-    return Starlette(routes=[Route("/", page), Route("/generate", generate), Route("/health", health)])
+    return [Route("/", page), Route("/generate", generate), Route("/health", health)]
 
 
 def only_served_hosts(app, host: str, port: int):
@@ -220,11 +188,12 @@ PAGE = """<!doctype html>
 <h1>{{title}}</h1>
 <textarea id="prompt" placeholder="Type a prompt (the model's context is {{block_size}} tokens)"></textarea>
 <div class="controls">
- <label>max new tokens <input id="max_new_tokens" type="number" value="100" min="1" max="1024"></label>
+ <label>max new tokens <input id="max_new_tokens" type="number" value="100" min="1" max="{{max_new_tokens}}"></label>
  <label>temperature <input id="temperature" type="number" value="0.8" step="0.1" min="0" max="5"></label>
  <label>top-k (0: off) <input id="top_k" type="number" value="0" min="0"></label>
  <label>top-p <input id="top_p" type="number" value="1.0" step="0.05" min="0.01" max="1"></label>
  <label>seed <input id="seed" type="number" value="0" min="0"></label>
+ {{key_field}}
  <button id="generate">Generate</button> <button id="stop" disabled>Stop</button>
 </div>
 <div id="message"></div>
@@ -242,7 +211,10 @@ async function generate() {
   $("output").append(prompt, completion);
   controller = new AbortController(); $("generate").disabled = true; $("stop").disabled = false;
   try {
-    const response = await fetch("/generate?" + params, {signal: controller.signal});
+    const key = $("api_key") ? $("api_key").value : "";
+    const response = await fetch("/generate?" + params,
+                                 {signal: controller.signal, headers: key ? {Authorization: "Bearer " + key} : {}});
+    if (!response.ok) { show((await response.json()).error.message); prompt.remove(); throw {name: "AbortError"}; }
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {

@@ -3,7 +3,7 @@
 takes a list of prompts (token id lists of any lengths) and returns the new tokens only, int32 [B, max_new_tokens].
 
 Decoding is explicit state (DecodeState) and one step is a pure function of it, so the same step runs inside
-compiled while_loops (`generate`) and as one jitted call per token (`token_stream`, for the web page).
+compiled while_loops (`generate`) and as one jitted call per token (gpt2_jax/serving.py, for serve.py).
 
 - Prompts: a batch holds each row's context left-aligned in a [B, block_size] window with its own length, so prompts
   of different lengths decode together, each row at its own position; the prompt enters the cache PREFILL_CHUNK
@@ -14,21 +14,23 @@ compiled while_loops (`generate`) and as one jitted call per token (`token_strea
 - Past block_size: positions are learned only up to block_size, so a full cache cannot slide. Like nanoGPT we crop
   the context to its last block_size tokens and run the whole window for each further token; cached and uncached
   generation then give the same tokens.
-- Sampling: temperature (0: greedy), top-k (0: off), top-p (1: off), all traced values (new settings do not
-  recompile); padded vocabulary ids never drawn; a row stops at the stop token and is padded with it after.
+- Sampling: temperature (0: greedy), top-k (0: off), top-p (1: off), each row its own, all traced values (new
+  settings do not recompile); padded vocabulary ids never drawn; a row stops at the stop token and is padded with it
+  after. Each row draws from its own key, made from its seed and its sample's index, so that a sample's tokens
+  depend on them and not on the rows beside it (sample.py's batches, serve.py's mixed requests).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gpt2_common.tokenizer import EOT_TOKEN, decode, get_tokenizer
+from gpt2_common.tokenizer import decode, get_tokenizer
 from gpt2_jax.model import GPT, KVCache, mask_padded_vocab
 
 PREFILL_CHUNK = 64
@@ -37,11 +39,14 @@ NO_STOP = -1  # a stop token that is never drawn
 
 
 class Settings(NamedTuple):
-    """How to draw the next token; traced, so that other values reuse the compiled step."""
+    """How each row draws its next token; traced, so that other values reuse the compiled step."""
 
-    temperature: jax.Array  # float32 []; 0: greedy
-    top_k: jax.Array  # int32 []; 0: off
-    top_p: jax.Array  # float32 []; 1: off
+    temperature: jax.Array  # float32 [B]; 0: greedy
+    top_k: jax.Array  # int32 [B]; 0: off
+    top_p: jax.Array  # float32 [B]; 1: off
+    keys: jax.Array  # uint32 [B, 2]: each row's random key, from its seed and its sample's index
+    first_step: jax.Array  # int32 [B]: the step at which the row began (a row that joins a running batch draws
+    # its n-th token from the key it would draw it from alone)
     stop_token: jax.Array  # int32 []; NO_STOP: none
 
 
@@ -54,20 +59,39 @@ class DecodeState(NamedTuple):
     step: jax.Array  # int32 []: tokens drawn so far
 
 
-def settings(temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, stop_token: int | None = None) -> Settings:
-    return Settings(np.float32(temperature), np.int32(top_k), np.float32(top_p),
-                    np.int32(NO_STOP if stop_token is None else stop_token))
+_row_keys = jax.jit(jax.vmap(lambda seed, sample: jax.random.fold_in(jax.random.PRNGKey(seed), sample)))
+
+
+def settings(rows: int, temperature=0.8, top_k=0, top_p=1.0, stop_token: int | None = None, seed=0,
+             samples: Sequence[int] | None = None) -> Settings:
+    """The settings of `rows` rows: temperature, top_k, top_p and seed each one value for all or one a row. Row i
+    draws from the key of (its seed, samples[i]) (default: i, its sample's index)."""
+    def per_row(value, dtype):
+        return np.broadcast_to(np.asarray(value, dtype), (rows,)).copy()
+
+    samples = np.arange(rows) if samples is None else samples
+    # padded to a power of two rows, so that serve.py's joins of any count compile this a handful of times
+    padded = 1 << max(rows - 1, 0).bit_length()
+    keys = np.asarray(_row_keys(*(np.resize(per_row(v, np.uint32), padded) for v in (seed, samples))))[:rows]
+    return Settings(per_row(temperature, np.float32), per_row(top_k, np.int32), per_row(top_p, np.float32), keys,
+                    np.zeros(rows, np.int32), np.int32(NO_STOP if stop_token is None else stop_token))
 
 
 # --- drawing a token -------------------------------------------------------------------------------------------------
 
+def _column(value) -> jax.Array:
+    """A setting for every row ([B]) or for all (a scalar), as a column that broadcasts over [B, V]."""
+    return jnp.reshape(jnp.asarray(value), (-1, 1))
+
+
 def filter_logits(logits: jax.Array, vocab_size: int, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> jax.Array:
     """Next-token logits [B, V] -> the logits to sample from, divided by the temperature: padded ids, those outside
-    the top k and those outside the nucleus of probability top_p all at -inf (k and p are traced: one sort serves
-    both, where lax.top_k would need k static)."""
-    logits = mask_padded_vocab(logits.astype(jnp.float32), vocab_size) / temperature
+    the top k and those outside the nucleus of probability top_p all at -inf. The settings are one for all or one a
+    row ([B]); k and p are traced: one sort serves both, where lax.top_k would need k static."""
+    logits = mask_padded_vocab(logits.astype(jnp.float32), vocab_size) / _column(temperature)
     ranked = -jnp.sort(-logits, axis=-1)  # descending
+    top_k, top_p = _column(top_k), _column(top_p)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
     ranked = jnp.where(jnp.arange(logits.shape[-1]) < k, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
@@ -80,17 +104,62 @@ def filter_logits(logits: jax.Array, vocab_size: int, temperature: jax.Array, to
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def sample_next(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array, vocab_size: int,
+CDF_BLOCK = 64
+
+
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One id [B] from each row of logits [B, V] (-inf: never), row i with its key keys[i]: the inverse of the
+    cumulative distribution at one uniform number a row, found in two levels (a block of CDF_BLOCK ids, then the id
+    in it), where jax.random.categorical draws Gumbel noise for every id: at 16 rows of GPT-2's vocabulary, 2 ms to
+    its 26 on the 2-core CPU, more than a small model's whole step."""
+    rows, width = logits.shape
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised: u scales to their sum
+    blocks = jnp.pad(weights, ((0, 0), (0, -width % CDF_BLOCK))).reshape(rows, -1, CDF_BLOCK)
+    mass = blocks.sum(axis=-1)
+    cdf = jnp.cumsum(mass, axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+    search = jax.vmap(functools.partial(jnp.searchsorted, side="right"))
+    block = jnp.minimum(search(cdf, u), cdf.shape[1] - 1)
+    row = jnp.arange(rows)
+    inside = blocks[row, block]
+    index = search(jnp.cumsum(inside, axis=-1), u - (cdf[row, block] - mass[row, block]))
+    # rounding may point past the block's last id of any probability (a padded id, say): never beyond it
+    last = CDF_BLOCK - 1 - jnp.argmax((inside > 0)[:, ::-1], axis=-1)
+    return (block * CDF_BLOCK + jnp.minimum(index, last)).astype(jnp.int32)
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax(logits, axis=-1) of [B, V] logits (the first of equal maxima), in two levels: the block of
+    CDF_BLOCK ids that holds the maximum, then the id in it. XLA's CPU argmax is a reduction of (value, index) pairs
+    that it does not vectorise; a max is: at 16 rows of GPT-2's vocabulary, 2 ms for the argmax alone, more than
+    all the shakespeare model's layers."""
+    rows, width = logits.shape
+    blocks = jnp.pad(logits, ((0, 0), (0, -width % CDF_BLOCK)), constant_values=-jnp.inf).reshape(rows, -1, CDF_BLOCK)
+    block = jnp.argmax(blocks.max(axis=-1), axis=-1)
+    return (block * CDF_BLOCK + jnp.argmax(blocks[jnp.arange(rows), block], axis=-1)).astype(jnp.int32)
+
+
+def sample_next(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, vocab_size: int,
                 top_p: jax.Array = 1.0) -> jax.Array:
-    """Next ids [B] from logits [B, V]: padded ids never; greedy (argmax) at temperature 0."""
-    def greedy(logits):
-        return jnp.argmax(mask_padded_vocab(logits.astype(jnp.float32), vocab_size), axis=-1).astype(jnp.int32)
+    """Next ids [B] from logits [B, V], each row with its own key [B, 2] and settings [B]: padded ids never; greedy
+    (argmax) where the temperature is 0."""
+    greedy = argmax(mask_padded_vocab(logits.astype(jnp.float32), vocab_size))
+    sampled = temperature > 0
 
     def draw(logits):
-        filtered = filter_logits(logits, vocab_size, temperature, top_k, top_p)
-        return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+        temperatures = jnp.where(sampled, temperature, 1.0)
 
-    return jax.lax.cond(temperature > 0, draw, greedy, logits)  # greedy skips the sort
+        def unfiltered(logits):  # what filter_logits gives where no row filters, without its sort
+            return mask_padded_vocab(logits.astype(jnp.float32), vocab_size) / _column(temperatures)
+
+        # XLA's CPU sort of a 50304-wide row takes tens of ms, far more than a small model's step: only where a row
+        # asks for top-k or top-p
+        filters = jnp.any(((top_k > 0) & (top_k < logits.shape[-1])) | (top_p < 1.0))
+        filtered = jax.lax.cond(filters, lambda logits: filter_logits(logits, vocab_size, temperatures, top_k, top_p),
+                                unfiltered, logits)
+        return jnp.where(sampled, categorical(keys, filtered), greedy)
+
+    return jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, logits)  # an all-greedy batch skips the sort
 
 
 # --- the decoding state ----------------------------------------------------------------------------------------------
@@ -124,20 +193,24 @@ class Segment(NamedTuple):
 
 
 def plan(longest: int, block_size: int, max_new_tokens: int, use_cache: bool = True) -> list[Segment]:
-    """The segments of a generation whose longest prompt has `longest` tokens. Every row grows by one token a step,
-    so the host knows each step's span without reading anything back from the device.
+    """The segments of a generation whose longest prompt has `longest` tokens (<= block_size). Every row grows by
+    one token a step, so the host knows each step's span without reading anything back from the device, and where
+    each segment ends without walking its steps: a handful of segments for any max_new_tokens.
 
     Past block_size the cache cannot slide (positions are learned only up to block_size): like nanoGPT, the context
     is cropped to its last block_size tokens and the whole window runs for each further token. The step that fills
     the longest row's window (length block_size) is the last cached one."""
     segments: list[Segment] = []
-    for step in range(max_new_tokens):
-        cached = use_cache and longest + step <= block_size
+    step = 0
+    while step < max_new_tokens:
         span = cache_span(min(longest + step, block_size), block_size)
-        if segments and segments[-1].span == span and segments[-1].cached == cached:
-            segments[-1] = segments[-1]._replace(end=step + 1)
-        else:
-            segments.append(Segment(step, step + 1, span, cached))
+        cached = use_cache and longest + step <= block_size
+        if span < block_size or cached:  # on until the longest row outgrows the span (or the cache, the window)
+            end = min(span, block_size) - longest + 1
+        else:  # the window has slid (or there is no cache): whole windows to the end
+            end = max_new_tokens
+        segments.append(Segment(step, min(end, max_new_tokens), span, cached))
+        step = segments[-1].end
     return segments
 
 
@@ -173,7 +246,7 @@ def grow_cache(cache: KVCache, span: int) -> KVCache:
     return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad))
 
 
-def decode_step(model: GPT, params: Any, state: DecodeState, rng: jax.Array, how: Settings, span: int,
+def decode_step(model: GPT, params: Any, state: DecodeState, how: Settings, span: int,
                 cached: bool = True) -> tuple[DecodeState, jax.Array]:
     """One token for every row: (the next state, the tokens [B]). Rows that are done draw the stop token again.
 
@@ -192,8 +265,8 @@ def decode_step(model: GPT, params: Any, state: DecodeState, rng: jax.Array, how
     else:
         cache = None
         logits = model.apply({"params": params}, state.window[:, :span])[rows, state.length - 1]
-    token = sample_next(logits, jax.random.fold_in(rng, state.step), how.temperature, how.top_k,
-                        model.config.vocab_size, how.top_p)
+    keys = jax.vmap(jax.random.fold_in)(how.keys, state.step - how.first_step)  # each row's key for its token
+    token = sample_next(logits, keys, how.temperature, how.top_k, model.config.vocab_size, how.top_p)
     token = jnp.where(state.done, how.stop_token, token)
     full = state.length == size
     window = jnp.where(full[:, None], jnp.roll(state.window, -1, axis=1), state.window)  # crop to the last size
@@ -230,8 +303,8 @@ def _start(model: GPT, params: Any, window: jax.Array, length: jax.Array, how: S
 
 # The state and output are donated: the cache and the output are updated in place, not copied.
 @functools.partial(jax.jit, static_argnames=("model", "span", "cached"), donate_argnames=("state", "out"))
-def _decode_loop(model: GPT, params: Any, state: DecodeState, out: jax.Array, rng: jax.Array, how: Settings,
-                 end: jax.Array, *, span: int, cached: bool) -> tuple[DecodeState, jax.Array]:
+def _decode_loop(model: GPT, params: Any, state: DecodeState, out: jax.Array, how: Settings, end: jax.Array, *,
+                 span: int, cached: bool) -> tuple[DecodeState, jax.Array]:
     """Steps up to `end` (one Segment) in one compiled loop, which ends early once every row has stopped."""
     if cached:
         state = state._replace(cache=grow_cache(state.cache, span))  # the loop carries one shape
@@ -244,7 +317,7 @@ def _decode_loop(model: GPT, params: Any, state: DecodeState, out: jax.Array, rn
 
     def step(carry):
         state, out = carry
-        state, token = decode_step(model, params, state, rng, how, span, cached)
+        state, token = decode_step(model, params, state, how, span, cached)
         return state, out.at[:, state.step - 1].set(token)
 
     return jax.lax.while_loop(running, step, (state, out))
@@ -265,11 +338,14 @@ def _fit_cache(state: DecodeState, segment: Segment) -> DecodeState:
 
 def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_token: int | None = None, use_cache: bool = True, sharding: Any = None) -> np.ndarray:
+             stop_token: int | None = None, use_cache: bool = True, sharding: Any = None,
+             samples: Sequence[int] | None = None) -> np.ndarray:
     """The continuations of prompts (lists of token ids, of any lengths): int32 [len(prompts), max_new_tokens], the
     new tokens only; a row that draws `stop_token` is filled with it from there on. Temperature 0 is greedy; top_k 0
-    and top_p 1 are off. Reproducible for a seed. The contract of gpt2_torch.sample.generate, which takes the same
-    arguments (less `params` and `sharding`) and returns the same.
+    and top_p 1 are off; each setting and the seed may also be a sequence, one a row. Reproducible for a seed: row
+    i draws from the key of (seed, samples[i]) (default i), so that a batch of samples split in several calls
+    (`samples` counting on) draws what one call would. The contract of gpt2_torch.sample.generate, which takes the
+    same arguments (less `params` and `sharding`) and returns the same.
 
     A few compiled loops (one per Segment of `plan`) run one after another without reading anything back, so the
     only wait for the device is for the result. `sharding`: where the inputs go when params live on a mesh (a
@@ -280,16 +356,16 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
     window, length = prompt_window(prompts, model.config.block_size)
     longest = int(length.max())
     segments = plan(longest, model.config.block_size, max_new_tokens, use_cache)
-    inputs = (window, length, jax.random.PRNGKey(seed), settings(temperature, top_k, top_p, stop_token))
+    inputs = (window, length, settings(len(prompts), temperature, top_k, top_p, stop_token, seed, samples))
     if sharding is not None:
         inputs = jax.device_put(inputs, sharding)
-    window, length, rng, how = inputs
+    window, length, how = inputs
     first = segments[0]
     state, out = _start(model, params, window, length, how, max_new_tokens=max_new_tokens, span=first.span,
                         chunk=prefill_chunk(longest, first.span), cached=first.cached)
     for segment in segments:
         state = _fit_cache(state, segment)
-        state, out = _decode_loop(model, params, state, out, rng, how, np.int32(segment.end), span=segment.span,
+        state, out = _decode_loop(model, params, state, out, how, np.int32(segment.end), span=segment.span,
                                   cached=segment.cached)
     if sharding is not None:  # the result may span processes: give every process all of it
         return np.asarray(multihost_utils.process_allgather(out, tiled=True))
@@ -307,37 +383,6 @@ def sample_text(model: GPT, params: Any, prompt: str = "\n", max_new_tokens: int
     out = generate(model, params, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, sharding=sharding)
     return decode(prompt_ids + out[0].tolist())
-
-
-# --- one token at a time ---------------------------------------------------------------------------------------------
-
-_prefill = jax.jit(prefill, static_argnums=(0, 4, 5))
-# The state is donated: the cache is updated in place instead of copied every token.
-_decode_step = jax.jit(decode_step, static_argnums=(0, 5, 6), donate_argnums=2)
-
-
-def token_stream(model: GPT, params: Any, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_token: int | None = EOT_TOKEN,
-                 use_cache: bool = True) -> Iterator[int]:
-    """The continuation of one prompt, token by token as each is drawn (the stop token ends it and is not
-    yielded): the same tokens as generate() for the same arguments, from one compiled prefill and one compiled
-    step per span whatever the prompt or settings."""
-    window, length = prompt_window([prompt], model.config.block_size)
-    segments = plan(int(length.max()), model.config.block_size, max_new_tokens, use_cache)
-    if segments[0].cached:
-        span = segments[0].span
-        state = _prefill(model, params, window, length, span, prefill_chunk(int(length.max()), span))
-    else:
-        state = DecodeState(window, length, None, np.zeros(1, bool), np.int32(0))
-    rng, how = jax.random.PRNGKey(seed), settings(temperature, top_k, top_p, stop_token)
-    for segment in segments:
-        state = _fit_cache(state, segment)
-        for _ in range(segment.begin, segment.end):
-            state, token = _decode_step(model, params, state, rng, how, segment.span, segment.cached)
-            token = int(token[0])
-            if token == stop_token:
-                return
-            yield token
 
 
 def load_model(config, weights, precision: str = "fp32") -> tuple[GPT, Any]:
@@ -359,17 +404,3 @@ def make_generate(config, weights, precision: str = "fp32"):
     weights stay fp32): faster where the hardware has it, no longer token-identical to fp32."""
     model, params = load_model(config, weights, precision)
     return functools.partial(generate, model, params)
-
-
-def make_stream(config, weights, precision: str = "fp32"):
-    """`stream(prompt_tokens, options) -> iterator of token ids` for gpt2_common.webapp, from a Config and canonical
-    weights; `options` has max_new_tokens, temperature, top_k (0: off), top_p (1: off) and seed. The stream ends at
-    <|endoftext|>."""
-    model, params = load_model(config, weights, precision)
-    stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
-
-    def stream(prompt_tokens: list[int], options) -> Iterator[int]:
-        return token_stream(model, params, prompt_tokens, options.max_new_tokens, temperature=options.temperature,
-                            top_k=options.top_k, top_p=options.top_p, seed=options.seed, stop_token=stop)
-
-    return stream

@@ -3,7 +3,7 @@
 list of prompts (token id lists of any lengths) and returns the new tokens only, int32 [B, max_new_tokens].
 
 Decoding is explicit state (DecodeState) and one step is a function of it, so the same step runs in the loop of
-`generate` and one call per token in `token_stream` (for the web page). As on the JAX side:
+`generate` and one call per token in gpt2_torch/serving.py (for serve.py). As on the JAX side:
 
 - Prompts: a batch holds each row's context left-aligned in a [B, block_size] window with its own length, so prompts
   of different lengths decode together, each row at its own position; the prompt enters the cache PREFILL_CHUNK
@@ -13,8 +13,10 @@ Decoding is explicit state (DecodeState) and one step is a function of it, so th
 - Past block_size: positions are learned only up to block_size, so a full cache cannot slide. Like nanoGPT we crop
   the context to its last block_size tokens and run the whole window for each further token; cached and uncached
   generation then give the same tokens.
-- Sampling: temperature (0: greedy), top-k (0 or None: off), top-p (1 or None: off); padded vocabulary ids never
-  drawn; a row stops at the stop token and is padded with it after.
+- Sampling: temperature (0: greedy), top-k (0 or None: off), top-p (1 or None: off), each row its own; padded
+  vocabulary ids never drawn; a row stops at the stop token and is padded with it after. Each row draws from its
+  own generator, seeded from its seed and its sample's index, so that a sample's tokens depend on them and not on
+  the rows beside it (sample.py's batches, serve.py's mixed requests).
 
 Unlike JAX, the cache is updated in place (GPT.decode writes into its preallocated tensors); the rest of the state
 is replaced, not mutated.
@@ -23,13 +25,13 @@ is replaced, not mutated.
 from __future__ import annotations
 
 import functools
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from gpt2_common.tokenizer import EOT_TOKEN, decode, get_tokenizer
+from gpt2_common.tokenizer import decode, get_tokenizer
 from gpt2_torch.model import GPT, KVCache, mask_padded_vocab
 
 PREFILL_CHUNK = 64
@@ -37,12 +39,30 @@ NO_STOP = -1  # a stop token that is never drawn
 
 
 class Settings(NamedTuple):
-    """How to draw the next token."""
+    """How each row draws its next token."""
 
-    temperature: float  # 0: greedy
-    top_k: int  # 0: off
-    top_p: float  # 1: off
+    temperature: torch.Tensor  # float32 [B]; 0: greedy
+    top_k: torch.Tensor  # long [B]; 0: off
+    top_p: torch.Tensor  # float32 [B]; 1: off
+    generators: list[torch.Generator]  # each row's random stream, from its seed and its sample's index
+    sampled: list[int]  # the rows whose temperature is above 0 (known here, so that no step reads it back)
+    filters: bool  # whether a row asks for top-k or top-p (else sampling skips the sort)
     stop_token: int  # NO_STOP: none
+
+    def join(self, other: "Settings") -> "Settings":
+        """These rows' settings, then `other`'s."""
+        return Settings(torch.cat([self.temperature, other.temperature]), torch.cat([self.top_k, other.top_k]),
+                        torch.cat([self.top_p, other.top_p]), self.generators + other.generators,
+                        self.sampled + [len(self.generators) + row for row in other.sampled],
+                        self.filters or other.filters, self.stop_token)
+
+    def take(self, rows: Sequence[int]) -> "Settings":
+        """The settings of these rows (indexes into the batch)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.temperature.device)
+        kept = {row: i for i, row in enumerate(rows)}
+        return Settings(self.temperature[index], self.top_k[index], self.top_p[index],
+                        [self.generators[row] for row in rows], [kept[row] for row in self.sampled if row in kept],
+                        self.filters, self.stop_token)
 
 
 class DecodeState(NamedTuple):
@@ -55,39 +75,85 @@ class DecodeState(NamedTuple):
     step: int  # tokens drawn so far
 
 
-def settings(temperature: float = 0.8, top_k: int | None = 0, top_p: float | None = 1.0,
-             stop_token: int | None = None) -> Settings:
-    return Settings(float(temperature), int(top_k or 0), 1.0 if top_p is None else float(top_p),
+def _row_seed(seed: int, sample: int) -> int:
+    """One 32-bit seed for (seed, sample index): torch's CPU generator keeps only the low 32 bits of a seed, so the
+    two are mixed (numpy's SeedSequence hash) rather than packed side by side."""
+    return int(np.random.SeedSequence([int(seed), int(sample)]).generate_state(1)[0])
+
+
+def settings(rows: int, temperature=0.8, top_k=0, top_p=1.0, stop_token: int | None = None, seed=0,
+             samples: Sequence[int] | None = None, device: torch.device | str = "cpu") -> Settings:
+    """The settings of `rows` rows: temperature, top_k, top_p and seed each one value for all or one a row (None: off
+    for top_k and top_p). Row i draws from a generator seeded from (its seed, samples[i]) (default: i, its sample's
+    index)."""
+    def per_row(value, off):
+        values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value] * rows
+        return [off if v is None else v for v in values]
+
+    temperature, top_k, top_p = per_row(temperature, 0.0), per_row(top_k, 0), per_row(top_p, 1.0)
+    samples = range(rows) if samples is None else samples
+    generators = [torch.Generator(device=device).manual_seed(_row_seed(seed, sample))
+                  for seed, sample in zip(per_row(seed, 0), samples)]
+    return Settings(torch.tensor(temperature, dtype=torch.float32, device=device),
+                    torch.tensor(top_k, dtype=torch.long, device=device),
+                    torch.tensor(top_p, dtype=torch.float32, device=device), generators,
+                    [row for row, t in enumerate(temperature) if t > 0],
+                    any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p),
                     NO_STOP if stop_token is None else int(stop_token))
 
 
 # --- drawing a token -------------------------------------------------------------------------------------------------
 
-def filter_logits(logits: torch.Tensor, vocab_size: int, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
+def _column(value, off, logits: torch.Tensor) -> torch.Tensor:
+    """A setting for every row ([B]) or for all (a number; None: `off`), as a column that broadcasts over [B, V]."""
+    return torch.as_tensor(off if value is None else value, dtype=torch.float32, device=logits.device).reshape(-1, 1)
+
+
+def filter_logits(logits: torch.Tensor, vocab_size: int, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
     """Next-token logits [B, V] -> the logits to sample from, divided by the temperature: padded ids, those outside
-    the top k and those outside the nucleus of probability top_p all at -inf."""
-    logits = mask_padded_vocab(logits.float(), vocab_size) / temperature
+    the top k and those outside the nucleus of probability top_p all at -inf. The settings are one for all or one a
+    row ([B] tensors)."""
+    logits = mask_padded_vocab(logits.float(), vocab_size) / _column(temperature, 1.0, logits)
     ranked = torch.sort(logits, dim=-1, descending=True).values
-    if top_k and top_k < logits.size(-1):
-        ranked[:, top_k:] = float("-inf")
+    top_k = _column(top_k, 0, logits)
+    k = torch.where(top_k > 0, top_k, logits.size(-1))
+    ranked = ranked.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= k, float("-inf"))
     probs = ranked.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     # The nucleus is the shortest prefix whose mass reaches top_p (the first id always): keep what is at least the
     # smallest logit in it. top_p >= 1 keeps all, even ids whose mass_before rounds up to 1.
-    in_nucleus = mass_before < top_p if top_p is not None and top_p < 1.0 else torch.ones_like(mass_before, dtype=bool)
+    top_p = _column(top_p, 1.0, logits)
+    in_nucleus = (mass_before < top_p) | (top_p >= 1.0)
     kept = (in_nucleus & (ranked > float("-inf"))).sum(dim=-1, keepdim=True)
     cutoff = ranked.gather(-1, (kept - 1).clamp(min=0))
     return logits.masked_fill(logits < cutoff, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, generator: torch.Generator | None, temperature: float, top_k: int,
-                vocab_size: int, top_p: float = 1.0) -> torch.Tensor:
-    """Next ids [B] from logits [B, V]: padded ids never; greedy (argmax) at temperature 0."""
-    if temperature == 0:  # greedy skips the sort; the padded ids are left out rather than masked
-        return logits[:, :vocab_size].argmax(dim=-1)
-    probs = filter_logits(logits, vocab_size, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+def sample_next(logits: torch.Tensor, how: Settings, vocab_size: int) -> torch.Tensor:
+    """Next ids [B] from logits [B, V], each row with its own settings and generator: padded ids never; greedy
+    (argmax) where the temperature is 0."""
+    token = logits[:, :vocab_size].argmax(dim=-1)  # greedy skips the sort; the padded ids are left out, not masked
+    if how.sampled:
+        rows = torch.tensor(how.sampled, device=logits.device)
+        if how.filters:
+            filtered = filter_logits(logits[rows], vocab_size, how.temperature[rows], how.top_k[rows], how.top_p[rows])
+        else:  # what filter_logits gives where no row filters, without its sort
+            filtered = mask_padded_vocab(logits[rows].float(), vocab_size) / how.temperature[rows, None]
+        token[rows] = categorical(filtered, [how.generators[row] for row in how.sampled])
+    return token
+
+
+def categorical(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One id [B] from each row of logits [B, V] (-inf: never), row i with its generator: the inverse of the
+    cumulative distribution at one uniform number a row, where torch.multinomial took 2 ms a row of GPT-2's
+    vocabulary on the 2-core CPU, more than a small model's whole step."""
+    probs = logits.softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])[:, None] * cdf[:, -1:]
+    index = torch.searchsorted(cdf, u, right=True)[:, 0]
+    # rounding may point past the last id of any probability (a padded id, say): never beyond it
+    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(index, last)
 
 
 # --- the decoding state ----------------------------------------------------------------------------------------------
@@ -130,7 +196,7 @@ def grow_cache(cache: KVCache, span: int) -> KVCache:
     return grown
 
 
-def decode_step(model: GPT, state: DecodeState, generator: torch.Generator | None, how: Settings,
+def decode_step(model: GPT, state: DecodeState, how: Settings,
                 use_cache: bool = True) -> tuple[DecodeState, torch.Tensor]:
     """One token for every row: (the next state, the tokens [B]). Rows that are done draw the stop token again."""
     batch, size = state.window.shape
@@ -147,7 +213,7 @@ def decode_step(model: GPT, state: DecodeState, generator: torch.Generator | Non
     else:  # nanoGPT's step: the (cropped) context through the model, as far as the longest row (causal: the
         # padding after a shorter row's tokens does not reach them)
         logits = model(state.window[:, :min(state.longest, size)])[rows, state.length - 1]
-    token = sample_next(logits, generator, how.temperature, how.top_k, model.config.vocab_size, how.top_p)
+    token = sample_next(logits, how, model.config.vocab_size)
     token = torch.where(state.done, torch.full_like(token, how.stop_token), token)
     full = state.length == size
     window = torch.where(full[:, None], torch.roll(state.window, -1, dims=1), state.window)  # crop to the last size
@@ -184,30 +250,28 @@ def start(model: GPT, prompts: Sequence[Sequence[int]], use_cache: bool) -> Deco
     return DecodeState(window, length, longest, None, torch.zeros(len(prompts), dtype=torch.bool, device=device), 0)
 
 
-def _generator(model: GPT, seed: int) -> torch.Generator:
-    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-
-
 @torch.inference_mode()
 def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = 0, top_p: float | None = 1.0, seed: int = 0, stop_token: int | None = None,
-             use_cache: bool = True) -> np.ndarray:
+             use_cache: bool = True, samples: Sequence[int] | None = None) -> np.ndarray:
     """The continuations of prompts (lists of token ids, of any lengths): int32 [len(prompts), max_new_tokens], the
     new tokens only; a row that draws `stop_token` is filled with it from there on. Temperature 0 is greedy; top_k 0
-    and top_p 1 are off. Reproducible for a seed. The contract of gpt2_jax.sample.generate (which also takes the
-    params). The model runs in eval mode and is put back in the mode it was in."""
+    and top_p 1 are off; each setting and the seed may also be a sequence, one a row. Reproducible for a seed: row
+    i draws from a generator seeded from (seed, samples[i]) (default i), so that a batch of samples split in
+    several calls (`samples` counting on) draws what one call would. The contract of gpt2_jax.sample.generate
+    (which also takes the params). The model runs in eval mode and is put back in the mode it was in."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     was_training = model.training
     model.eval()
     try:
         state = start(model, prompts, use_cache)
-        generator, how = _generator(model, seed), settings(temperature, top_k, top_p, stop_token)
+        how = settings(len(prompts), temperature, top_k, top_p, stop_token, seed, samples, state.window.device)
         out = torch.full((len(prompts), max_new_tokens), max(how.stop_token, 0), dtype=torch.long,
                          device=state.window.device)
         # Without a stop token no row ends early, and the loop never waits to read `done` back from the device.
         while state.step < max_new_tokens and (how.stop_token == NO_STOP or not bool(state.done.all())):
-            state, token = decode_step(model, state, generator, how, use_cache)
+            state, token = decode_step(model, state, how, use_cache)
             out[:, state.step - 1] = token
     finally:
         model.train(was_training)
@@ -224,22 +288,6 @@ def sample_text(model: GPT, prompt: str = "\n", max_new_tokens: int = 200, *, te
     out = generate(model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed)
     return decode(prompt_ids + out[0].tolist())
-
-
-@torch.inference_mode()
-def token_stream(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = 0, top_p: float | None = 1.0, seed: int = 0,
-                 stop_token: int | None = EOT_TOKEN, use_cache: bool = True) -> Iterator[int]:
-    """The continuation of one prompt, token by token as each is drawn (the stop token ends it and is not
-    yielded): the same tokens as generate() for the same arguments. The model must be in eval mode."""
-    state = start(model, [prompt], use_cache)
-    generator, how = _generator(model, seed), settings(temperature, top_k, top_p, stop_token)
-    for _ in range(max_new_tokens):
-        state, token = decode_step(model, state, generator, how, use_cache)
-        token = int(token[0])
-        if token == stop_token:
-            return
-        yield token
 
 
 INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -261,27 +309,45 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def _can_pack() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs Linear weights of `dtype` on this CPU, as torch itself answers it: its bf16 path needs
+    AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and an AVX2-only CPU (common in clouds) has neither."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def _column_major(linear: nn.Linear) -> None:
+    linear.weight.data = linear.weight.data.t().contiguous().t()
 
 
 def for_cpu_decoding(model: GPT) -> GPT:
     """The model with its weights laid out for decoding on a CPU, where a step multiplies a token or a few by every
-    weight and little else: the blocks' Linear layers packed for oneDNN (PackedLinear, where torch has oneDNN), the
-    tied output head stored column-major (the same values and shape [out, in], transposed in memory: torch's CPU BLAS
-    multiplies a single token by nn.Linear's row-major weight 2-4x slower than by a column-major one, which is
-    transformers' Conv1D layout; the head stays one tensor with the token embedding). Greedy tokens stay those of
-    the plain model (tests/test_torch_sample.py, parity_tests/test_generation_parity.py). Not for training or
-    evaluation: the bits of a product depend on how it is computed, and evaluation keeps today's."""
+    weight and little else: the blocks' Linear layers packed for oneDNN (PackedLinear) where this CPU packs the
+    model's dtype (can_pack), the others and the tied output head stored column-major (the same values and shape
+    [out, in], transposed in memory: torch's CPU BLAS multiplies a single token by nn.Linear's row-major weight 2-4x
+    slower than by a column-major one, which is transformers' Conv1D layout; the head stays one tensor with the
+    token embedding). Greedy tokens stay those of the plain model (tests/test_torch_sample.py,
+    parity_tests/test_generation_parity.py). Not for training or evaluation: the bits of a product depend on how it
+    is computed, and evaluation keeps today's."""
+    pack = can_pack(model.lm_head.weight.dtype)
     with torch.no_grad():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue
-                if child is model.lm_head or not _can_pack():
-                    child.weight.data = child.weight.data.t().contiguous().t()
-                else:
+                if child is model.lm_head or not pack:
+                    _column_major(child)
+                    continue
+                try:
                     setattr(module, name, PackedLinear(child))
+                except RuntimeError:  # oneDNN refused this dtype after all: the first refusal stands for all
+                    pack = False
+                    _column_major(child)
     return model
 
 
@@ -304,19 +370,3 @@ def make_generate(config, weights, device: str | None = None, precision: str = "
     faster where the hardware has it, no longer token-identical to fp32."""
     model = load_model(config, weights, device, precision)
     return functools.partial(generate, for_cpu_decoding(model) if model.lm_head.weight.is_cpu else model)
-
-
-def make_stream(config, weights, device: str | None = None, precision: str = "fp32"):
-    """`stream(prompt_tokens, options) -> iterator of token ids` for gpt2_common.webapp, from a Config and canonical
-    weights; `options` has max_new_tokens, temperature, top_k (0: off), top_p (1: off) and seed. The stream ends at
-    <|endoftext|>."""
-    model = load_model(config, weights, device, precision)
-    model = for_cpu_decoding(model) if model.lm_head.weight.is_cpu else model
-    stop = EOT_TOKEN if config.model.vocab_size > EOT_TOKEN else None
-
-    def stream(prompt_tokens: list[int], options) -> Iterator[int]:
-        return token_stream(model, prompt_tokens, options.max_new_tokens, temperature=options.temperature,
-                            top_k=options.top_k, top_p=options.top_p, seed=options.seed, stop_token=stop)
-
-    return stream
-

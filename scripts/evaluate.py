@@ -62,19 +62,34 @@ def shard_paths(pattern: str) -> list[Path]:
     return find_shards(pattern, "validation", setting="--shards")
 
 
-def shards_loss(pattern: str, block_size: int, vocab_size: int, batch_size: int, steps: int, token_nll) -> dict:
+def shards_loss(pattern: str, model, precision: str, batch_size: int, steps: int, make_token_nll) -> dict:
     from gpt2_common.data import TokenLoader
     from gpt2_common.evaluation import loader_loss
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    block_size, vocab_size = model.block_size, model.vocab_size
     paths = shard_paths(pattern)
     windows = TokenLoader(paths, 1, block_size, shuffle=False, vocab_size=vocab_size).num_windows
+    check_fits(min(batch_size, windows), model, precision, f"--batch-size {batch_size}")
     loader = TokenLoader(paths, min(batch_size, windows), block_size, shuffle=False, vocab_size=vocab_size)
     batches = loader.batches_per_epoch if steps <= 0 else min(steps, loader.batches_per_epoch)
-    loss = loader_loss(with_progress(token_nll, batches, "batches"), loader, batches)
+    loss = loader_loss(with_progress(make_token_nll(), batches, "batches"), loader, batches)
     return {"shards": len(paths), "tokens": batches * loader.order.rows * block_size, "loss": loss,
             "perplexity": math.exp(loss)}
+
+
+def check_fits(rows: int, model, precision: str, what: str) -> None:
+    """One line, before the model is loaded, if `rows` sequences at a time would not fit half the free memory
+    (gpt2_common.limits): a batch too large for the machine was the kernel's OOM killer's to end, and it may pick
+    another process on a shared machine."""
+    from gpt2_common.limits import eval_row_bytes, rows_that_fit, shown_bytes
+
+    row = eval_row_bytes(model, precision)
+    if rows > rows_that_fit(row, model, precision):
+        raise UserError(f"{what} needs {shown_bytes(rows * row)} for the logits and activations of its {rows} "
+                        f"sequences of {model.block_size} tokens, more than half the memory free now; "
+                        + ("lower --batch-size" if what.startswith("--batch-size") else "free some memory"))
 
 
 def with_progress(token_nll, total: int, what: str):
@@ -108,15 +123,21 @@ def evaluate(args: argparse.Namespace) -> dict:
     model = config.model
     # HellaSwag's examples (`val` downloads them once) before the framework loads: a bad file is told at once
     examples = evaluation.read_hellaswag(args.hellaswag) if args.hellaswag else None
-    token_nll = importlib.import_module(f"gpt2_{args.framework}.evaluate").token_nll_fn(config, weights,
-                                                                                       precision=args.precision)
+
+    def make_token_nll():
+        return importlib.import_module(f"gpt2_{args.framework}.evaluate").token_nll_fn(config, weights,
+                                                                                      precision=args.precision)
+
     if args.shards:
-        result = shards_loss(args.shards, model.block_size, model.vocab_size, args.batch_size, args.steps, token_nll)
+        result = shards_loss(args.shards, model, args.precision, args.batch_size, args.steps, make_token_nll)
     elif args.text:
+        check_fits(1, model, args.precision, "--text")  # one window at a time
         stride = args.stride or max(1, model.block_size // 2)
-        result = {**evaluation.text_perplexity(args.text, model.block_size, stride, token_nll), "stride": stride}
+        result = {**evaluation.text_perplexity(args.text, model.block_size, stride, make_token_nll()),
+                  "stride": stride}
     else:
-        result = evaluation.hellaswag_accuracy(examples, model.block_size, token_nll)
+        check_fits(4, model, args.precision, "--hellaswag")  # an example's four endings at a time
+        result = evaluation.hellaswag_accuracy(examples, model.block_size, make_token_nll())
     return {"checkpoint": args.checkpoint, "framework": args.framework, "precision": args.precision, **result}
 
 

@@ -176,3 +176,112 @@ def test_scripts_give_one_line_errors_for_a_missing_checkpoint(tmp_path, script)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "nowhere" in result.stderr and "does not exist" in result.stderr
+
+
+# --- what sample.py and evaluate.py may ask of the machine (issue 32, items 3, 4 and 5) ------------------------------
+
+def one_line(capsys, main) -> str:
+    """What run_cli prints for `main`: exactly one line on stderr, exit status 2."""
+    from gpt2_common.errors import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err[len("error: "):].rstrip("\n")
+
+
+def memory_for_rows(monkeypatch, rows: int, row_bytes: int, precision: str = "fp32") -> None:
+    """Makes the machine's free memory what `rows` rows of `row_bytes` and the weights fit in (gpt2_common.limits
+    plans with half of it)."""
+    from gpt2_common import limits
+
+    available = 2 * (limits.weights_bytes(MODEL, precision) + row_bytes * rows + row_bytes // 2)
+    monkeypatch.setattr(limits, "available_memory", lambda: available)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999 is out of range; it must be in "
+                                            "[0, 4294967295]"),  # was OverflowError from jax's PRNG
+    (["--seed", "-1"], "--seed -1 is out of range; it must be in [0, 4294967295]"),
+    (["--max-new-tokens", "100000000"], "--max-new-tokens 100000000 is out of range; it must be in [1, 1000000] (a "
+                                        "longer text is the work of several calls)"),
+    (["--num-samples", "100000000"], "--num-samples 100000000 is out of range; it must be in [1, 1000000]"),
+    (["--instruction", "Say hi.", "--prompt", "x"], "give --prompt or --instruction, not both (--instruction puts "
+                                                    "the instruction in the Alpaca template, which is the prompt)"),
+])
+def test_sample_refuses_what_is_out_of_bounds_in_one_line(tmp_path, capsys, flags, message):
+    sample = load_script("sample")
+    assert one_line(capsys, lambda: sample.main(["--checkpoint", str(tmp_path / "hf"), *flags])) == message
+
+
+def test_sample_seeds_at_the_edges_are_drawn(setup, capsys):
+    tmp, _, _ = setup
+    sample = load_script("sample")
+    for seed in ("0", "4294967295"):
+        sample.main(["--checkpoint", str(tmp / "hf"), "--prompt", "It was", "--seed", seed, "--max-new-tokens", "4"])
+        assert capsys.readouterr().out.startswith("It was")
+
+
+def test_sample_generates_in_batches_that_fit_the_memory(setup, capsys, monkeypatch):
+    """--num-samples 100000 --max-new-tokens 2 grew to 23 GB in one batch, until the OOM killer came: the samples
+    now go in batches sized from the memory free, each printed when done, the same samples as one batch draws."""
+    from gpt2_common import limits
+    from gpt2_jax import sample as jax_sample
+
+    tmp, _, _ = setup
+    script = load_script("sample")
+    argv = ["--checkpoint", str(tmp / "hf"), "--prompt", "It was", "--temperature", "1", "--seed", "3",
+            "--max-new-tokens", "6", "--num-samples", "5"]
+    script.main(argv)
+    whole = capsys.readouterr().out
+    batches = []
+    make_generate = jax_sample.make_generate
+
+    def spied(*args, **kwargs):
+        generate = make_generate(*args, **kwargs)
+        return lambda prompts, *a, **k: batches.append(len(prompts)) or generate(prompts, *a, **k)
+
+    monkeypatch.setattr(jax_sample, "make_generate", spied)
+    row = limits.decode_row_bytes(MODEL, "fp32", 6, slides=False)
+    memory_for_rows(monkeypatch, 2, row)
+    script.main(argv)
+    assert batches == [2, 2, 1] and capsys.readouterr().out == whole and whole.count("---------------") == 5
+    memory_for_rows(monkeypatch, 0, row)
+    assert one_line(capsys, lambda: script.main(argv)) == (
+        f"one sample of --max-new-tokens 6 needs {limits.shown_bytes(row)} for its cache and buffers, more than half "
+        "the memory free now; lower --max-new-tokens or free memory")
+
+
+def test_sample_says_when_it_cuts_the_prompt_and_asks_instructions_in_the_alpaca_template(setup, capsys):
+    from gpt2_common.instruct import format_prompt
+
+    tmp, _, _ = setup
+    sample = load_script("sample")
+    sample.main(["--checkpoint", str(tmp / "hf"), "--prompt", " word" * 40, "--max-new-tokens", "2"])
+    out = capsys.readouterr()
+    assert "note: the prompt is 40 tokens; it is cut to the last 32 (the model's context)" in out.err  # was silent
+    assert out.out.startswith(" word" * 40)
+    greedy = ["--checkpoint", str(tmp / "hf"), "--temperature", "0", "--max-new-tokens", "5"]
+    sample.main([*greedy, "--instruction", "Name a colour.", "--input", "The sky"])
+    answer = capsys.readouterr().out
+    sample.main([*greedy, "--prompt", format_prompt("Name a colour.", "The sky")])
+    assert capsys.readouterr().out == format_prompt("Name a colour.", "The sky") + answer  # the response alone
+
+
+def test_evaluate_refuses_a_batch_that_does_not_fit_the_memory(setup, capsys, monkeypatch):
+    from gpt2_common import limits
+
+    tmp, _, _ = setup
+    shards = tmp / "many"
+    write_shard(shards / "val_000000.bin", np.random.default_rng(1).integers(0, MODEL.vocab_size, 10 * 32 + 1))
+    evaluate = load_script("evaluate")
+    row = limits.eval_row_bytes(MODEL, "fp32")
+    memory_for_rows(monkeypatch, 3, row)
+    argv = ["--checkpoint", str(tmp / "hf"), "--shards", str(shards), "--json"]
+    evaluate.main([*argv, "--batch-size", "3"])
+    assert json.loads(capsys.readouterr().out)["tokens"] == 9 * 32
+    assert one_line(capsys, lambda: evaluate.main([*argv, "--batch-size", "4"])) == (
+        f"--batch-size 4 needs {limits.shown_bytes(4 * row)} for the logits and activations of its 4 sequences of 32 "
+        "tokens, more than half the memory free now; lower --batch-size")

@@ -10,6 +10,8 @@ command, this test fails until it changes too.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -99,13 +101,20 @@ def readme_commands() -> set[str]:
     """The README's commands: the lines of its bash blocks (comments and continuations joined), the inline commands
     of its bad-input table, and the next-steps block it shows."""
     commands = set()
-    for block in re.findall(r"```(?:bash)?\n(.*?)```", README, flags=re.S):
+    for language, block in re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S):
+        if language not in ("", "bash"):  # the Python blocks: the From Python and serve tests run them
+            continue
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
             if line:
                 commands.add(" ".join(line.split()))
     commands.update(" ".join(span.split()) for span in re.findall(r"`((?:\S+=\S+ )*python scripts/[^`]+)`", README))
     return commands
+
+
+def readme_python(marker: str) -> str:
+    """The README's Python block that holds `marker`."""
+    return next(block for block in re.findall(r"```python\n(.*?)```", README, flags=re.S) if marker in block)
 
 
 def bad_input_rows() -> list[tuple[str, str, str]]:
@@ -134,15 +143,9 @@ def typed(command: str) -> tuple[list[str], dict[str, str]]:
     return argv(command)
 
 
-def python_block() -> str:
-    """The README's one ```python block (its From Python section)."""
-    (block,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    return block
-
-
 def start(command: str, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     if command == FROM_PYTHON:
-        words, typed_env = [sys.executable, "-c", python_block()], dict(ENV)
+        words, typed_env = [sys.executable, "-c", readme_python("from gpt2_formats import read_canonical")], dict(ENV)
     else:
         words, typed_env = typed(command)
     return subprocess.Popen([*words, *extra], cwd=cwd, env={**typed_env, **(env or {})}, stdout=subprocess.PIPE,
@@ -358,7 +361,7 @@ def test_the_from_python_block_runs_as_written(flow, clone):
     assert any((clone / "runs" / "notebook" / "checkpoints").iterdir())
 
 
-def test_serve_answers_health(flow, clone):
+def test_serve_answers_health_and_the_openai_client_as_the_readme_shows(flow, clone):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -374,6 +377,12 @@ def test_serve_answers_health(flow, clone):
                 assert proc.poll() is None, proc.communicate()[1][-3000:]
                 assert time.monotonic() < deadline, "serve.py never answered /health"
                 time.sleep(0.5)
+        # the README's openai snippet as it stands, pointed at this server's port
+        snippet = readme_python("openai.OpenAI(").replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(snippet, "README.md", "exec"), {})
+        assert printed.getvalue().count("\n") >= 1 and len(printed.getvalue()) > 20, printed.getvalue()
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=TIMEOUT)

@@ -134,6 +134,17 @@ def test_logs_evaluates_saves_and_samples_when_the_keys_say(tmp_path):
     assert (tmp_path / "run" / "config.toml").is_file() and backend.calls[-2:] == [("close",), ("sample", 20, 9)]
 
 
+def test_an_alpaca_run_suggests_sampling_with_its_instruction_template(tmp_path):
+    """The next commands after an instruction fine-tune ask through the Alpaca template (sample.py --instruction),
+    not with a Shakespeare prompt the run never saw (issue 32, item 5)."""
+    cfg = dataclasses.replace(config(max_steps=2, eval_interval=0, save_interval=0),
+                              data=DataConfig(train="x.json", val="", format="alpaca"))
+    next_steps = "\n".join(go(tmp_path, StandIn(), cfg)).split("next:\n", 1)[1].splitlines()
+    assert next_steps[0] == f"  python scripts/sample.py --checkpoint {tmp_path}/run --framework jax --instruction " \
+                            "'Give three tips for staying healthy.'"
+    assert not any("--shards" in line or "ROMEO" in line for line in next_steps)
+
+
 def test_keep_best_off_saves_no_best(tmp_path):
     backend = StandIn()
     go(tmp_path, backend, config(keep_best=False))

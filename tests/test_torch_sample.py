@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from gpt2_common.batching import Sampling
 from gpt2_common.config import Config, ModelConfig
-from gpt2_common.webapp import SampleOptions
-from gpt2_torch import sample
+from gpt2_torch import sample, serving
 from gpt2_torch.model import GPT, mask_padded_vocab
 from gpt2_torch.weights import from_canonical
 from canonical_random import random_weights
@@ -78,6 +78,16 @@ def test_filter_logits_keeps_the_top_k_and_the_nucleus():
     assert kept(**base) == [[True, True, True, True]]
 
 
+def test_categorical_draws_each_id_with_its_probability_and_never_an_impossible_one():
+    probs = torch.zeros(130)
+    probs[[0, 63, 64, 129]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+    drawn = sample.categorical(probs.log().expand(4000, 130), generators)
+    counts = np.bincount(drawn.numpy(), minlength=130) / 4000
+    assert set(np.flatnonzero(counts)) == {0, 63, 64, 129}
+    np.testing.assert_allclose(counts[[0, 63, 64, 129]], [0.1, 0.2, 0.3, 0.4], atol=0.03)
+
+
 def test_padded_ids_are_never_drawn():
     model = GPT(CFG)
     model.load_state_dict(tiny().state_dict())
@@ -100,20 +110,80 @@ def test_stop_token_ends_a_row_and_the_stream_equals_the_loop():
     first = greedy.index(stop)
     stopped = sample.generate(model, PROMPTS, NEW, temperature=0.0, stop_token=stop)[0].tolist()
     assert stopped == greedy[:first + 1] + [stop] * (NEW - 1 - first)  # the stop token, then padding with it
-    assert list(sample.token_stream(model, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == greedy[:first]
+    assert list(serving.token_stream(model, PROMPTS[0], NEW, temperature=0.0, stop_token=stop)) == greedy[:first]
     for kwargs in (dict(temperature=0.9, top_k=20, top_p=0.9, seed=4), dict(temperature=0.0, top_k=0)):
-        streamed = list(sample.token_stream(model, PROMPTS[0], NEW, stop_token=None, **kwargs))
+        streamed = list(serving.token_stream(model, PROMPTS[0], NEW, stop_token=None, **kwargs))
         assert streamed == sample.generate(model, [PROMPTS[0]], NEW, **kwargs)[0].tolist()
 
 
-def test_make_stream_serves_the_web_page():
-    config = Config(model=CFG)
-    weights = random_weights(CFG)
-    stream = sample.make_stream(config, weights, device="cpu")
-    options = SampleOptions(max_new_tokens=NEW, temperature=0.0, top_k=0, top_p=1.0, seed=0)
-    expected = plain_greedy(tiny(), PROMPTS[2], NEW)
-    assert list(stream(PROMPTS[2], options)) == expected
-    assert sample.make_generate(config, weights, "cpu")([PROMPTS[2]], NEW, temperature=0.0).tolist() == [expected]
+def decode_rows(batch, steps):
+    """Each row's tokens over `steps` steps of a RowBatch, by prompt index."""
+    got = {row: [] for row in batch.rows}
+    for _ in range(steps):
+        for row, token in zip(list(batch.rows), batch.step()):
+            got[row].append(token)
+    return got
+
+
+def test_a_batch_of_rows_with_their_own_settings_decodes_each_as_alone():
+    """serve.py's batches: each row its own prompt, settings and seed, and the tokens it would get alone."""
+    model = sample.for_cpu_decoding(tiny())
+    start = serving.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")
+    rows = [Sampling(0.0), Sampling(1.0, 5, 0.9, seed=3, sample=1), Sampling(0.7, seed=9)]
+    got = decode_rows(start(PROMPTS, rows), NEW)
+    for row, (prompt, how) in enumerate(zip(PROMPTS, rows)):
+        alone = sample.generate(model, [prompt], NEW, temperature=how.temperature, top_k=how.top_k,
+                                top_p=how.top_p, seed=how.seed, samples=[how.sample])
+        assert got[row] == alone[0].tolist(), row
+    assert got[0] == plain_greedy(tiny(), PROMPTS[0], NEW)
+
+
+def test_freed_rows_leave_the_batch_and_the_others_decode_on():
+    batch = serving.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")(PROMPTS * 2, [Sampling(0.0)] * 6)
+    first = batch.step()
+    batch.free([0, 2, 4])
+    assert batch.rows == [1, 3, 5] and batch.state.window.shape[0] == 3  # gone from the batch at once
+    rest = decode_rows(batch, NEW - 1)
+    for row in (1, 3, 5):
+        assert [first[row]] + rest[row] == plain_greedy(tiny(), PROMPTS[row % 3], NEW)
+
+
+def test_rows_that_join_a_running_batch_decode_as_they_would_alone():
+    """serve.py's requests join the batch that runs when they come, at the next step: each row still gets the tokens
+    it would get alone (its own positions, its own key from its own first token)."""
+    model = sample.for_cpu_decoding(tiny())
+    start = serving.make_decoder(Config(model=CFG), random_weights(CFG), "cpu")
+    joins = {3: ([PROMPTS[1], PROMPTS[2]], [Sampling(0.0), Sampling(1.0, seed=4, sample=2)]),
+             6: ([PROMPTS[0]], [Sampling(0.9, 7, seed=1)])}
+    batch = start([PROMPTS[0]], [Sampling(0.0)])
+    asked, got, began = {0: (PROMPTS[0], Sampling(0.0))}, {0: []}, {0: 0}
+    for step in range(NEW):
+        if step == 5:
+            batch.free([0])
+        if step in joins:
+            prompts, how = joins[step]
+            for name, prompt, row in zip(batch.add(prompts, how), prompts, how):
+                asked[name], got[name], began[name] = (prompt, row), [], step
+        for name, token in zip(list(batch.rows), batch.step()):
+            got[name].append(token)
+    assert sorted(got) == [0, 1, 2, 3] and batch.rows == [1, 2, 3]
+    assert batch.state.window.shape[0] == 3  # the freed row gone, the newcomer in
+    for name, (prompt, how) in asked.items():
+        steps = len(got[name])
+        assert steps == (5 if name == 0 else NEW - began[name])
+        alone = sample.generate(model, [prompt], steps, temperature=how.temperature, top_k=how.top_k,
+                                top_p=how.top_p, seed=how.seed, samples=[how.sample])
+        assert got[name] == alone[0].tolist(), name
+
+
+def test_samples_split_over_calls_draw_what_one_call_draws():
+    """sample.py's batches: row i draws from the generator of (seed, i) wherever it falls."""
+    model = tiny()
+    kwargs = dict(temperature=1.0, top_k=10, seed=5)
+    whole = sample.generate(model, [PROMPTS[1]] * 3, NEW, **kwargs)
+    parts = [sample.generate(model, [PROMPTS[1]] * len(rows), NEW, samples=rows, **kwargs)
+             for rows in ([0], [1], [2])]
+    assert np.array_equal(np.concatenate(parts), whole) and len({tuple(r) for r in whole.tolist()}) > 1
 
 
 def test_sample_text_and_empty_prompt():
@@ -132,3 +202,44 @@ def test_bf16_inference_keeps_bf16_weights_and_draws_real_ids():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = sample.make_generate(config, random_weights(CFG), "cpu", precision="bf16")(PROMPTS, NEW, temperature=0.0)
     assert out.shape == (3, NEW) and out.max() < CFG.vocab_size
+
+
+# The exact words torch 2.13 raises where oneDNN has no bf16 path (an AVX2-only CPU, issue 32 item 0).
+NO_BF16_PACKING = ("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, "
+                   "avx512vl and avx512dq")
+
+
+def packed_layers(model) -> int:
+    return sum(isinstance(m, sample.PackedLinear) for m in model.modules())
+
+
+def bf16_greedy(monkeypatch=None, **patch):
+    model = sample.load_model(Config(model=CFG), random_weights(CFG), "cpu", "bf16")
+    if monkeypatch is not None:
+        for name, value in patch.items():
+            monkeypatch.setattr(torch.ops.mkldnn, name, value)
+    model = sample.for_cpu_decoding(model)
+    return model, sample.generate(model, PROMPTS, NEW, temperature=0.0)
+
+
+def test_bf16_decoding_falls_back_to_column_major_where_onednn_has_no_bf16(monkeypatch):
+    """A CPU without AVX-512 (or AVX-NE-CONVERT) has no oneDNN bf16 path: asked first, torch says so, and the blocks
+    stay Linear layers with column-major weights; the tokens are those of the packed layout where this CPU has one."""
+    normal, expected = bf16_greedy()
+    assert packed_layers(normal) == (4 * CFG.n_layer if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0)
+    fallback, tokens = bf16_greedy(monkeypatch, _is_mkldnn_bf16_supported=lambda: False)
+    assert packed_layers(fallback) == 0 and tokens.tolist() == expected.tolist()
+    assert all(not m.weight.is_contiguous() for m in fallback.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_bf16_decoding_falls_back_when_the_packing_itself_refuses(monkeypatch):
+    """Should torch's answer and oneDNN's own check ever disagree, the first refusal of the packing is taken as the
+    answer: the same column-major layout, no traceback."""
+    def refuse(weight, rows):
+        raise RuntimeError(NO_BF16_PACKING)
+
+    _, expected = bf16_greedy()
+    fallback, tokens = bf16_greedy(monkeypatch, _is_mkldnn_bf16_supported=lambda: True, _reorder_linear_weight=refuse)
+    assert packed_layers(fallback) == 0 and tokens.tolist() == expected.tolist()
+    fp32 = sample.for_cpu_decoding(sample.load_model(Config(model=CFG), random_weights(CFG), "cpu", "fp32"))
+    assert packed_layers(fp32) == 0  # the same refusal in fp32 (no oneDNN at all) falls back too
