@@ -10,13 +10,8 @@ from typing import Callable
 from gpt2_common import hub
 from gpt2_common.config import CONFIG_DIR, Config, dumps_toml, load_config
 from gpt2_common.errors import UserError
+from gpt2_common.limits import MAX_NEW_TOKENS  # sample.py's --max-new-tokens bound, the trainers' --sample-tokens
 from gpt2_common.prepare import EMBEDDED_SOURCES
-
-
-# The most new tokens one generation may ask for: the trainers' --sample-tokens, and the bound for sample.py's
-# --max-new-tokens to share. A longer text is the work of several calls (1M tokens are ~750k words); a typo of 10**9
-# would otherwise sample for hours at the end of a run, after its last checkpoint is written.
-MAX_NEW_TOKENS = 1_000_000
 
 
 def path_arg(text: str) -> str:
@@ -57,7 +52,8 @@ def hellaswag_arg(text: str) -> str:
 
 
 def sample_tokens_arg(text: str) -> int:
-    """--sample-tokens: a whole number in [0, MAX_NEW_TOKENS], refused in one line otherwise."""
+    """--sample-tokens: a whole number in [0, MAX_NEW_TOKENS] (sample.py's bound on --max-new-tokens too), refused in
+    one line otherwise: a typo of 10**9 would sample for hours at the end of a run, after its last checkpoint."""
     try:
         tokens = int(text)
     except ValueError:

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_common.cli import MAX_NEW_TOKENS, train_parser
+from gpt2_common.cli import train_parser
 from gpt2_common.config import load_config
 from gpt2_common.data import shard_header, write_shard
 from gpt2_common.errors import UserError, run_cli
+from gpt2_common.limits import MAX_NEW_TOKENS
 from gpt2_common.metrics import RunLog, read_metrics
 from gpt2_jax import checkpoint
 from gpt2_jax.sharding import make_mesh
