@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Callable
 
 from gpt2_common import hub
 from gpt2_common.config import CONFIG_DIR, Config, dumps_toml, load_config
 from gpt2_common.errors import UserError
+from gpt2_common.limits import MAX_NEW_TOKENS  # sample.py's --max-new-tokens bound, the trainers' --sample-tokens
 from gpt2_common.prepare import EMBEDDED_SOURCES
 
 
@@ -22,6 +24,20 @@ def path_arg(text: str) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
+def output_arg(what: str) -> Callable[[str], str]:
+    """An argparse `type` for a path that a script writes (`what`: its flag, for the message): path_arg's, but a
+    Hub name is refused in one line, since hf: names are read and never written (path_arg passes them through, and
+    a writer would make a folder literally called `hf:x`)."""
+
+    def output_path(text: str) -> str:
+        if hub.is_name(text):
+            raise UserError(f"{what} '{text}' is a Hugging Face Hub name, and hf: names are sources only; give a "
+                            "local path to write to")
+        return path_arg(text)
+
+    return output_path
+
+
 def source_arg(text: str) -> str:
     """prepare_data.py's --source: the name of an embedded corpus as it is, anything else a path or glob (path_arg)."""
     return text if text in EMBEDDED_SOURCES else path_arg(text)
@@ -33,6 +49,19 @@ def hellaswag_arg(text: str) -> str:
     from gpt2_common.hellaswag_file import SPLITS
 
     return text if text in SPLITS else path_arg(text)
+
+
+def sample_tokens_arg(text: str) -> int:
+    """--sample-tokens: a whole number in [0, MAX_NEW_TOKENS] (sample.py's bound on --max-new-tokens too), refused in
+    one line otherwise: a typo of 10**9 would sample for hours at the end of a run, after its last checkpoint."""
+    try:
+        tokens = int(text)
+    except ValueError:
+        raise UserError(f"--sample-tokens must be a whole number of tokens, got '{text}'") from None
+    if not 0 <= tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--sample-tokens {tokens} is out of range; it must be in [0, {MAX_NEW_TOKENS}] (0: no "
+                        "sample)")
+    return tokens
 
 
 def check_weights_arg(flag: str, value: str | None) -> None:
@@ -59,7 +88,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def train_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--run-dir", default=None, type=path_arg,
+    parser.add_argument("--run-dir", default=None, type=output_arg("--run-dir"),
                         help="where config.toml, metrics.jsonl and checkpoints/ go (default: runs/<config name>; "
                         "runs/<config name>-torch for PyTorch); running again with the same run dir resumes")
     parser.add_argument("--init-from", default=None, type=path_arg,
@@ -82,8 +111,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop with a checkpoint once STEP optimizer steps are done (e.g. to fit a job's time "
                         "limit); the schedule still runs to train.max_steps, and running again resumes")
-    parser.add_argument("--sample-tokens", type=int, default=200,
-                        help="tokens of text to sample at the end of training (0: no sample)")
+    parser.add_argument("--sample-tokens", type=sample_tokens_arg, default=200, metavar="N",
+                        help=f"tokens of text to sample at the end of training (0: no sample; at most "
+                        f"{MAX_NEW_TOKENS:,})")
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, does: str) -> None:

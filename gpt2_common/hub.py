@@ -14,6 +14,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -205,6 +206,9 @@ def snapshot(name: HubName, kind: str, patterns: list[str]) -> Path:
     from what an earlier call cached."""
     from huggingface_hub import snapshot_download
 
+    # It warns "No files matched allow_patterns=[...]" for a dataset without a card (README.md) and a model without
+    # safetensors: the callers read the first as configs inferred from the files' names, and say the second.
+    logging.getLogger("huggingface_hub._snapshot_download").addFilter(_no_match_is_for_the_caller)
     before = _blobs(name, kind)
     with hub_errors(name, kind):
         folder = Path(snapshot_download(name.repo, repo_type=kind, revision=name.revision, allow_patterns=patterns))
@@ -212,6 +216,10 @@ def snapshot(name: HubName, kind: str, patterns: list[str]) -> Path:
         if path.resolve().name not in before:
             check_blob(path, name, path.relative_to(folder).as_posix())
     return folder
+
+
+def _no_match_is_for_the_caller(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No files matched")
 
 
 def fetch_file(name: HubName, kind: str, path: str, commit: str) -> Path:

@@ -37,6 +37,7 @@ class Start:
     skipped_steps: int = 0  # updates skipped for a non-finite loss (train.nan_policy = "skip")
     best_val_loss: float = math.inf
     resumed_from: str | None = None
+    best_checkpoint: str | None = None  # the run's best checkpoint that a resume found (of its step or before)
     initialised_from: str | None = None  # --init-from's weights, for a run that did not resume
     set_aside: str | None = None  # where --resume-from moved the checkpoints newer than the one it resumed
 
@@ -137,6 +138,7 @@ class _Run:
         start = backend.start()
         step, position = start.step, start.position
         self.skipped, self.best_val, self.last_saved = start.skipped_steps, start.best_val_loss, start.resumed_from
+        self.best_saved = start.best_checkpoint
         self.saved = [start.resumed_from] if start.resumed_from else []
         if start.set_aside:
             self.say(f"--resume-from: the newer checkpoints were set aside in {as_typed(start.set_aside)}")
@@ -333,10 +335,10 @@ class _Run:
         """Where the checkpoints are, and the commands that use them, with this run's own paths."""
         run, framework = _shown(self.run_dir), self.backend.framework
         lines = [f"checkpoints: {as_typed(str(self.last_saved))} (last)"]
-        if self.best_saved or not math.isinf(self.best_val):
-            best = self.best_saved or str(self.run_dir / "checkpoints" / ("best.pt" if framework == "torch" else
-                                                                          "best"))
-            lines[0] += f", {as_typed(str(best))} (best, val loss {self.best_val:.4f})"
+        best = self.best_saved  # named only where it is: a user may have deleted it, and a run converted from the
+        # other trainer's (convert.py --to jax-run|torch-run) has none when the source's best came after its step
+        if best and not math.isinf(self.best_val) and Path(best).exists():
+            lines[0] += f", {as_typed(best)} (best, val loss {self.best_val:.4f})"
         lines.append("next:")
         sample = f"  python scripts/sample.py --checkpoint {run} --framework {framework}"
         if self.config.data.format == "alpaca":  # the model answers instructions in the template it learned them in

@@ -4,22 +4,23 @@ The source's checkpoint (--step N's, else the newest that reads back) is read by
 module (gpt2_jax.train_state, gpt2_torch.train_state) into the canonical train state of gpt2_common.train_state,
 and written as a run directory of the other trainer: config.toml (the config the checkpoint was trained with), a
 copy of metrics.jsonl up to its step (so that curves and plots go on), and that one checkpoint, written by the
-other trainer's own save with its checksum manifest. The other trainer resumes it with its plain command. The
-destination appears whole or not at all (a temporary folder beside it, renamed into place); the source is only read.
+other trainer's own save with its checksum manifest, and the source's best checkpoint as the destination's best
+when it is of that step or before (a newer best belongs to steps the continued run replays). The other trainer
+resumes it with its plain command. The destination appears whole or not at all: it is written under a hidden
+`.NAME.XXXXXXXX.partial` beside it and renamed into place (gpt2_common.files.partial: a conversion killed mid-write
+leaves that for the next conversion to the same destination to remove); the source is only read.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 
 from gpt2_common.cli import write_run_config
 from gpt2_common.errors import UserError, as_typed
 from gpt2_common.faults import warn
-from gpt2_common.files import share_like_open
+from gpt2_common.files import check_destination, partial, share_like_open
 from gpt2_common.runlock import check_not_in_use
 from gpt2_common.train_state import (FRAMEWORK_NAMES, CannotContinue, TrainState, WeightsOnly, continuation_warnings,
                                      copy_metrics, run_dir_of)
@@ -48,6 +49,7 @@ def convert_run(src: str | os.PathLike, dst: str | os.PathLike, to: str, step: i
     target, dst = RUN_FORMS[to], Path(dst)
     if dst.exists():
         raise UserError(f"'{dst}' already exists; remove it or choose another destination")
+    check_destination(dst)  # not under a file, nor where no file can be made (/proc, a read-only disk)
     check_not_in_use(dst)
     if Path(src).absolute() in dst.absolute().parents:
         raise UserError(f"'{dst}' is inside '{src}', which a conversion only reads; choose a destination outside it")
@@ -69,24 +71,20 @@ def convert_run(src: str | os.PathLike, dst: str | os.PathLike, to: str, step: i
                         f"directory with --step {step}, or leave --step out")
     for line in continuation_warnings(state, form, target):
         warn(line)
+    best, said_best = _best_of(where, form, state.step)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with partial(dst, directory=True) as tmp:  # a kill leaves it for the next conversion here to remove
         write_run_config(state.config, tmp)
         copied = copy_metrics(run_dir_of(checkpoint), tmp, state.step)
-        _train_state_module(target).write_run(state, tmp)
+        _train_state_module(target).write_run(state, tmp, best)
         share_like_open(tmp)  # mkdtemp makes it private; the result is an ordinary directory
         os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     t = state.config.train
     resume = shlex.join(["python", f"scripts/train_{target}.py", "--config", as_typed(str(dst / "config.toml")),
                          "--run-dir", as_typed(str(dst))])
     return (f"{src} ({form} run, checkpoint {checkpoint}) -> {dst} ({to}): step {state.step} of {t.max_steps}, "
             f"AdamW at update {state.adam_count}, loader at micro-batch {state.loader_position}"
-            + (", metrics.jsonl up to it" if copied else ", no metrics.jsonl beside it to copy")
+            + (", metrics.jsonl up to it" if copied else ", no metrics.jsonl beside it to copy") + said_best
             + f"\ncontinue it with: {resume}")
 
 
@@ -130,3 +128,33 @@ def _read_newest(candidates: list[Path], read, strict: bool, where: Path) -> tup
             warn(f"skipping checkpoint {path}: {why}; trying the one before")
     raise UserError(f"none of the {len(candidates)} checkpoints in '{where}' reads back; there is nothing to "
                     "convert")
+
+
+def _best_of(where: Path, form: str, step: int) -> tuple[TrainState | None, str]:
+    """(the state of the source's best checkpoint, beside its step checkpoints in `where`, if it is of `step` or
+    before; the words that say what became of it). A best of a later step (--step chose an earlier checkpoint) is
+    not the best of the steps up to `step`, and the trainers keep one best only: the destination then has none
+    until its run evaluates, as a trainer resuming `step` sets a newer best aside."""
+    if form == "jax":
+        found = [d for d in jax_layout.step_dirs(where / jax_layout.BEST_DIR) if jax_layout.is_step_dir(d)]
+    else:
+        found = [where / torch_layout.BEST_NAME] if (where / torch_layout.BEST_NAME).is_file() else []
+    if not found:
+        return None, ""
+    path = found[-1]
+
+    def newer(best_step: int) -> str:
+        return f", no best checkpoint (the source's is of step {best_step}, after step {step})"
+
+    if form == "jax" and int(path.name) > step:  # its name says so: not read at all
+        return None, newer(int(path.name))
+    try:
+        best = _train_state_module(form).read_checkpoint(path)
+    except Exception as err:  # a damaged or unreadable best: the run itself converts all the same
+        lines = str(err).strip().splitlines()
+        warn(f"the best checkpoint {path} does not read back ({lines[0][:300] if lines else type(err).__name__}); "
+             "the converted run has no best checkpoint until it evaluates")
+        return None, ", no best checkpoint (the source's does not read back)"
+    if best.step > step:
+        return None, newer(best.step)
+    return best, f", its best checkpoint (step {best.step})"

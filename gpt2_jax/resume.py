@@ -26,7 +26,7 @@ from gpt2_common.faults import check_same_config, check_same_model, warn
 from gpt2_common.manifest import DamagedCheckpoint
 from gpt2_common.setaside import set_aside
 from gpt2_jax import checkpoint
-from gpt2_jax.layout import BEST_DIR, PARTIAL_SUFFIX, step_dirs
+from gpt2_jax.layout import BEST_DIR, PARTIAL_SUFFIX, is_step_dir, step_dirs
 from gpt2_jax.optim import uses_multisteps
 from gpt2_jax.step import Trainer
 
@@ -77,9 +77,11 @@ def resume(manager, trainer: Trainer, config: Config, *, newest_only: bool = Fal
         if init_from:
             warn(f"--init-from {init_from} ignored: the run resumes from its own checkpoint")
         best = meta.get("best_val_loss")
+        best_dirs = [d for d in step_dirs(directory / BEST_DIR) if int(d.name) <= step and is_step_dir(d)]
         return state, run.Start(step=int(meta["step"]), position=int(meta["loader_position"]),
                                 skipped_steps=int(meta.get("skipped_steps", 0)),
-                                best_val_loss=math.inf if best is None else float(best), resumed_from=str(step_dir))
+                                best_val_loss=math.inf if best is None else float(best), resumed_from=str(step_dir),
+                                best_checkpoint=str(best_dirs[-1]) if best_dirs else None)
     if newest_only:
         raise UserError(f"--resume-from '{directory / str(steps[-1])}' does not restore (see the warning above); give "
                         "another of the run's checkpoints")

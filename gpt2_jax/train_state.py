@@ -135,13 +135,19 @@ def read_checkpoint(step_dir: Path) -> canonical.TrainState:
     return to_canonical_state(state, meta, config, f"'{step_dir}'")
 
 
-def write_run(state: canonical.TrainState, run_dir: Path) -> Path:
+def write_run(state: canonical.TrainState, run_dir: Path, best: canonical.TrainState | None = None) -> Path:
     """Writes `state` as the one checkpoint of the JAX run directory `run_dir` (checkpoints/<step>, sealed with its
-    manifest) through the trainer's own save; returns its step folder. The caller renames run_dir into place."""
-    jax_state, extra = from_canonical_state(state)
-    manager = checkpoint.checkpoint_manager(Path(run_dir) / layout.CHECKPOINTS_DIR, keep=1, async_save=False)
-    try:
-        checkpoint.save(manager, jax_state, state.config, state.loader_position, extra)
-    finally:
-        manager.close()
-    return Path(run_dir) / layout.CHECKPOINTS_DIR / str(state.step)
+    manifest) through the trainer's own save, and `best` (if any) as its best checkpoint (checkpoints/best/<step>,
+    through a keep-1 manager as the trainer keeps it); returns the step folder. The caller renames run_dir into
+    place."""
+    checkpoints = Path(run_dir) / layout.CHECKPOINTS_DIR
+    for one, directory in ((state, checkpoints), (best, checkpoints / layout.BEST_DIR)):
+        if one is None:
+            continue
+        jax_state, extra = from_canonical_state(one)
+        manager = checkpoint.checkpoint_manager(directory, keep=1, async_save=False)
+        try:
+            checkpoint.save(manager, jax_state, one.config, one.loader_position, extra)
+        finally:
+            manager.close()
+    return checkpoints / str(state.step)

@@ -104,8 +104,9 @@ def write_nanogpt(weights: Weights, config: Config, path: str | os.PathLike) -> 
     """A ckpt.pt that nanoGPT's sample.py loads (GPT(GPTConfig(**model_args)).load_state_dict, strict): model,
     model_args (bias=True), iter_num 0 and no optimizer state. A directory destination gets ckpt.pt inside."""
     path = Path(path)
-    if path.suffix != ".pt":
-        path = path / CKPT_NAME
+    folder = path if path.suffix != ".pt" else None
+    if folder is not None:
+        path = folder / CKPT_NAME
     if path.exists():
         raise UserError(f"'{path}' already exists; remove it or choose another destination")
     if config.model.activation != "gelu":
@@ -117,9 +118,21 @@ def write_nanogpt(weights: Weights, config: Config, path: str | os.PathLike) -> 
     # no "dataset" in config: nanoGPT's sample.py then encodes with GPT-2's BPE rather than looking for a meta.pkl
     checkpoint = {"model": state, "model_args": model_args, "iter_num": 0, "best_val_loss": float("inf"),
                   "config": {"converted_from": config.name}}
+    if folder is not None and not os.path.lexists(folder):  # the folder appears whole: a kill leaves its partial
+        # beside it, for the next conversion here to remove (a folder holding only a ckpt.pt's partial was "already
+        # there" to the next conversion, which then refused it)
+        with partial(folder, directory=True) as tmp:
+            _save(checkpoint, tmp / CKPT_NAME)
+            share_like_open(tmp)  # mkdtemp's 0700 -> what mkdir() gives under the umask
+            os.replace(tmp, folder)
+        return
     with partial(path) as tmp:  # a kill leaves it for the next conversion here to remove
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+        _save(checkpoint, tmp)
         share_like_open(tmp)  # mkstemp's 0600 -> what open() gives under the umask
         os.replace(tmp, path)
+
+
+def _save(checkpoint: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(checkpoint, f)
 

@@ -131,9 +131,10 @@ class TorchBackend:
             torch.manual_seed(self.config.train.seed + 1 + self.env.rank + 1000 * step)
         if self.init_from:
             warn(f"--init-from {self.init_from} ignored: the run resumes from its own checkpoint")
-        best = state.get("best_val_loss")
+        best, best_file = state.get("best_val_loss"), self.checkpoint_dir / BEST_NAME  # a newer one is set aside
         return run.Start(step=step, position=state["loader_position"], skipped_steps=state.get("skipped_steps", 0),
-                         best_val_loss=math.inf if best is None else float(best), resumed_from=str(path))
+                         best_val_loss=math.inf if best is None else float(best), resumed_from=str(path),
+                         best_checkpoint=str(best_file) if best_file.is_file() else None)
 
     def step(self, position: int) -> Callable[[], run.StepMetrics]:
         """One update. The loss (averaged over ranks) and the gradient norm come to the host here, every step: a

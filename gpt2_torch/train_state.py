@@ -27,7 +27,7 @@ from gpt2_common import train_state as canonical
 from gpt2_common.config import Config, dumps_toml, loads_toml
 from gpt2_common.errors import UserError
 from gpt2_torch import layout
-from gpt2_torch.checkpoint import RESUME_KEYS, checkpoint_path, load_checkpoint, save_checkpoint
+from gpt2_torch.checkpoint import RESUME_KEYS, checkpoint_path, link_or_save, load_checkpoint, save_checkpoint
 from gpt2_torch.model import GPT
 from gpt2_torch.optim import make_optimizer
 from gpt2_torch.weights import from_canonical, to_canonical
@@ -139,10 +139,14 @@ def read_checkpoint(file: Path) -> canonical.TrainState:
     return to_canonical_state(load_checkpoint(file), f"'{file}'")
 
 
-def write_run(state: canonical.TrainState, run_dir: Path) -> Path:
+def write_run(state: canonical.TrainState, run_dir: Path, best: canonical.TrainState | None = None) -> Path:
     """Writes `state` as the one checkpoint of the PyTorch run directory `run_dir` (checkpoints/step_XXXXXXXX.pt
-    with its checksum file) through the trainer's own save; returns its path. The caller renames run_dir into
-    place."""
+    with its checksum file) through the trainer's own save, and `best` (if any) as its best.pt, as the trainer
+    writes it (a link to the step's file when it is of the same step); returns the step file's path. The caller
+    renames run_dir into place."""
     path = checkpoint_path(Path(run_dir) / layout.CHECKPOINTS_DIR, state.step)
     save_checkpoint(from_canonical_state(state), path, keep=1)
+    if best is not None:
+        link_or_save(from_canonical_state(best), path.parent / layout.BEST_NAME,
+                     path if best.step == state.step else None)
     return path

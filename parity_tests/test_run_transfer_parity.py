@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -274,10 +276,51 @@ def test_the_source_is_only_read(runs, tmp_path):
     assert {name: files_of(runs / name) for name in ("jax", "torch")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporary folder left beside them
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl"]
-    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir()] == ["step_00000020.pt",
-                                                                           "step_00000020.pt.sha256"]
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == [
+        "best.pt", "best.pt.sha256", "step_00000020.pt", "step_00000020.pt.sha256"]  # its best: step 20's evaluation
     assert loads_toml((tmp_path / "b" / "config.toml").read_text()) == loads_toml(
         (runs / "torch" / "config.toml").read_text())
+
+
+# --- the best checkpoint -------------------------------------------------------------------------------------------
+
+BEST = {"jax": ("checkpoints", "best", str(STEPS)), "torch": ("checkpoints", "best.pt")}  # where each trainer keeps it
+
+
+@pytest.mark.parametrize("src, to, trainer", [("jax", "torch-run", "torch"), ("torch", "jax-run", "jax")])
+def test_the_best_checkpoint_converts_and_the_continued_run_names_it(runs, tmp_path, src, to, trainer):
+    """The source's best (step 20's evaluation, its last step) becomes the destination's, with the same weights, and
+    the continued run's closing line names it (it named a best that was not there, issue 29's follow-up)."""
+    from gpt2_jax.train import train as train_jax
+    from gpt2_torch.train import train as train_torch
+
+    said = convert_run(runs / src, tmp_path / "run", to)
+    assert said.splitlines()[0].endswith(f", metrics.jsonl up to it, its best checkpoint (step {STEPS})")
+    best = tmp_path / "run" / Path(*BEST[trainer])
+    (_, ours), (_, theirs) = read_canonical(best), read_canonical(runs / src / Path(*BEST[src]))
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+    lines = []
+    config = loads_toml((tmp_path / "run" / "config.toml").read_text())
+    continued = {"sample_tokens": 0, "log": lines.append}
+    if trainer == "jax":
+        train_jax(config, tmp_path / "run", devices=jax.devices()[:1], **continued)
+    else:
+        train_torch(config, tmp_path / "run", **continued)
+    closing = next(line for line in lines if line.startswith("checkpoints: ")).splitlines()[0]
+    val_loss = next(r["val_loss"] for r in map(json.loads, (runs / src / "metrics.jsonl").read_text().splitlines())
+                    if r.get("step") == STEPS and "val_loss" in r)
+    assert closing.endswith(f", {best} (best, val loss {val_loss:.4f})"), closing
+
+
+@pytest.mark.parametrize("src, to", [("jax", "torch-run"), ("torch", "jax-run")])
+def test_a_step_before_the_best_converts_without_one(runs, tmp_path, src, to):
+    """--step 10, where the source's best is step 20's: the best of the steps up to 10 was replaced by a later one
+    (the trainers keep one), so the destination has none, and says why."""
+    said = convert_run(runs / src, tmp_path / "run", to, step=HALF)
+    assert said.splitlines()[0].endswith(f", no best checkpoint (the source's is of step {STEPS}, after step {HALF})")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == (
+        ["step_00000010.pt", "step_00000010.pt.sha256"] if to == "torch-run" else [str(HALF)])
 
 
 def test_what_cannot_continue_is_refused_in_one_line(runs, tmp_path):
@@ -363,6 +406,47 @@ def test_with_dropout_the_run_converts_and_says_it_continues_statistically(tmp_p
                                        "the run continues statistically, not bit for bit (with model.dropout=0 it "
                                        "continues exactly)\n")
     assert (tmp_path / "torch" / "checkpoints" / "step_00000017.pt").is_file()
+
+
+def test_a_destination_under_a_file_or_where_no_file_can_be_made_is_one_line(runs, tmp_path):
+    (tmp_path / "notes.md").write_text("mine")
+    with pytest.raises(UserError, match=f"^cannot write '{tmp_path / 'notes.md' / 'out'}': '{tmp_path / 'notes.md'}' "
+                       "is a file, not a folder; choose another destination$"):
+        convert_run(runs / "jax", tmp_path / "notes.md" / "out", "torch-run")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.md"]
+    with pytest.raises(UserError, match="^cannot write '/proc/moved': '/proc' does not take new files; choose "
+                       "another destination$"):
+        convert_run(runs / "torch", "/proc/moved", "jax-run")
+
+
+def test_a_conversion_killed_mid_write_leaves_what_the_next_one_removes(runs, tmp_path, monkeypatch, capsys):
+    """The destination is written under a locked `.NAME.XXXXXXXX.partial` beside it (gpt2_common.files.partial), as
+    the weight conversions' are: a conversion killed mid-write (here: its save fails, and the clean-up that a kill
+    would skip is skipped) leaves it for the next conversion to the same destination to remove, and never removes
+    one that another process is still writing. (A temporary folder of mkdtemp's stayed for good.)"""
+    from gpt2_common import files
+
+    class Killed(BaseException):
+        pass
+
+    def killed_mid_save(*args, **kwargs):
+        raise Killed
+
+    dst = tmp_path / "moved"
+    with files.partial(dst, directory=True) as busy:  # another writer of it, at work throughout
+        with monkeypatch.context() as kill:
+            kill.setattr(files, "_remove", lambda path: None)
+            kill.setattr(torch_side, "save_checkpoint", killed_mid_save)
+            with pytest.raises(Killed):
+                convert_run(runs / "jax", dst, "torch-run")
+        [left] = [p for p in tmp_path.iterdir() if p != busy]
+        assert left.name.startswith(".moved.") and left.name.endswith(".partial") and (left / "config.toml").is_file()
+        capsys.readouterr()
+        convert_run(runs / "jax", dst, "torch-run")
+        assert f"warning: removing {left}, left by a write of {dst} that did not finish" in capsys.readouterr().err
+        assert not left.exists() and busy.is_dir()
+    assert [p.name for p in tmp_path.iterdir() if p != busy] == ["moved"]
+    assert (dst / "checkpoints" / "step_00000020.pt").is_file()
 
 
 @pytest.mark.parametrize("to", ["torch-run", "jax-run"])

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from gpt2_common.bench import interleaved_step_times, random_micro_batches  # noqa: E402
-from gpt2_common.cli import add_config_arguments, path_arg  # noqa: E402
+from gpt2_common.cli import add_config_arguments, output_arg  # noqa: E402
 from gpt2_common.config import load_config  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 from gpt2_common.flops import flops_per_token, peak_flops  # noqa: E402
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per framework (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the PyTorch step")
-    parser.add_argument("--json", default=None, type=path_arg, metavar="PATH", help="also write the results as a JSON list")
+    parser.add_argument("--json", default=None, type=output_arg("--json"), metavar="PATH", help="also write the results as a JSON list")
     args = parser.parse_args()
 
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]

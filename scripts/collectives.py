@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpt2_common.cli import add_config_arguments, path_arg  # noqa: E402
+from gpt2_common.cli import add_config_arguments, output_arg  # noqa: E402
 from gpt2_common.errors import run_cli  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     add_config_arguments(parser)
     parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices, where there is no "
                         "accelerator (default: %(default)s)")
-    parser.add_argument("--json", default=None, type=path_arg, help="also write every collective as JSON to this path")
+    parser.add_argument("--json", default=None, type=output_arg("--json"), help="also write every collective as JSON to this path")
     args = parser.parse_args()
     # Before jax is imported: a CPU backend then has --devices devices (an accelerator ignores it).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpt2_formats  # noqa: E402
 from gpt2_formats.runs import RUN_FORMS, convert_run  # noqa: E402
-from gpt2_common.cli import path_arg  # noqa: E402
+from gpt2_common.cli import output_arg, path_arg  # noqa: E402
 from gpt2_common.errors import UserError, as_typed, run_cli  # noqa: E402
 from gpt2_common.files import check_destination  # noqa: E402
 from gpt2_common.flops import num_params  # noqa: E402
@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", type=path_arg, help="a JAX checkpoint (run dir, checkpoints/ or step folder), a "
                         "PyTorch checkpoint (.pt, run dir or checkpoints/), a Hugging Face GPT-2 directory or Hub name "
                         "(hf:gpt2), nanoGPT's ckpt.pt (or its out_dir, or a bare state dict) or an llm.c model .bin")
-    parser.add_argument("dst", type=path_arg, help="where to write: a folder for jax, hf and nanogpt, a .pt file for "
-                        "torch, a .bin file for llmc, a run directory for jax-run and torch-run; must not exist")
+    parser.add_argument("dst", type=output_arg("the destination"), help="where to write: a folder for jax, hf and "
+                        "nanogpt, a .pt file for torch, a .bin file for llmc, a run directory for jax-run and torch-run; "
+                        "must not exist (a local path: hf: names are sources only)")
     parser.add_argument("--to", required=True, choices=(*gpt2_formats.FORMS, *RUN_FORMS),
                         help="the destination's form: weights (jax, torch, hf, nanogpt, llmc), or a run of the other "
                         "trainer with the whole training state (jax-run, torch-run)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpt2_common.cli import path_arg  # noqa: E402
+from gpt2_common.cli import output_arg, path_arg  # noqa: E402
 from gpt2_common.errors import UserError, as_typed, run_cli  # noqa: E402
 from gpt2_common.metrics import read_metrics  # noqa: E402
 
@@ -53,7 +53,7 @@ def plot_runs(run_dirs: list[str], out: str, title: str | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=path_arg, metavar="RUN_DIR", help="run directories holding metrics.jsonl")
-    parser.add_argument("--out", required=True, type=path_arg, help="the PNG to write")
+    parser.add_argument("--out", required=True, type=output_arg("--out"), help="the PNG to write")
     parser.add_argument("--title", default=None, help="title of the loss plot (default: 'loss')")
     args = parser.parse_args()
     plot_runs(args.runs, args.out, args.title)

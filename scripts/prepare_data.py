@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt2_common import hub  # noqa: E402
-from gpt2_common.cli import path_arg, source_arg  # noqa: E402
+from gpt2_common.cli import output_arg, source_arg  # noqa: E402
 from gpt2_common.errors import UserError, as_typed, run_cli  # noqa: E402
 from gpt2_common.shards import DEFAULT_SHARD_TOKENS  # noqa: E402
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="a Hub dataset's config, as its card lists them (default: the "
                         "card's default), e.g. sample-10BT")
     parser.add_argument("--split", default=None, help="a Hub dataset's split (default: train)")
-    parser.add_argument("--out", required=True, type=path_arg,
+    parser.add_argument("--out", required=True, type=output_arg("--out"),
                         help="directory for train_*.bin, val_*.bin and meta.json")
     parser.add_argument("--text-field", default="text", help="the text field of JSONL records / Parquet column "
                         "(default: %(default)s)")

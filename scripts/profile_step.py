@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from gpt2_common.bench import random_micro_batches  # noqa: E402
-from gpt2_common.cli import add_config_arguments, path_arg  # noqa: E402
+from gpt2_common.cli import add_config_arguments, output_arg  # noqa: E402
 from gpt2_common.config import load_config  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 from gpt2_common.trace import kernel_events, summarize  # noqa: E402
@@ -56,9 +56,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--top", type=int, default=20, help="kernels listed (default: %(default)s)")
-    parser.add_argument("--trace-dir", default=None, type=path_arg, help="keep the raw trace here (default: a temporary folder)")
-    parser.add_argument("--json", default=None, type=path_arg, metavar="PATH", help="also write the summary as JSON")
-    parser.add_argument("--hlo", default=None, type=path_arg, metavar="PATH", help="JAX: also write the step's optimized HLO, "
+    parser.add_argument("--trace-dir", default=None, type=output_arg("--trace-dir"), help="keep the raw trace here (default: a temporary folder)")
+    parser.add_argument("--json", default=None, type=output_arg("--json"), metavar="PATH", help="also write the summary as JSON")
+    parser.add_argument("--hlo", default=None, type=output_arg("--hlo"), metavar="PATH", help="JAX: also write the step's optimized HLO, "
                         "which names every kernel's fusion, to read after the device is gone")
     args = parser.parse_args()
     if args.steps < 1:

@@ -1,6 +1,7 @@
 """The repositories the fake Hub (tests/fake_hub.py) serves, made by the tests: a GPT-2 (a small random model, as
 openai-community/gpt2), a FineWeb-Edu-like dataset (a card with configs, Parquet files in subfolders), a
-WikiText-like one, an Alpaca-like one without configs in its card, and HellaSwag's val file where
+WikiText-like one, an Alpaca-like one without configs in its card, a dataset with no card at all (its files'
+names say its splits), and HellaSwag's val file where
 raw.githubusercontent.com keeps it. Each is built once a session (tests/conftest.py)."""
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ GPT2 = "openai-community/gpt2"
 FINEWEB = "HuggingFaceFW/fineweb-edu"
 WIKITEXT = "Salesforce/wikitext"
 ALPACA = "tatsu-lab/alpaca"
+NO_CARD = "someone/no-card"  # no README.md: one config, `default`, its splits named by its files
+NO_CARD_FILES = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+                 "data/test-00000-of-00001.parquet"]
 HELLASWAG_PATH = "/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FINEWEB_SAMPLE = ["sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet", "sample/10BT/002_00000.parquet"]
 
@@ -156,8 +160,10 @@ def build(hub: FakeHub, tmp: Path) -> HubRepos:
                       for i in range(600)]
     alpaca = {"README.md": ALPACA_CARD.encode(), "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet": parquet({
         key: [r[key] for r in alpaca_records] for key in ("instruction", "input", "output")})}
+    no_card = {path: fineweb_file(40 + seed, count=30) for seed, path in enumerate(NO_CARD_FILES)}
     for kind, repo, files in (("model", GPT2, gpt2_files(tmp)), ("dataset", FINEWEB, fineweb),
-                              ("dataset", WIKITEXT, wikitext), ("dataset", ALPACA, alpaca)):
+                              ("dataset", WIKITEXT, wikitext), ("dataset", ALPACA, alpaca),
+                              ("dataset", NO_CARD, no_card)):
         repos.commits[repo] = hub.add_commit(kind, repo, files)
         repos.files[repo] = files
     repos.files["alpaca records"] = {"records.json": json.dumps(alpaca_records).encode()}

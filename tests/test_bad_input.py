@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from gpt2_common.cli import train_parser
 from gpt2_common.config import load_config
 from gpt2_common.data import shard_header, write_shard
 from gpt2_common.errors import UserError, run_cli
+from gpt2_common.limits import MAX_NEW_TOKENS
 from gpt2_common.metrics import RunLog, read_metrics
 from gpt2_jax import checkpoint
 from gpt2_jax.sharding import make_mesh
@@ -125,6 +127,10 @@ CASES = [
      "logging.tensorboard=true needs tensorboardX: pip install '.[tensorboard]' (or pip install tensorboardX), "
      "or set logging.tensorboard=false"),
     ("W&B asked for, not installed", "--set logging.wandb=true", "logging.wandb=true needs Weights & Biases: pip install wandb"),
+    ("--sample-tokens past its bound (hours of sampling after the last checkpoint)", "--sample-tokens 1000000000",
+     "--sample-tokens 1000000000 is out of range; it must be in [0, 1000000] (0: no sample)"),
+    ("--sample-tokens below 0", "--sample-tokens -1", "--sample-tokens -1 is out of range; it must be in [0, 1000000]"),
+    ("--sample-tokens not a count", "--sample-tokens 1e9", "--sample-tokens must be a whole number of tokens, got '1e9'"),
 ]
 PARAMS = [pytest.param(trainer, case, args, message, id=f"{trainer}: {case}")
           for case, args, message in CASES for trainer in ("torch", "jax")
@@ -148,6 +154,13 @@ def test_bad_input_is_one_line_and_exit_2(root, tmp_path, capsys, monkeypatch, t
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert before == {p: p.stat().st_mtime_ns for p in root.glob("*_run*/**/*") if p.is_file()}  # nothing touched
     assert not (tmp_path / "run").exists()  # nor made
+
+
+def test_sample_tokens_takes_every_count_up_to_its_bound():
+    parser = train_parser("the trainers' flags")
+    assert [parser.parse_args(["--sample-tokens", n]).sample_tokens for n in ("0", "200", str(MAX_NEW_TOKENS))] == [
+        0, 200, MAX_NEW_TOKENS]
+    assert parser.parse_args([]).sample_tokens == 200
 
 
 def test_the_scripts_print_only_the_line(root):

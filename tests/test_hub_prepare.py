@@ -13,7 +13,7 @@ from gpt2_common import prepare_hub
 from gpt2_common.errors import UserError
 from gpt2_common.prepare import documents_for, prepare
 from gpt2_common.prepare_hub import prepare_named
-from hub_repos import FINEWEB, FINEWEB_SAMPLE, WIKITEXT
+from hub_repos import FINEWEB, FINEWEB_SAMPLE, NO_CARD, NO_CARD_FILES, WIKITEXT
 
 FINEWEB_NAME = f"hf:{FINEWEB}"
 SETTINGS = dict(config="sample-10BT", shard_tokens=20_000, val_fraction=0.05, workers=1, progress=False)
@@ -72,6 +72,27 @@ def test_offline_from_the_cache_gives_the_same_bytes_and_makes_no_request(hub_re
     prepare_named(FINEWEB_NAME, tmp_path / "offline", **SETTINGS)
     assert shard_bytes(tmp_path / "offline") == reference
     assert hub_repos.hub.requests(since) == []
+
+
+def test_a_repository_without_a_card_prepares_offline_from_the_cache(hub_repos, hub_home, tmp_path, monkeypatch,
+                                                                      caplog):
+    """No README.md: the card's configs are inferred from the files' names (their train split here), and the same
+    command offline, into a new --out and into the finished one, reads the cache alone: the same shards, no
+    request; and huggingface_hub's warning that no file matched README.md is not passed on."""
+    from fake_hub import use_in_process
+
+    name, settings = f"hf:{NO_CARD}", {**SETTINGS, "config": None}
+    since = len(hub_repos.hub.log)
+    prepare_named(name, tmp_path / "online", **settings)
+    assert hub_repos.hub.fetched(since) == NO_CARD_FILES[:2]  # the train split; there is no card to fetch
+    online = shard_bytes(tmp_path / "online")
+    since = len(hub_repos.hub.log)
+    use_in_process(monkeypatch, "http://127.0.0.1:9", hub_home, offline=True)  # a port nothing listens on
+    for out in ("offline", "online"):
+        prepare_named(name, tmp_path / out, **settings)
+        assert shard_bytes(tmp_path / out) == online, out
+    assert hub_repos.hub.requests(since) == []
+    assert "No files matched" not in caplog.text
 
 
 @pytest.mark.parametrize("fault", ["cut", "503"])

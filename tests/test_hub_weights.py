@@ -1,20 +1,24 @@
 """Weights by name (hf:gpt2, hf:OWNER/REPO[@REVISION]) through gpt2_formats, against the loopback Hub of
 tests/fake_hub.py: the same weights as the local directory, only config.json and the safetensors fetched, a bare
-word never sent to the network, and every failure of the Hub as one line that says what to do."""
+word never sent to the network, and every failure of the Hub as one line that says what to do; a name where a
+script writes is refused."""
 
 import errno
+import inspect
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
 
 import gpt2_formats
 from gpt2_common import hub
-from gpt2_common.cli import check_weights_arg, path_arg
+from gpt2_common.cli import check_weights_arg, path_arg, train_parser
 from gpt2_common.config import ModelConfig
 from gpt2_common.errors import UserError
 from hub_repos import GPT2
+from script_module import load_script
 
 TINY_GPT2 = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)  # the fake Hub's openai-community/gpt2
 
@@ -155,6 +159,31 @@ def test_a_full_disk_is_one_line(hub_repos, hub_home, monkeypatch):
     with pytest.raises(UserError, match=r"^no space left on the device while downloading hf:gpt2 into .*hf_home/hub: "
                        r"free space there, or point HF_HOME at a larger disk$"):
         gpt2_formats.read_canonical("hf:gpt2")
+
+
+@pytest.mark.parametrize("script, argv, what", [
+    ("prepare_data", ["--source", "shakespeare", "--out", "hf:me/shakespeare"], "--out"),
+    ("convert", ["hf:gpt2", "hf:me/gpt2", "--to", "hf"], "the destination"),
+    ("plot", ["runs/x", "--out", "hf:me/plot.png"], "--out"),
+    ("bench", ["--json", "hf:me/bench.json"], "--json"),
+    ("collectives", ["--json", "hf:me/collectives.json"], "--json"),
+    ("profile_step", ["--trace-dir", "hf:me/trace"], "--trace-dir"),
+    ("train_jax", ["--run-dir", "hf:me/run"], "--run-dir"),  # both trainers' flags (gpt2_common.cli.train_parser)
+])
+def test_an_output_named_like_a_hub_name_is_refused_in_one_line(script, argv, what, tmp_path, monkeypatch):
+    """hf: names are sources; one given where a script writes made a folder literally called `hf:me` (path_arg
+    passes names through)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    message = f"^{what} '{argv[-1] if script != 'convert' else argv[1]}' is a Hugging Face Hub name, and hf: names " \
+              "are sources only; give a local path to write to$"
+    with pytest.raises(UserError, match=message):
+        if script == "train_jax":
+            train_parser("the trainers' flags").parse_args(argv)
+        else:
+            main = load_script(script).main
+            main(argv) if inspect.signature(main).parameters else main()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_names_import_huggingface_hub_only_when_given_and_never_a_framework(hub_repos, tmp_path):

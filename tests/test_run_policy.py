@@ -180,6 +180,21 @@ def test_a_finished_run_says_so_and_trains_nothing(tmp_path):
     assert any("is done" in line for line in lines) and "next:" in lines[-1]
 
 
+@pytest.mark.parametrize("best_there", [True, False])
+def test_the_closing_line_names_the_best_checkpoint_only_where_it_is(tmp_path, best_there):
+    """A resumed run that makes no new best names the best checkpoint its resume found, if it is there: a user may
+    have deleted it, and a run converted from the other trainer's at a step before the source's best has none, yet
+    both carry the best validation loss (they named checkpoints/best all the same)."""
+    best = tmp_path / "run" / "checkpoints" / "best" / "15"
+    if best_there:
+        best.mkdir(parents=True)
+    start = run.Start(step=18, position=36, best_val_loss=0.5, resumed_from="ckpt/18",
+                      best_checkpoint=str(best) if best_there else None)
+    lines = go(tmp_path, StandIn(start))  # steps 19-20: val loss |5 - 0.3 * 20| = 1.0, no new best
+    closing = next(line for line in lines if line.startswith("checkpoints: ")).splitlines()[0]
+    assert closing == "checkpoints: ckpt/20 (last)" + (f", {best} (best, val loss 0.5000)" if best_there else "")
+
+
 def test_a_nan_stops_the_run_without_saving_it(tmp_path):
     backend = StandIn(nan_at=10)
     with pytest.raises(Diverged, match=r"diverged at step 10: loss nan.*the last good checkpoint \(ckpt/8\)"):

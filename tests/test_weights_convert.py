@@ -202,6 +202,37 @@ def test_a_conversion_killed_mid_write_leaves_what_the_next_one_removes(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if p != busy) == sorted(["hf", *written])
 
 
+def test_a_nanogpt_folder_killed_mid_write_does_not_block_the_same_command(tmp_path, monkeypatch, capsys):
+    """--to nanogpt into a folder (nanoGPT's out_dir, holding ckpt.pt): the folder itself is written under a partial
+    beside it. Before, the folder was made first and only ckpt.pt went through a partial inside it, so a kill mid-write
+    left a folder that the same command then refused as "already exists". Here torch.save is stopped half way, and
+    the clean-up that a SIGKILL would skip is skipped."""
+    from gpt2_common import files
+
+    class Killed(BaseException):
+        pass
+
+    def half_then_killed(obj, f, *args, **kwargs):
+        f.write(b"half")
+        raise Killed
+
+    cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
+    command = [str(tmp_path / "hf"), str(tmp_path / "nanogpt_out"), "--to", "nanogpt"]
+    with monkeypatch.context() as kill:
+        kill.setattr(files, "_remove", lambda path: None)
+        kill.setattr(torch, "save", half_then_killed)
+        with pytest.raises(Killed):
+            convert.main(command)
+    [left] = [p for p in tmp_path.iterdir() if p.name != "hf"]
+    capsys.readouterr()
+    convert.main(command)  # the same command again (it said "'nanogpt_out/ckpt.pt' already exists")
+    assert left.name.startswith(".nanogpt_out.") and left.name.endswith(".partial")
+    assert f"warning: removing {left}, left by a write of {tmp_path / 'nanogpt_out'}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "nanogpt_out"]
+    assert [p.name for p in (tmp_path / "nanogpt_out").iterdir()] == ["ckpt.pt"]
+    assert_same(gpt2_formats.read_canonical(tmp_path / "nanogpt_out")[1], cw.load_hf(tmp_path / "hf")[1])
+
+
 def test_a_torch_destination_must_be_a_pt_file(tmp_path):
     cw.save_hf(random_weights(), MODEL, tmp_path / "hf")
     refused(tmp_path, [str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "torch"], r"name the destination like")
