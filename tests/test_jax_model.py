@@ -178,12 +178,17 @@ def test_cudnn_attention_matches_xla_on_gpu():
 def test_sampling_never_picks_padded_ids_and_top_k_1_is_greedy():
     logits = np.zeros((64, 128), np.float32)
     logits[:, 120], logits[:, 7] = 100.0, 1.0
-    key = jax.random.PRNGKey(0)
-    sample = jax.jit(sample_next, static_argnums=(3, 4))
-    assert set(np.asarray(sample(logits, key, np.float32(0.0), 0, 100)).tolist()) == {7}
-    sampled = np.asarray(sample(logits, key, np.float32(1.0), 0, 100))
-    assert sampled.max() < 100 and len(set(sampled.tolist())) > 1
-    assert set(np.asarray(sample(logits, key, np.float32(5.0), 1, 100)).tolist()) == {7}
+    keys = jax.random.split(jax.random.PRNGKey(0), 64)  # a key a row, as the decoder gives them
+    sample = jax.jit(sample_next, static_argnums=(4,))
+
+    def draw(temperature: float, top_k: int) -> list[int]:
+        return np.asarray(sample(logits, keys, jnp.full(64, temperature, jnp.float32), jnp.full(64, top_k, jnp.int32),
+                                 100)).tolist()
+
+    assert set(draw(0.0, 0)) == {7}
+    sampled = draw(1.0, 0)
+    assert max(sampled) < 100 and len(set(sampled)) > 1
+    assert set(draw(5.0, 1)) == {7}
 
 
 def test_greedy_generation_matches_a_plain_loop_and_compiles_once():
