@@ -144,12 +144,17 @@ def _handler(hub: FakeHub):
             split = urlsplit(self.path)
             path, query = unquote(split.path), parse_qs(split.query)
             self.fault = hub._fault(path)
+            self.logged_path = path
             if self.fault is not None and self.fault.status is not None:
-                status = self._error(self.fault.status, self.fault.code, "injected")
+                self._error(self.fault.status, self.fault.code, "injected")
             else:
-                status = self._route(path, query, head)
+                self._route(path, query, head)
+
+        def send_response(self, code, message=None):
+            # Logged before a byte of the answer leaves: a client that has its answer finds its request in hub.log.
             with hub.lock:
-                hub.log.append(Request(self.command, path, self.headers.get("Range"), status))
+                hub.log.append(Request(self.command, self.logged_path, self.headers.get("Range"), code))
+            super().send_response(code, message)
 
         def _route(self, path: str, query: dict, head: bool) -> int:
             if path in hub.files:
