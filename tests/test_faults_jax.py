@@ -21,7 +21,7 @@ from gpt2_common.metrics import read_metrics
 from gpt2_jax.checkpoint import load_checkpoint_params, read_meta
 from gpt2_jax.train import train
 from nan_injection import train_with_nan_at
-from tiny_run import records, train_steps, wait_for, write_run_config
+from tiny_run import killed_after, records, train_steps, wait_for, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_jax.py"
@@ -98,13 +98,9 @@ def test_killed_at_a_random_moment_and_mid_save_resumes_exactly(reference, tmp_p
     proc.wait()
     partial = partial_saves(run_dir)
     assert partial and steps_saved(run_dir) == []
-    proc = start(config, run_dir)
-    target = random.randint(4, 10)
-    wait_for(lambda: train_steps(run_dir) >= target and steps_saved(run_dir), proc)  # with a save to resume from
-    proc.kill()
-    proc.wait()
+    killed = killed_after(command(config, run_dir), ENV, run_dir, random.randint(4, 10))  # with a save to resume from
     done = finish(config, run_dir)
-    assert f"warning: skipping partial checkpoint {partial[0]}" in (done.stderr + proc.stderr.read())
+    assert f"warning: skipping partial checkpoint {partial[0]}" in (done.stderr + killed.stderr)
     assert "resumed from step" in done.stdout
     assert records(run_dir) == expected  # bit for bit, and no step twice in metrics.jsonl
     assert not partial_saves(run_dir) and steps_saved(run_dir) == [3, 6, 9, 12]

@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from gpt2_common.metrics import read_metrics
 from gpt2_torch.checkpoint import list_checkpoints, load_checkpoint
 from gpt2_torch.train import main
 from nan_injection import train_with_nan_at
-from tiny_run import records, train_steps, wait_for, write_run_config
+from tiny_run import killed_after, records, train_steps, wait_for, write_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "train_torch.py"
@@ -80,15 +79,9 @@ def reference(tmp_path_factory):
 def test_killed_at_random_moments_and_mid_save_resumes_exactly(reference, tmp_path):
     config, expected = reference
     run_dir = tmp_path / "run"
-    rng = random.Random()
-    # 1: SIGKILL after a random number of logged steps, at least 4: step 3's checkpoint is then on disk, so that the
-    # last run below resumes whatever the draw (a draw of 2 or 3 left nothing to resume, a flake)
-    proc = start(config, run_dir)
-    target = rng.randint(4, 7)
-    wait_for(lambda: train_steps(run_dir) >= target, proc)
-    time.sleep(rng.uniform(0, 0.05))
-    proc.kill()
-    proc.wait()
+    # 1: SIGKILL after a random number of logged steps, with step 3's checkpoint on disk so that the last run below
+    # resumes whatever the draw
+    killed_after(command(config, run_dir), ENV, run_dir, random.randint(4, 7))
     # 2: the same command again, killed while it writes a checkpoint (its temporary file is on disk)
     proc = start(config, run_dir, slow_saves=True)
     wait_for(lambda: saving(run_dir), proc)

@@ -44,6 +44,15 @@ def records(run_dir: Path) -> list[dict]:
     return [{k: r[k] for k in keep if k in r} for r in read_metrics(run_dir)]
 
 
+def killed_after(argv: list[str], env: dict[str, str], run_dir: Path, steps: int) -> subprocess.CompletedProcess:
+    """Runs the trainer command `argv` ([python, script, ...]) until a thread of its own SIGKILLs it, a random moment
+    after `steps` logged steps and a finished checkpoint (tests/kill_after.py); fails if the run ended first."""
+    proc = subprocess.run([argv[0], str(Path(__file__).with_name("kill_after.py")), str(run_dir), str(steps), *argv[1:]],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, f"the run ended before its kill: {proc.stderr[-3000:]}"
+    return proc
+
+
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
     """Until predicate() holds, failing if `proc` ends first or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
