@@ -76,7 +76,7 @@ def shards_loss(pattern: str, model, precision: str, batch_size: int, steps: int
     batches = loader.batches_per_epoch if steps <= 0 else min(steps, loader.batches_per_epoch)
     loss = loader_loss(with_progress(make_token_nll(), batches, "batches"), loader, batches)
     return {"shards": len(paths), "tokens": batches * loader.order.rows * block_size, "loss": loss,
-            "perplexity": math.exp(loss)}
+            "perplexity": math.exp(loss), "batches": batches, "batches_in_shards": loader.batches_per_epoch}
 
 
 def check_fits(rows: int, model, precision: str, what: str) -> None:
@@ -149,9 +149,11 @@ def summary(result: dict) -> str:
         return (f"perplexity {result['perplexity']:.3f} | nll {result['nll']:.4f} | "
                 f"{result['bits_per_byte']:.4f} bits per byte over {result['tokens']:,} tokens "
                 f"(stride {result['stride']})")
+    scored = ("every batch of them" if result["batches"] == result["batches_in_shards"] else
+              f"the first {result['batches']} of their {result['batches_in_shards']} batches (--steps)")
     return (f"val loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
-            f"of {result['shards']} shard(s): every batch of them, where a trainer's logged val_loss is the mean of "
-            "its first train.eval_steps batches")
+            f"of {result['shards']} shard(s): {scored}, where a trainer's logged val_loss is the mean of its first "
+            "train.eval_steps batches")
 
 
 def main(argv: list[str]) -> None:
