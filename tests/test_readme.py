@@ -2,8 +2,9 @@
 
 Every command below is checked to stand in README.md word for word, then run as a subprocess from the root of a
 fresh copy of the repository (in a folder whose name holds a space), with relative paths, exactly as typed; the
-trainers' runs are only shortened (SHORTEN: `--set` overrides of run-control keys that leave the config's identity
-alone, and a shorter closing sample). Each row of the README's bad-input table runs its own command and must print
+runs are only shortened (SHORTEN, SHORTER, SHORTEN_SCRIPT: `--set` overrides of run-control keys that leave the
+config's identity alone, --stop-at, a shorter closing sample, fewer batches evaluated and tokens sampled), with one
+JAX compilation cache for the session (conftest.py). Each row of the README's bad-input table runs its own command and must print
 exactly its message, one line, exit status 2, and leave the run directories as they were. If the README changes a
 command, this test fails until it changes too.
 """
@@ -37,6 +38,8 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SHORTEN = ["--sample-tokens", "32", "--set", "train.max_steps=30", "train.eval_interval=15", "train.save_interval=15",
            "train.eval_steps=2", "train.log_interval=10"]
+# The other scripts' run-control flags, the same way: evaluation of 2 batches of the shards, 32 sampled tokens
+SHORTEN_SCRIPT = {"scripts/evaluate.py": ["--steps", "2"], "scripts/sample.py": ["--max-new-tokens", "32"]}
 TIMEOUT = 900  # seconds a command may take before the test calls it hung (a busy machine is slow, not broken)
 
 TRAIN_JAX = "python scripts/train_jax.py --config shakespeare"
@@ -72,6 +75,9 @@ READ_CONVERTED = [
 ]
 READ_JAX_CONVERTED = 'python scripts/sample.py --checkpoint shakespeare_jax --prompt "ROMEO:"'
 SERVE = "python scripts/serve.py --checkpoint runs/shakespeare --framework jax"
+# Shorter still where the test reads less: the --init-from runs stop at step 2 (the test reads that they started
+# from the other framework's weights)
+SHORTER = dict.fromkeys(INIT_FROM, ["--stop-at", "2"])
 MOVED = [  # "Continue a run in the other framework": steps 1-10 in JAX, 11-20 in PyTorch, 21-30 in JAX again
     "python scripts/train_jax.py --config shakespeare --run-dir runs/moved --stop-at 10",
     "python scripts/convert.py runs/moved runs/moved-torch --to torch-run",
@@ -125,7 +131,8 @@ def bad_input_rows() -> list[tuple[str, str, str]]:
 
 def argv(command: str) -> tuple[list[str], dict[str, str]]:
     """A README command as a process's argv and environment: `VAR=value` prefixes go to the environment, `python`
-    becomes this interpreter, and the trainers' runs get SHORTEN before their own flags (so that theirs win)."""
+    becomes this interpreter, and the trainers' runs get SHORTEN (and SHORTER; evaluate.py --shards and sample.py
+    SHORTEN_SCRIPT) before their own flags (so that theirs win)."""
     words, env = shlex.split(command), dict(ENV)
     while "=" in words[0] and not words[0].startswith("-"):
         key, value = words.pop(0).split("=", 1)
@@ -133,7 +140,9 @@ def argv(command: str) -> tuple[list[str], dict[str, str]]:
     assert words[0] == "python", command
     words[0] = sys.executable
     if words[1] in ("scripts/train_jax.py", "scripts/train_torch.py"):
-        words[2:2] = SHORTEN
+        words[2:2] = SHORTEN + SHORTER.get(command, [])
+    elif words[1] == "scripts/sample.py" or (words[1] == "scripts/evaluate.py" and "--shards" in words):
+        words[2:2] = SHORTEN_SCRIPT[words[1]]
     return words, env
 
 
@@ -196,13 +205,7 @@ def hub_clone(tmp_path_factory) -> Path:
 
 
 def fresh_copy(target: Path) -> Path:
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout
-    for name in filter(None, listed.decode().split("\0")):
-        if (ROOT / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, target / name)
-    return target
+    return load_script("bench_errors").copy_repository(target)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +283,8 @@ def test_sampling_evaluating_and_plotting_read_both_runs(flow, clone):
     for command in AFTER_TRAINING[2:4]:
         out = ok(flow[command])
         assert re.search(r"val loss \d+\.\d+", out) and "perplexity" in out, out
-        assert "train.eval_steps" in out  # says why it differs from the trainer's figure
+        # says what it scored (SHORTEN_SCRIPT's --steps 2), and why that differs from the trainer's figure
+        assert re.search(r"the first 2 of their \d+ batches \(--steps\), where .* train.eval_steps", out), out
     assert ok(flow[AFTER_TRAINING[4]]) == "wrote curves.png\n"
     assert (clone / "curves.png").stat().st_size > 10_000
 
