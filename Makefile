@@ -12,12 +12,16 @@ $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 train: $(STAMP)  ## train the shakespeare config with the JAX trainer (CPU minutes), then print a sample
 	$(PY) scripts/train_jax.py --config shakespeare
 
+# pytest-xdist: a test file to a worker (its module fixtures, e.g. the README test's trained runs, are built once);
+# two workers keep both cores of the 2-core CI machine busy while one of them waits on a subprocess
+TEST_WORKERS ?= 2
+
 test: $(STAMP)  ## the whole default test suite: unit tests and the JAX/PyTorch/transformers parity suite
 	scripts/install_browser.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)  ## also the tests marked slow
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m ""
 
 lock:  ## upgrade on purpose: the newest versions pyproject.toml allows, into .venv-lock, recorded in constraints.txt
 	rm -rf .venv-lock
