@@ -237,7 +237,13 @@ def train(config: Config, run_dir: str | os.PathLike, *, init_from: str | None =
     try:
         backend = TorchBackend(config, Path(run_dir), env, init_from=init_from, resume_from=resume_from,
                                allow_config_change=allow_config_change)
-        return run.train(backend, config, Path(run_dir), stop_at=stop_at, sample_tokens=sample_tokens, log=log)
+        end = run.train(backend, config, Path(run_dir), stop_at=stop_at, sample_tokens=sample_tokens, log=log)
+        if dist.is_initialized():
+            # The ranks take the group down together, once the main rank's closing sample is done: a rank that tore
+            # gloo down while rank 0 still sampled died of SIGABRT ("terminate called without an active exception")
+            # after a finished run, once in the suite on a busy two-core machine.
+            dist.barrier()
+        return end
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -103,7 +103,7 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(REPO / "scripts" / "train_torch.py"), "--config", str(config), "--run-dir", str(tmp_path / "ddp")],
         env=env, capture_output=True, text=True, timeout=600)
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.returncode == 0, f"{launched.stdout[-1500:]}\n{launched.stderr[:3000]}"  # how far, and the first error
     assert "2 x cpu" in launched.stdout
     main(["--config", str(config), "--run-dir", str(tmp_path / "one")])
     assert train_losses(tmp_path / "ddp") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
