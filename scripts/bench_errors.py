@@ -110,13 +110,16 @@ def main() -> None:
                 continue  # a row that names a situation, not a command (the divergence row)
             words, row_env = command_line(command, env)
             seconds, code, stderr = time_command(words, row_env, workdir, args.repeats)
-            results.append({"case": case, "median_s": statistics.median(seconds), "max_s": max(seconds),
-                            "exit": code, "message_as_readme": stderr == message + "\n"})
+            same = stderr == message + "\n"
+            results.append({"case": case, "command": command, "median_s": statistics.median(seconds),
+                            "max_s": max(seconds), "exit": code, "message_as_readme": same,
+                            **({} if same else {"printed": stderr[-1500:]})})
         for script in sorted((workdir / "scripts").glob("*.py")):
             seconds, code, _ = time_command([sys.executable, f"scripts/{script.name}", "--help"], env, workdir,
                                             args.repeats)
-            results.append({"case": f"{script.name} --help", "median_s": statistics.median(seconds),
-                            "max_s": max(seconds), "exit": code, "message_as_readme": None})
+            results.append({"case": f"{script.name} --help", "command": f"python scripts/{script.name} --help",
+                            "median_s": statistics.median(seconds), "max_s": max(seconds), "exit": code,
+                            "message_as_readme": None})
     finally:
         if temporary:
             shutil.rmtree(workdir, ignore_errors=True)
