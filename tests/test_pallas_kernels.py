@@ -138,6 +138,7 @@ def test_the_kernels_lower_to_triton():
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)  # padded to 128
 
 
+@functools.cache  # the plain model's loss and gradients are the reference of three tests: one compile each
 def model_value_and_grads(config: ModelConfig, precision: str = "fp32"):
     model = build_model(config, precision, backend="cpu")
     rng = np.random.default_rng(0)
