@@ -62,6 +62,9 @@ def convert_run(src: str | os.PathLike, dst: str | os.PathLike, to: str, step: i
         raise UserError(f"'{src}' is {_WEIGHTS_ONLY[form]}: weights with no training state to continue; start a "
                         f"run from them with --init-from {src}")
     candidates, strict, where = _checkpoints(Path(src), form, step)  # refused before a framework is imported
+    if form == "torch" and strict and _weights_only_pt(candidates[0]):
+        raise UserError(f"'{candidates[0]}' holds weights only (written by convert.py --to torch), no optimizer state: "
+                        f"nothing to continue; start a run from its weights with --init-from {src}")
     try:
         state, checkpoint = _read_newest(candidates, _train_state_module(form).read_checkpoint, strict, where)
     except WeightsOnly as err:
@@ -89,6 +92,13 @@ def convert_run(src: str | os.PathLike, dst: str | os.PathLike, to: str, step: i
 
 
 # --- choosing the source's checkpoint (from the layouts alone: pathlib, no framework) --------------------------------
+
+def _weights_only_pt(path: Path) -> bool:
+    """A torch.save file whose record holds no optimizer state (what convert.py --to torch writes), told from the
+    record alone (gpt2_torch.layout.peek), so that the refusal comes before torch is imported (1.6 s there)."""
+    record = torch_layout.peek(path)
+    return record is not None and "optimizer" not in record
+
 
 def _checkpoints(src: Path, form: str, step: int | None) -> tuple[list[Path], bool, Path]:
     """(checkpoints to try, newest first; strict: only the first, which must read; the folder they are in). A
