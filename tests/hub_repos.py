@@ -79,6 +79,7 @@ dataset_info:
 WORDS = ("the of and to in is was for that on as with by he at from his an were are which this be or first new "
          "school learning students water energy history science children world system cells body plants light "
          "teachers earth research health during between through years people study university century").split()
+# HellaSwag's JSONL shape (ctx, endings, label): the fake server's val file (tests/test_hellaswag_training.py adds two)
 HELLASWAG = [
     ("A man is sitting on a roof. He", ["is using wrap to wrap a pair of skis.", "starts pulling up roofing.",
                                         "is ripping level tiles off.", "is holding a rope."], 3),
@@ -87,6 +88,10 @@ HELLASWAG = [
     ("A dog runs across the park. It", ["catches the ball.", "reads a newspaper.", "flies away.",
                                         "sits down on the grass quietly."], 0),
 ]
+
+
+def hellaswag_jsonl(examples=HELLASWAG) -> str:
+    return "".join(json.dumps({"ctx": c, "endings": e, "label": label}) + "\n" for c, e, label in examples)
 
 
 @dataclass
@@ -167,8 +172,7 @@ def build(hub: FakeHub, tmp: Path) -> HubRepos:
         repos.commits[repo] = hub.add_commit(kind, repo, files)
         repos.files[repo] = files
     repos.files["alpaca records"] = {"records.json": json.dumps(alpaca_records).encode()}
-    repos.hellaswag = "".join(json.dumps({"ctx": c, "endings": e, "label": label}) + "\n"
-                              for c, e, label in HELLASWAG).encode()
+    repos.hellaswag = hellaswag_jsonl().encode()
     url = hub.serve_file(HELLASWAG_PATH, repos.hellaswag)
     repos.hellaswag_base = url.rsplit("/", 1)[0]
     return repos

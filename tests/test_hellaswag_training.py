@@ -18,15 +18,10 @@ from gpt2_common.errors import UserError
 from gpt2_common.evaluation import hellaswag_accuracy, read_hellaswag
 from gpt2_common.metrics import read_metrics
 from gpt2_formats import read_canonical
+from hub_repos import HELLASWAG, hellaswag_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = [
-    ("A man is sitting on a roof. He", ["is using wrap to wrap a pair of skis.", "starts pulling up roofing.",
-                                        "is ripping level tiles off.", "is holding a rope."], 3),
-    ("The chef cracks two eggs into a bowl. She", ["whisks them with a fork.", "paints the bowl blue.",
-                                                   "throws the bowl away.", "sings to the eggs."], 0),
-    ("A dog runs across the park. It", ["catches the ball.", "reads a newspaper.", "flies away.",
-                                        "sits down on the grass quietly."], 0),
+EXAMPLES = HELLASWAG + [
     ("Two kids build a sandcastle. They", ["add a moat.", "eat the sand.", "fly a plane.", "file taxes."], 0),
     ("She opens the window. The", ["wind blows in.", "window eats lunch.", "room turns into a boat.",
                                    "curtains move in the breeze."], 3),
@@ -38,8 +33,7 @@ def write_config(tmp_path, **train) -> Path:
     rng = np.random.default_rng(0)
     write_shard(tmp_path / "data" / "train.bin", rng.integers(0, 50257, 20_000))
     write_shard(tmp_path / "data" / "val.bin", rng.integers(0, 50257, 2_000))
-    (tmp_path / "hellaswag.jsonl").write_text("".join(
-        json.dumps({"ctx": ctx, "endings": endings, "label": label}) + "\n" for ctx, endings, label in EXAMPLES))
+    (tmp_path / "hellaswag.jsonl").write_text(hellaswag_jsonl(EXAMPLES))
     train = {"batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "warmup_steps": 1, "eval_interval": 1,
              "eval_steps": 1, "save_interval": 0, "log_interval": 1, **train}
     path = tmp_path / "config.toml"
