@@ -33,7 +33,7 @@ from gpt2_common.manifest import NoManifest, verify_manifest
 from gpt2_common.metrics import check_logging_packages
 from gpt2_common.prepare import EMBEDDED_SOURCES, embedded_home_to_prepare
 from gpt2_common.runlock import check_free, check_run_dir
-from gpt2_common.weights import check_fits, is_hf_dir, model_config_from_hf
+from gpt2_common.weights import check_fits, model_config_from_hf
 from gpt2_formats import check_framework, detect
 from gpt2_jax import distributed, layout as jax_layout
 from gpt2_torch import layout as torch_layout
@@ -127,7 +127,7 @@ def _source_model(path: str) -> ModelConfig | None:
     (a Hub name, a nanoGPT file, a record that does not read: the trainer reads the weights and checks them)."""
     if hub.is_name(path):
         return None
-    form = detect(path) if Path(path).is_dir() or not str(path).endswith(".pt") else None
+    form = detect(path)  # from files alone: a .pt's form from its record (gpt2_torch.layout.peek)
     try:
         if form == "hf":
             return model_config_from_hf(json.loads((Path(path) / "config.json").read_text()), f"'{path}'")
@@ -137,11 +137,13 @@ def _source_model(path: str) -> ModelConfig | None:
             return read_header(Path(path))[1]
         if form == "jax":
             text = jax_layout.saved_config_toml(jax_layout.step_dir(path))
-        else:  # a .pt file, or a run directory of them
+        elif form == "torch":  # a checkpoint file, or a run directory of them
             pt = Path(path) if Path(path).is_file() else (torch_layout.list_checkpoints(Path(path) / "checkpoints")
                                                           or torch_layout.list_checkpoints(path) or [None])[-1]
-            record = torch_layout.peek(pt) if pt is not None and not is_hf_dir(path) else None
-            text = record.get("config") if record and record.get("format") == torch_layout.FORMAT else None
+            record = torch_layout.peek(pt) if pt is not None else None
+            text = record.get("config") if record else None
+        else:  # nanoGPT's: the trainer reads it
+            return None
         return loads_toml(text).model if isinstance(text, str) else None
     except UserError:
         raise
