@@ -78,17 +78,25 @@ class _FusedCrossEntropy(torch.autograd.Function):
         dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if want_grads else None
         for start in range(0, T, chunk_size):
             x_c, t_c, valid_c = (a[:, start:start + chunk_size] for a in (x, targets, valid))
-            logits = mask_padded_vocab((x_c @ w.T).float(), vocab_size)
-            lse = torch.logsumexp(logits, dim=-1)
+            # A chunk's logits are its own fresh tensor, worked on in place: on a CPU each pass over them costs as
+            # much as the head's matmul (mask_padded_vocab's copy, logsumexp's and the softmax's passes were ~40% of
+            # a shakespeare step), so the padded ids are set to -inf in place and one log_softmax gives both the
+            # loss and, exponentiated in place, the softmax.
+            logits = (x_c @ w.T).float()
+            logits[..., vocab_size:] = float("-inf")
+            log_probs = torch.log_softmax(logits, dim=-1)
+            del logits
             safe_targets = t_c.clamp(min=0).unsqueeze(-1)  # any in-range id: an ignored position is zeroed below
-            nll = lse - logits.gather(-1, safe_targets).squeeze(-1)
+            nll = -log_probs.gather(-1, safe_targets).squeeze(-1)
             total += torch.where(valid_c, nll, 0.0).sum()
             if want_grads:
-                dlogits = torch.exp(logits - lse.unsqueeze(-1)).scatter_add_(
-                    -1, safe_targets, torch.full_like(safe_targets, -1.0, dtype=torch.float32))
-                dlogits = (dlogits * valid_c.unsqueeze(-1)).to(x.dtype)
-                dx[:, start:start + chunk_size] = (dlogits @ w).float()
-                dw += (dlogits.flatten(0, 1).T @ x_c.flatten(0, 1)).float()
+                dlogits = log_probs.exp_().scatter_add_(
+                    -1, safe_targets, torch.full_like(safe_targets, -1.0, dtype=torch.float32)).to(x.dtype)
+                # An ignored position's gradient is zero: its row of dlogits is left as it is and zeroed where the
+                # row is C wide, not V (its hidden state and its dx), the same values without a pass over the logits
+                keep = valid_c.unsqueeze(-1).to(x.dtype)
+                dx[:, start:start + chunk_size] = (dlogits @ w).float() * keep
+                dw += (dlogits.flatten(0, 1).T @ (x_c * keep).flatten(0, 1)).float()
         if want_grads:
             ctx.save_for_backward(dx / count, dw / count)
             ctx.x_dtype = x.dtype
