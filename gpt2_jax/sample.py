@@ -35,6 +35,7 @@ from gpt2_jax.model import GPT, KVCache, mask_padded_vocab
 
 PREFILL_CHUNK = 64
 MIN_PREFILL_CHUNK = 16
+MIN_OUT_WIDTH = 64
 NO_STOP = -1  # a stop token that is never drawn
 
 
@@ -290,15 +291,23 @@ def prompt_window(prompts: Sequence[Sequence[int]], block_size: int) -> tuple[np
     return window, length
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "span", "chunk", "cached"))
-def _start(model: GPT, params: Any, window: jax.Array, length: jax.Array, how: Settings, *, max_new_tokens: int,
+def out_width(max_new_tokens: int) -> int:
+    """The width of the output that the compiled loops carry: max_new_tokens rounded up to a power of two (at least
+    MIN_OUT_WIDTH), so that a generation of another length reuses the loops compiled for this one (each took seconds
+    to compile on a CPU, in every call of another length); the columns past max_new_tokens are never written, and
+    generate() returns the first max_new_tokens."""
+    return max(MIN_OUT_WIDTH, 1 << (max_new_tokens - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("model", "width", "span", "chunk", "cached"))
+def _start(model: GPT, params: Any, window: jax.Array, length: jax.Array, how: Settings, *, width: int,
            span: int, chunk: int, cached: bool) -> tuple[DecodeState, jax.Array]:
-    """The first state (prefilled when cached) and the output [B, max_new_tokens], filled with the stop token."""
+    """The first state (prefilled when cached) and the output [B, width], filled with the stop token."""
     if cached:
         state = prefill(model, params, window, length, span, chunk)
     else:
         state = DecodeState(window, length, None, jnp.zeros(window.shape[0], bool), jnp.array(0, jnp.int32))
-    return state, jnp.full((window.shape[0], max_new_tokens), jnp.maximum(how.stop_token, 0), jnp.int32)
+    return state, jnp.full((window.shape[0], width), jnp.maximum(how.stop_token, 0), jnp.int32)
 
 
 # The state and output are donated: the cache and the output are updated in place, not copied.
@@ -361,15 +370,15 @@ def generate(model: GPT, params: Any, prompts: Sequence[Sequence[int]], max_new_
         inputs = jax.device_put(inputs, sharding)
     window, length, how = inputs
     first = segments[0]
-    state, out = _start(model, params, window, length, how, max_new_tokens=max_new_tokens, span=first.span,
+    state, out = _start(model, params, window, length, how, width=out_width(max_new_tokens), span=first.span,
                         chunk=prefill_chunk(longest, first.span), cached=first.cached)
     for segment in segments:
         state = _fit_cache(state, segment)
         state, out = _decode_loop(model, params, state, out, how, np.int32(segment.end), span=segment.span,
                                   cached=segment.cached)
     if sharding is not None:  # the result may span processes: give every process all of it
-        return np.asarray(multihost_utils.process_allgather(out, tiled=True))
-    return np.asarray(jax.device_get(out))
+        return np.asarray(multihost_utils.process_allgather(out, tiled=True))[:, :max_new_tokens]
+    return np.asarray(jax.device_get(out))[:, :max_new_tokens]
 
 
 def sample_text(model: GPT, params: Any, prompt: str = "\n", max_new_tokens: int = 200, *,

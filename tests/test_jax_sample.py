@@ -137,13 +137,15 @@ def test_plan_reads_the_cache_by_spans_and_crops_past_block_size():
     assert sample.plan(13, 16, 6, use_cache=False) == [sample.Segment(0, 6, 16, False)]
 
 
-def test_one_compile_per_span_for_any_prompt_and_settings():
+def test_one_compile_per_span_for_any_prompt_length_and_settings():
     model, params = tiny()
     sample.generate(model, params, [[1]], NEW, temperature=0.0)
     list(serving.token_stream(model, params, [1], NEW, temperature=0.0))
     compiled = (sample._start._cache_size(), sample._decode_loop._cache_size(), serving._decode_step._cache_size(),
                 serving._prefill._cache_size())
     sample.generate(model, params, [list(range(15))], NEW, temperature=0.7, top_k=5, top_p=0.5, seed=9)
+    for new_tokens in (3, 13, 40):  # other lengths: the same loops, whose output is MIN_OUT_WIDTH wide
+        assert sample.generate(model, params, [[2]], new_tokens, temperature=0.0).shape == (1, new_tokens)
     list(serving.token_stream(model, params, list(range(40)), NEW, temperature=1.3, top_k=3, top_p=0.8, seed=1))
     assert (sample._start._cache_size(), sample._decode_loop._cache_size(), serving._decode_step._cache_size(),
             serving._prefill._cache_size()) == compiled
