@@ -4,6 +4,7 @@ gpt2_jax/distributed.py is its JAX twin."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ class Distributed:
 
 def setup_distributed() -> Distributed:
     """Joins the torchrun job when launched by torchrun (NCCL on GPUs, gloo on CPUs); else one process."""
+    if not torch.cuda.is_available():
+        keep_freed_memory_for_reuse()
     if "RANK" not in os.environ:
         return Distributed(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -35,6 +38,22 @@ def setup_distributed() -> Distributed:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return Distributed(rank, world_size, device)
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """On a CPU, keep the step's large buffers in the process between steps, as jemalloc or tcmalloc would.
+
+    glibc's malloc maps each block over 32 MB fresh from the kernel and unmaps it when freed, so a step's chunk of
+    logits (8 x 32 x 50304 fp32 = 51 MB in shakespeare) page-faults in anew every time: 0.82 M page faults in seven
+    steps, 1.7 s of system time. Blocks up to 1 GiB now come from the heap and stay for the next step (0.22 M
+    faults, 0.6 s); the process keeps its peak memory, as a trainer does anyway. Elsewhere than glibc: nothing."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    for option in (m_mmap_threshold, m_trim_threshold):
+        mallopt(option, 1 << 30)
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:

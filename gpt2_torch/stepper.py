@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity
 
 from gpt2_common.config import Config
 from gpt2_common.trace import trace_events
+from gpt2_torch.distributed import keep_freed_memory_for_reuse
 from gpt2_torch.model import GPT
 from gpt2_torch.optim import make_optimizer
 from gpt2_torch.step import train_step
@@ -26,6 +27,8 @@ class TorchStepper:
                  fused: bool | None = None):
         self.config = config
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            keep_freed_memory_for_reuse()  # as the trainer runs (for the whole process: every variant timed in it)
         torch.manual_seed(config.train.seed)
         self.model = GPT(config.model).to(self.device)
         self.optimizer = make_optimizer(self.model, config.train, fused=fused)
