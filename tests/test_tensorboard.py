@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-from tensorboardX.proto import event_pb2
 
 from gpt2_common.config import load_config
 from gpt2_common.metrics import RunLog
@@ -16,6 +15,8 @@ from gpt2_common.metrics import RunLog
 
 def events(path):
     """The Event records of one TensorBoard event file (TFRecord framing: length, its CRC, data, the data's CRC)."""
+    from tensorboardX.proto import event_pb2  # here: its import takes ~1.3 s, which every xdist worker would pay
+
     data, offset, found = path.read_bytes(), 0, []
     while offset < len(data):
         (length,) = struct.unpack("<Q", data[offset:offset + 8])
