@@ -76,18 +76,16 @@ def test_evaluation_losses_are_the_whole_logits_ones_bit_for_bit(rows, length, p
     """At GPT-2's vocabulary, in the shapes evaluation scores, GPT(reduction="none") by cache-sized chunks gives
     the losses of the whole logits to the last bit: what scripts/evaluate.py reported before, it reports still.
     (With a toy vocabulary XLA's reductions over chunks of a few tokens can round differently; the test above.)"""
-    from flax.core import unfreeze
-    from flax.linen import unbox
-
     from gpt2_common.config import ModelConfig
     from gpt2_jax.model import build_model
+    from test_jax_optim import host_params
 
     model = build_model(ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=128), precision, backend="cpu")
     rng = np.random.default_rng(rows * length)
     inputs = jnp.asarray(rng.integers(0, 50257, (rows, length)), jnp.int32)
     targets = np.asarray(rng.integers(0, 50257, (rows, length)), np.int32)
     targets[0, : length // 4] = -1
-    params = unbox(unfreeze(model.init(jax.random.PRNGKey(0), inputs)["params"]))
+    params = host_params(model)  # GPT-2's initial scales, drawn by numpy: no seconds of compiling model.init
     by_chunks = jax.jit(lambda p, i, t: model.apply({"params": p}, i, targets=t, reduction="none"))
     whole = jax.jit(lambda p, i, t: plain_token_losses(model.apply({"params": p}, i), t, 50257))
     np.testing.assert_array_equal(by_chunks(params, inputs, targets), whole(params, inputs, targets))

@@ -109,6 +109,7 @@ def test_clipping_reports_the_norm_before_clipping():
 def test_updates_match_the_optax_chain_step_for_step():
     """Same parameters, same gradients: torch's clip + AdamW + lr_at against optax's clip + adamw + schedule."""
     optax = pytest.importorskip("optax")
+    import jax
     import jax.numpy as jnp
 
     model = tiny_model()
@@ -122,6 +123,12 @@ def test_updates_match_the_optax_chain_step_for_step():
                     weight_decay=TRAIN.weight_decay, mask={n: p.ndim >= 2 for n, p in params.items()}),
     )
     state = chain.init(params)
+
+    @jax.jit  # one compile, not one per optax op and step
+    def apply(grads, state, params):
+        updates, state = chain.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
     for update, (inputs, targets) in enumerate(batches(TRAIN.max_steps)):
         cross_entropy(model(inputs), targets, 100).backward()
         grads = {n: jnp.asarray(p.grad.numpy()) for n, p in model.named_parameters()}
@@ -129,8 +136,7 @@ def test_updates_match_the_optax_chain_step_for_step():
         clip_gradients(model.parameters(), TRAIN.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        updates, state = chain.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = apply(grads, state, params)
         for n, p in zip(names, model.parameters()):
             np.testing.assert_allclose(p.detach().numpy(), np.asarray(params[n]), rtol=1e-5, atol=1e-6,
                                        err_msg=f"update {update}: {n}")

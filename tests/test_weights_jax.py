@@ -17,7 +17,8 @@ MODEL = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=10
 
 @pytest.fixture(scope="module")
 def variables():
-    return GPT(MODEL).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))  # boxed, with logical axis names
+    # boxed, with logical axis names; one compile, not one per op of the initialisation
+    return jax.jit(GPT(MODEL).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
 
 
 def test_names_map_one_to_one():
