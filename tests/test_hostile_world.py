@@ -96,8 +96,8 @@ def test_a_shard_cut_short_mid_run_ends_the_run_with_one_line_naming_it(framewor
 def test_resume_from_must_name_a_checkpoint_of_the_run(framework, tmp_path, torch_one_thread):
     from gpt2_common.errors import UserError
 
-    config = write_config(tmp_path, max_steps=2)
-    train_in_process(framework, config, tmp_path / "run")
+    config = write_config(tmp_path)  # the config of the test above (whose compiled step the JAX cache holds)
+    train_in_process(framework, config, tmp_path / "run", stop_at=2)
     with pytest.raises(UserError, match="is not a checkpoint of this run"):
         train_in_process(framework, config, tmp_path / "run", resume_from=str(tmp_path / "elsewhere"))
 
