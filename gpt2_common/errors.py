@@ -4,6 +4,8 @@ import os
 import sys
 from typing import Callable
 
+from gpt2_common import startup
+
 
 class UserError(Exception):
     """A problem the user can fix (a config key, a missing file, a wrong shape); the message says how.
@@ -26,6 +28,7 @@ def as_typed(message: str) -> str:
 
 def run_cli(main: Callable[[], object]) -> None:
     """Runs a script's main; a UserError is printed as one line on stderr and exits with status 2."""
+    startup.script_process()  # its frameworks load faster (gpt2_common/startup.py)
     try:
         main()
     except UserError as err:

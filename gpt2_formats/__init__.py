@@ -25,6 +25,7 @@ from pathlib import Path
 from gpt2_common import hub, llmc
 from gpt2_common.config import Config, ModelConfig
 from gpt2_common.errors import UserError
+from gpt2_common.startup import imports_without_gc
 from gpt2_common.weights import Weights, fit_to_model, is_hf_dir, load_hf, orphan_weight_file, save_hf
 from gpt2_jax import layout as jax_layout
 from gpt2_torch import layout as torch_layout
@@ -95,7 +96,8 @@ def _detect_file(path: Path) -> str:
 def _torch_side():
     """gpt2_torch.nanogpt, which looks inside PyTorch files; a line saying so if PyTorch is not installed."""
     try:
-        from gpt2_torch import nanogpt
+        with imports_without_gc():
+            from gpt2_torch import nanogpt
     except ImportError as err:
         raise UserError(f"reading a PyTorch file needs PyTorch ({err}); install torch") from None
     return nanogpt
@@ -104,7 +106,8 @@ def _torch_side():
 # --- reading and writing --------------------------------------------------------------------------------------------
 
 def _read_torch_state(path: Path):
-    from gpt2_torch.weights import read_state_dict_file
+    with imports_without_gc():
+        from gpt2_torch.weights import read_state_dict_file
 
     return read_state_dict_file(path)
 
@@ -121,10 +124,11 @@ def read_canonical(path: str | os.PathLike) -> tuple[Config, Weights]:
         return llmc.read_llmc(path)
     if form == "nanogpt":
         return _torch_side().read_nanogpt(path)
-    if form == "torch":
-        from gpt2_torch.checkpoint import read_weights
-    else:
-        from gpt2_jax.checkpoint import read_weights
+    with imports_without_gc():
+        if form == "torch":
+            from gpt2_torch.checkpoint import read_weights
+        else:
+            from gpt2_jax.checkpoint import read_weights
     return read_weights(path)
 
 
@@ -140,13 +144,12 @@ def write(weights: Weights, config: Config, dst: str | os.PathLike, to: str, dty
         llmc.write_llmc(weights, config.model, dst, dtype)
     elif to == "nanogpt":
         _torch_side().write_nanogpt(weights, config, dst)
-    elif to == "torch":
-        from gpt2_torch.checkpoint import write_weights
-
-        write_weights(weights, config, dst)
     else:
-        from gpt2_jax.checkpoint import write_weights
-
+        with imports_without_gc():
+            if to == "torch":
+                from gpt2_torch.checkpoint import write_weights
+            else:
+                from gpt2_jax.checkpoint import write_weights
         write_weights(weights, config, dst)
 
 

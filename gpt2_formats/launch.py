@@ -33,6 +33,7 @@ from gpt2_common.manifest import NoManifest, verify_manifest
 from gpt2_common.metrics import check_logging_packages
 from gpt2_common.prepare import EMBEDDED_SOURCES, embedded_home_to_prepare
 from gpt2_common.runlock import check_free, check_run_dir
+from gpt2_common.startup import imports_without_gc
 from gpt2_common.weights import check_fits, model_config_from_hf
 from gpt2_formats import check_framework, detect
 from gpt2_jax import distributed, layout as jax_layout
@@ -58,12 +59,13 @@ def train_main(framework: str, argv: list[str] | None = None) -> None:
     args = build_parser(framework).parse_args(argv)
     config, run_dir = resolve_run(args, framework)
     check_training(config, run_dir, framework, args)
+    with imports_without_gc():
+        if framework == "jax":
+            from gpt2_jax.train import train
+        else:
+            from gpt2_torch.train import train
     if framework == "jax":
-        from gpt2_jax.train import train
-
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    else:
-        from gpt2_torch.train import train
     train(config, run_dir, init_from=args.init_from, resume_from=args.resume_from, stop_at=args.stop_at,
           sample_tokens=args.sample_tokens, allow_config_change=args.allow_config_change)
 

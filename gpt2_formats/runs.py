@@ -20,6 +20,7 @@ from pathlib import Path
 from gpt2_common.cli import write_run_config
 from gpt2_common.errors import UserError, as_typed
 from gpt2_common.faults import warn
+from gpt2_common.startup import imports_without_gc
 from gpt2_common.files import check_destination, partial, share_like_open
 from gpt2_common.runlock import check_not_in_use
 from gpt2_common.train_state import (FRAMEWORK_NAMES, CannotContinue, TrainState, WeightsOnly, continuation_warnings,
@@ -35,10 +36,11 @@ _WEIGHTS_ONLY = {"hf": "a Hugging Face directory", "nanogpt": "a nanoGPT checkpo
 
 def _train_state_module(framework: str):
     """The framework's train_state module, imported only now (each imports its framework)."""
-    if framework == "jax":
-        from gpt2_jax import train_state
-    else:
-        from gpt2_torch import train_state
+    with imports_without_gc():
+        if framework == "jax":
+            from gpt2_jax import train_state
+        else:
+            from gpt2_torch import train_state
     return train_state
 
 

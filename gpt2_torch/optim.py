@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from gpt2_common.config import TrainConfig
 from gpt2_common.schedule import lr_at
+from gpt2_common.startup import imports_without_gc
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -34,12 +35,13 @@ def make_optimizer(model: nn.Module, train: TrainConfig, fused: bool | None = No
     """
     groups = param_groups(model, train.weight_decay)
     kwargs = dict(lr=lr_at(0, train), betas=(train.beta1, train.beta2), eps=train.eps)
-    if fused is not None:
-        return torch.optim.AdamW(groups, fused=fused, **kwargs)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except RuntimeError:  # "fused=True requires all the params to be ... of supported devices" (older torch on CPU)
-        return torch.optim.AdamW(groups, **kwargs)
+    with imports_without_gc():  # a process's first optimizer imports torch._dynamo (torch.optim's decorators do)
+        if fused is not None:
+            return torch.optim.AdamW(groups, fused=fused, **kwargs)
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:  # "fused=True requires all the params to be ... of supported devices" (older torch)
+            return torch.optim.AdamW(groups, **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, update: int, train: TrainConfig) -> float:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt2_common.cli import add_checkpoint_arguments, hellaswag_arg, path_arg  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
+from gpt2_common.startup import imports_without_gc  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,8 +126,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     examples = evaluation.read_hellaswag(args.hellaswag) if args.hellaswag else None
 
     def make_token_nll():
-        return importlib.import_module(f"gpt2_{args.framework}.evaluate").token_nll_fn(config, weights,
-                                                                                      precision=args.precision)
+        with imports_without_gc():
+            framework = importlib.import_module(f"gpt2_{args.framework}.evaluate")
+        return framework.token_nll_fn(config, weights, precision=args.precision)
 
     if args.shards:
         result = shards_loss(args.shards, model, args.precision, args.batch_size, args.steps, make_token_nll)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpt2_common.cli import add_checkpoint_arguments  # noqa: E402
 from gpt2_common.errors import UserError, run_cli  # noqa: E402
 from gpt2_common.limits import MAX_NEW_TOKENS, MAX_SAMPLES, SEED_MAX  # noqa: E402
+from gpt2_common.startup import imports_without_gc  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +120,9 @@ def completions(args: argparse.Namespace):
     shown = [] if args.instruction is not None else prompt
     rows = batch_rows(args, config.model, slides=len(prompt[-context:]) + args.max_new_tokens > context)
     stop = EOT_TOKEN if vocab > EOT_TOKEN else None
-    generate = importlib.import_module(f"gpt2_{args.framework}.sample").make_generate(config, weights,
-                                                                                     precision=args.precision)
+    with imports_without_gc():
+        framework = importlib.import_module(f"gpt2_{args.framework}.sample")
+    generate = framework.make_generate(config, weights, precision=args.precision)
     for first in range(0, args.num_samples, rows):
         count = min(rows, args.num_samples - first)
         out = generate([prompt[-context:]] * count, args.max_new_tokens, temperature=args.temperature,

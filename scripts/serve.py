@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt2_common.cli import add_checkpoint_arguments  # noqa: E402
 from gpt2_common.errors import UserError, as_typed, run_cli  # noqa: E402
+from gpt2_common.startup import imports_without_gc  # noqa: E402
 
 DEFAULT_MAX_BATCH = 64  # rows decoded together at most, unless --max-batch says otherwise (memory may say fewer)
 
@@ -104,8 +105,9 @@ def build(args: argparse.Namespace):
     config, weights = read_canonical(args.checkpoint)
     limits = Limits(max_batch=max_batch(args, config.model, args.precision), max_queue=args.max_queue,
                     max_tokens=args.max_tokens, timeout=args.request_timeout)
-    start = importlib.import_module(f"gpt2_{args.framework}.serving").make_decoder(config, weights,
-                                                                                precision=args.precision)
+    with imports_without_gc():
+        framework = importlib.import_module(f"gpt2_{args.framework}.serving")
+    start = framework.make_decoder(config, weights, precision=args.precision)
     warm = start([[0]], [Sampling(temperature=0.0)])  # compile now, not on the first request
     warm.step(), warm.step()
     name = args.model_name or Path(args.checkpoint).name
