@@ -8,12 +8,28 @@ programs in process after process, and a compile on two cores takes seconds. The
 default), so the in-process tests' many small programs stay in memory only."""
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt2-tests-jax-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session):
+    """Collection imports every test module and with them JAX, torch, flax and transformers: with Python's cyclic
+    collector paused meanwhile, and what they built frozen after (gc.freeze), no later collection in this long
+    process scans them again (gpt2_common/startup.py does the same for the scripts' processes)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
