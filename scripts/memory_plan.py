@@ -6,13 +6,15 @@ allocated, so a laptop can plan a 64-GPU job). Prints a Markdown table.
   python scripts/memory_plan.py --configs small medium large xl --devices 8 64 --rows-per-device 8
 
 With --compiled it asks the compiler instead: it compiles (does not run) the real train_step of each config on the
-devices here and prints XLA's buffer sizes for one device; --set changes the configs as in training:
+devices here and prints XLA's buffer sizes for one device and the CPU time the compile took; --set changes
+the configs as in training:
 
   python scripts/memory_plan.py --compiled --configs small --set train.batch_size=16 model.loss_chunk_size=0
 """
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -64,14 +66,18 @@ def print_compiled(names: list[str], overrides: list[str]) -> None:
     from gpt2_jax import sharding
     from gpt2_jax.memory import compiled_step_bytes
 
-    print(f"Compiled for {jax.device_count()} {jax.devices()[0].device_kind} device(s); bytes on one device, GiB")
-    print("| config | micro-batch | loss_chunk_size | state + batch | temporaries | total |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"Compiled for {jax.device_count()} {jax.devices()[0].device_kind} device(s); bytes on one device, GiB; "
+          "and the CPU seconds of tracing and compiling it (of loading it, where a compilation cache holds it)")
+    print("| config | micro-batch | loss_chunk_size | state + batch | temporaries | total | compile (CPU s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         config = load_config(name, overrides)
+        started = time.process_time()
         b = compiled_step_bytes(config, sharding.make_mesh(config.mesh))
+        cpu = time.process_time() - started
         print(f"| {name} | {config.train.micro_batch_size} x {config.model.block_size} | "
-              f"{config.model.loss_chunk_size} | {gib(b.arguments)} | {gib(b.temp)} | {gib(b.arguments + b.temp)} |")
+              f"{config.model.loss_chunk_size} | {gib(b.arguments)} | {gib(b.temp)} | {gib(b.arguments + b.temp)} | "
+              f"{cpu:.2f} |")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ def test_memory_plan_compiled_prints_the_compilers_sizes():
     assert len(row) == 1
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[1:3] == ["8 x 64", "0"]
-    state, temp, total = map(float, cells[3:])
+    state, temp, total, compile_cpu = map(float, cells[3:])
     assert state > 0.03 and temp > 0.2 and abs(total - state - temp) < 0.011  # GiB; the logits alone are ~0.1
+    assert compile_cpu > 0
 
 
 def test_bench_data_runs_each_loader_in_its_own_process_beside_a_baseline(tmp_path):
