@@ -192,4 +192,4 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(accumulation, monkeyp
     counts = {jax.tree_util.keystr(path): int(c)
               for path, c in optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")}
     assert sorted(counts.values()) == [1, 2]
-    assert counts[max(counts, key=lambda p: "inner_state" in p)] == 1  # Adam's, inside apply_if_finite
+    assert counts[max(counts, key=lambda p: "inner_state" in p)] == 1  # Adam's, inside the skip (ApplyIfFiniteState)
