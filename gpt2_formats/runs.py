@@ -20,9 +20,9 @@ from pathlib import Path
 from gpt2_common.cli import write_run_config
 from gpt2_common.errors import UserError, as_typed
 from gpt2_common.faults import warn
-from gpt2_common.startup import imports_without_gc
 from gpt2_common.files import check_destination, partial, share_like_open
 from gpt2_common.runlock import check_not_in_use
+from gpt2_common.startup import imports_without_gc
 from gpt2_common.train_state import (FRAMEWORK_NAMES, CannotContinue, TrainState, WeightsOnly, continuation_warnings,
                                      copy_metrics, run_dir_of)
 from gpt2_formats import detect
