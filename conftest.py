@@ -8,7 +8,6 @@ programs in process after process, and a compile on two cores takes seconds. The
 default), so the in-process tests' many small programs stay in memory only."""
 
 import atexit
-import gc
 import os
 import shutil
 import tempfile
@@ -26,10 +25,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 def pytest_collection(session):
     """Collection imports every test module and with them JAX, torch, flax and transformers: with Python's cyclic
     collector paused meanwhile, and what they built frozen after (gc.freeze), no later collection in this long
-    process scans them again (gpt2_common/startup.py does the same for the scripts' processes)."""
-    gc.disable()
-    try:
+    process scans them again (the scripts' processes do the same: gpt2_common/startup.py)."""
+    from gpt2_common.startup import paused_then_frozen
+
+    with paused_then_frozen():
         yield
-    finally:
-        gc.freeze()
-        gc.enable()

@@ -14,14 +14,10 @@ def script_process() -> None:
 
 
 @contextlib.contextmanager
-def imports_without_gc():
-    """In a script's process, the imports inside run with the cyclic collector paused, and what they built is then
-    frozen (gc.freeze: later collections skip it). Importing torch or JAX builds a few hundred thousand objects that
-    live as long as the process, and the collector, on its usual schedule, scans the whole heap again each time it
-    has grown by a quarter: 0.2-0.4 s of CPU for either framework, 1 s for both, in every script that loads them
-    (the 2-core machine). Elsewhere (a notebook, the tests) it does nothing: there, a freeze would put the caller's
-    own objects out of the collector's reach for good."""
-    if not (_in_script and gc.isenabled()):
+def paused_then_frozen():
+    """The cyclic collector paused for the body; what is alive after it frozen (gc.freeze: later collections skip
+    it). For a body that builds objects meant to live as long as the process: imports."""
+    if not gc.isenabled():
         yield
         return
     gc.disable()
@@ -30,3 +26,17 @@ def imports_without_gc():
     finally:
         gc.freeze()
         gc.enable()
+
+
+@contextlib.contextmanager
+def imports_without_gc():
+    """In a script's process, the imports inside run paused_then_frozen. Importing torch or JAX builds a few hundred
+    thousand objects that live as long as the process, and the collector, on its usual schedule, scans the whole
+    heap again each time it has grown by a quarter: 0.2-0.4 s of CPU for either framework, 1 s for both, in every
+    script that loads them (the 2-core machine). Elsewhere (a notebook) it does nothing: there, a freeze would put
+    the caller's own objects out of the collector's reach for good."""
+    if not _in_script:
+        yield
+        return
+    with paused_then_frozen():
+        yield
